@@ -1,0 +1,270 @@
+"""AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
+
+Read top to bottom: the class (checks, state, gathering), the functional entry
+``adamw`` (picks a backend), then the backends, all with one signature:
+``_single_tensor_adamw`` is the reference, ``_multi_tensor_adamw`` the foreach
+path. Swapping backends changes speed, never results beyond rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import (
+    Optimizer,
+    as_real,
+    check_betas,
+    check_flag,
+    check_lr,
+    check_nonnegative,
+    default_foreach,
+    group_by_device_and_dtype,
+    state_dtype,
+)
+
+__all__ = ["AdamW", "adamw"]
+
+
+class AdamW(Optimizer):
+    r"""AdamW, Adam with decoupled weight decay.
+
+    .. code-block:: text
+
+        input: lr (gamma), betas (beta1, beta2), eps, weight_decay (lambda),
+               correct_bias, maximize, params theta_0, objective f
+        init:  m_0 = 0 (exp_avg), v_0 = 0 (exp_avg_sq), t = 0 (step)
+        for each step:
+            t   <- t + 1
+            g   <- grad f(theta_{t-1})          (-grad if maximize)
+            theta <- theta_{t-1} * (1 - gamma * lambda)      # decoupled decay
+            m_t <- beta1 * m_{t-1} + (1 - beta1) * g
+            v_t <- beta2 * v_{t-1} + (1 - beta2) * g^2
+            if correct_bias:
+                m_hat <- m_t / (1 - beta1^t)
+                v_hat <- v_t / (1 - beta2^t)
+            else:
+                m_hat <- m_t ;  v_hat <- v_t
+            theta_t <- theta - gamma * m_hat / (sqrt(v_hat) + eps)
+        return theta_t
+
+    This is the paper's Algorithm 2 with the schedule multiplier folded into
+    ``lr`` (a scheduler sets it), and it is exactly ``torch.optim.AdamW``.
+
+    Note [eps placement]: the first seed writes the same update as
+    ``step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t)`` and
+    ``theta -= step_size * m_t / (sqrt(v_t) + eps)``. Multiplying through shows
+    that form equals ours with ``eps`` replaced by ``eps * sqrt(1 - beta2^t)``:
+    identical when eps is 0, different only in how strongly eps damps the first
+    steps. We add eps to the *bias-corrected* root, as the Adam paper, the
+    AdamW paper and torch.optim do, so eps means the same thing at every step
+    and our results equal torch's.
+
+    The weight decay is applied first, to the parameter before the Adam step
+    (``theta * (1 - lr * wd)``), as torch.optim does; the first seed applies it
+    after the Adam step to the updated parameter. The two differ by a term of
+    order ``lr^2 * wd``. The second seed's formula
+    ``theta - lr * (m_hat / (sqrt(v_hat) + eps) + lambda * theta)`` is ours.
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr: learning rate (float or a one-element tensor), default 1e-3.
+        betas: coefficients of the running averages of the gradient and its
+            square, default (0.9, 0.999); each in [0, 1).
+        eps: added to the denominator for numerical stability, default 1e-8.
+        weight_decay: decoupled weight decay coefficient, default 1e-2.
+        correct_bias: divide the moments by ``1 - beta^t`` (default True).
+            False is the BERT / Hugging Face legacy variant.
+        maximize: maximise the objective instead of minimising it.
+        foreach: use the multi-tensor implementation (True) or the per-tensor
+            reference (False). None (default) picks the faster one: foreach
+            on CUDA, the per-tensor loop on CPU (measured, see README).
+
+    State per parameter: ``step`` (float32 scalar tensor), ``exp_avg``,
+    ``exp_avg_sq`` (float32 for bf16/fp16 parameters, the parameter's dtype
+    otherwise). Complex parameters are updated as pairs of reals.
+    """
+
+    state_keys = ("step", "exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        correct_bias: bool = True,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            correct_bias=correct_bias, maximize=maximize, foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_betas(group["betas"])
+        check_nonnegative("epsilon", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_flag("correct_bias", group["correct_bias"])
+        check_flag("maximize", group["maximize"])
+        check_flag("foreach", group["foreach"], allow_none=True)
+
+    def _init_state(self, param: Tensor, state: dict[str, Any]) -> None:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
+
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adamw(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
+            foreach=group["foreach"],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            correct_bias=group["correct_bias"],
+            maximize=group["maximize"],
+        )
+
+
+def adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    correct_bias: bool = True,
+    maximize: bool = False,
+) -> None:
+    """Functional AdamW: updates ``params``, the moments and ``state_steps`` in place.
+
+    See :class:`AdamW` for the algorithm. ``foreach=None`` chooses the backend.
+    """
+    if foreach is None:
+        foreach = default_foreach(params)
+    impl = _multi_tensor_adamw if foreach else _single_tensor_adamw
+    impl(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        correct_bias=correct_bias, maximize=maximize,
+    )
+
+
+def _single_tensor_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    correct_bias: bool,
+    maximize: bool,
+) -> None:
+    """The reference: one tensor at a time, one line per equation of :class:`AdamW`."""
+    lr = float(lr)
+    for param, grad, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+        # math in the state's precision (float32 for bf16/fp16 params): Note [state precision]
+        m, v = as_real(m), as_real(v)
+        param_r = as_real(param)
+        p = param_r.to(m.dtype)                            # the same tensor when no cast is needed
+        g = as_real(grad).to(m.dtype)
+        if maximize:
+            g = -g
+
+        step_t += 1                                        # t <- t + 1
+        t = step_t.item()
+        p.mul_(1 - lr * weight_decay)                      # theta <- theta * (1 - lr * wd)
+        m.lerp_(g, 1 - beta1)                              # m_t = b1 m + (1 - b1) g
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)      # v_t = b2 v + (1 - b2) g^2
+        if correct_bias:
+            bias_correction1 = 1 - beta1**t                # m_hat = m_t / (1 - b1^t)
+            bias_correction2 = 1 - beta2**t                # v_hat = v_t / (1 - b2^t)
+        else:
+            bias_correction1 = bias_correction2 = 1.0
+        denom = (v.sqrt() / bias_correction2**0.5).add_(eps)  # sqrt(v_hat) + eps
+        p.addcdiv_(m, denom, value=-lr / bias_correction1)          # theta -= lr m_hat / denom
+
+        if p is not param_r:                               # low precision: write the result back
+            param_r.copy_(p)
+
+
+def _multi_tensor_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    correct_bias: bool,
+    maximize: bool,
+) -> None:
+    """The same update with torch._foreach ops, one bucket per (device, dtype)."""
+    buckets = group_by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    for (device, dtype), (b_params, b_grads, b_m, b_v, b_steps) in buckets.items():
+        b_m = [as_real(m) for m in b_m]
+        compute_dtype = b_m[0].dtype
+        params_r = [as_real(p) for p in b_params]
+        p32 = params_r if compute_dtype == dtype else [p.to(compute_dtype) for p in params_r]
+        g32 = [as_real(g).to(compute_dtype) for g in b_grads]
+        b_v = [as_real(v) for v in b_v]
+        if maximize:
+            g32 = torch._foreach_neg(g32)
+        lr_d = lr.to(device=device, dtype=torch.float32) if isinstance(lr, Tensor) else lr
+
+        torch._foreach_add_(b_steps, 1.0)
+        if weight_decay != 0:
+            torch._foreach_mul_(p32, 1 - lr_d * weight_decay)
+        torch._foreach_lerp_(b_m, g32, 1 - beta1)
+        torch._foreach_mul_(b_v, beta2)
+        torch._foreach_addcmul_(b_v, g32, g32, 1 - beta2)
+
+        if correct_bias:
+            ts = [s.item() for s in b_steps]
+            bc1 = [1 - beta1**t for t in ts]
+            bc2_sqrt = [(1 - beta2**t) ** 0.5 for t in ts]
+        else:
+            bc1 = bc2_sqrt = [1.0] * len(b_steps)
+        denom = torch._foreach_sqrt(b_v)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, eps)
+        if isinstance(lr_d, Tensor):
+            # theta -= m / (denom * bc1 / lr): the tensor lr stays on the device, no sync
+            torch._foreach_mul_(denom, bc1)
+            torch._foreach_div_(denom, lr_d)
+            torch._foreach_addcdiv_(p32, b_m, denom, -1.0)
+        else:
+            torch._foreach_addcdiv_(p32, b_m, denom, [-lr_d / bc for bc in bc1])
+
+        if p32 is not params_r:
+            torch._foreach_copy_(params_r, p32)

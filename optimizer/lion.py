@@ -1,0 +1,195 @@
+"""Lion: EvoLved Sign Momentum (Chen et al., 2023, "Symbolic Discovery of
+Optimization Algorithms", arXiv:2302.06675, Algorithm 2).
+
+Read top to bottom: the class, the functional entry ``lion``, then the
+backends with one signature: ``_single_tensor_lion`` (the reference) and
+``_multi_tensor_lion`` (foreach).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import (
+    Optimizer,
+    as_real,
+    check_betas,
+    check_flag,
+    check_lr,
+    check_nonnegative,
+    default_foreach,
+    group_by_device_and_dtype,
+    state_dtype,
+)
+
+__all__ = ["Lion", "lion"]
+
+
+class Lion(Optimizer):
+    r"""Lion, EvoLved Sign Momentum.
+
+    .. code-block:: text
+
+        input: lr (eta), betas (beta1, beta2), weight_decay (lambda),
+               maximize, params theta_0, objective f
+        init:  m_0 = 0 (exp_avg)
+        for each step:
+            g     <- grad f(theta_{t-1})            (-grad if maximize)
+            c     <- beta1 * m_{t-1} + (1 - beta1) * g     # interpolation, used once
+            theta <- theta_{t-1} * (1 - eta * lambda)      # decoupled decay
+            theta_t <- theta - eta * sign(c)               # sign(0) = 0
+            m_t   <- beta2 * m_{t-1} + (1 - beta2) * g     # the momentum kept
+        return theta_t
+
+    Two betas, on purpose: the update direction interpolates with ``beta1``
+    (0.9) while the momentum that is kept tracks the gradient with ``beta2``
+    (0.99), which gives the update a longer memory than its direction.
+
+    What Lion is not (the second seed): "Lion" stands for Evo\ *L*\ ved
+    S\ *i*\ gn M\ *o*\ me\ *n*\ tum, found by program search; it is not
+    "Layer-wise Adaptive Rate". The seed's update
+    ``v = b1 v + (1 - b1) g; theta -= lr sign(v)`` is the special case
+    ``beta1 == beta2`` of the paper's (pass ``betas=(b, b)`` to get it).
+
+    Because every coordinate moves by exactly ``lr``, the paper advises a
+    learning rate 3-10x smaller than AdamW's and a weight decay 3-10x larger,
+    keeping ``lr * weight_decay`` about the same.
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr: learning rate (float or one-element tensor), default 1e-4.
+        betas: (beta1, beta2), default (0.9, 0.99); each in [0, 1).
+        weight_decay: decoupled weight decay coefficient, default 0.0.
+        maximize: maximise the objective instead of minimising it.
+        foreach: use the multi-tensor implementation; None picks (see AdamW).
+
+    State per parameter: ``exp_avg`` only (float32 for bf16/fp16 parameters).
+    Complex parameters are updated as pairs of reals: the sign is taken of the
+    real and the imaginary part separately.
+    """
+
+    state_keys = ("exp_avg",)
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, foreach=foreach)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_betas(group["betas"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_flag("maximize", group["maximize"])
+        check_flag("foreach", group["foreach"], allow_none=True)
+
+    def _init_state(self, param: Tensor, state: dict[str, Any]) -> None:
+        state["exp_avg"] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
+
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        lion(
+            params,
+            grads,
+            [self.state[p]["exp_avg"] for p in params],
+            foreach=group["foreach"],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )
+
+
+def lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool = False,
+) -> None:
+    """Functional Lion: updates ``params`` and ``exp_avgs`` in place. See :class:`Lion`."""
+    if foreach is None:
+        foreach = default_foreach(params)
+    impl = _multi_tensor_lion if foreach else _single_tensor_lion
+    impl(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
+
+
+def _single_tensor_lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """The reference: one tensor at a time, one line per equation of :class:`Lion`."""
+    lr = float(lr)
+    for param, grad, m in zip(params, grads, exp_avgs):
+        m = as_real(m)
+        param_r = as_real(param)
+        p = param_r.to(m.dtype)                     # math in the state's precision
+        g = as_real(grad).to(m.dtype)
+        if maximize:
+            g = -g
+
+        c = m.lerp(g, 1 - beta1)                    # c = b1 m + (1 - b1) g
+        p.mul_(1 - lr * weight_decay)               # theta <- theta * (1 - lr * wd)
+        p.add_(torch.sign(c), alpha=-lr)            # theta <- theta - lr sign(c)
+        m.lerp_(g, 1 - beta2)                       # m_t = b2 m + (1 - b2) g
+
+        if p is not param_r:                        # low precision: write the result back
+            param_r.copy_(p)
+
+
+def _multi_tensor_lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """The same update with torch._foreach ops, one bucket per (device, dtype)."""
+    buckets = group_by_device_and_dtype(params, grads, exp_avgs)
+    for (device, dtype), (b_params, b_grads, b_m) in buckets.items():
+        b_m = [as_real(m) for m in b_m]
+        compute_dtype = b_m[0].dtype
+        params_r = [as_real(p) for p in b_params]
+        p32 = params_r if compute_dtype == dtype else [p.to(compute_dtype) for p in params_r]
+        g32 = [as_real(g).to(compute_dtype) for g in b_grads]
+        if maximize:
+            g32 = torch._foreach_neg(g32)
+        lr_d = lr.to(device=device, dtype=torch.float32) if isinstance(lr, Tensor) else lr
+
+        update = torch._foreach_lerp(b_m, g32, 1 - beta1)
+        torch._foreach_sign_(update)
+        torch._foreach_mul_(update, lr_d)           # lr * sign(c) is exact: the sign is -1, 0 or 1
+        if weight_decay != 0:
+            torch._foreach_mul_(p32, 1 - lr_d * weight_decay)
+        torch._foreach_sub_(p32, update)
+        torch._foreach_lerp_(b_m, g32, 1 - beta2)
+
+        if p32 is not params_r:
+            torch._foreach_copy_(params_r, p32)

@@ -1,0 +1,138 @@
+"""The one table of optimizers the generic tests run over (cf. torch's common_optimizers.py).
+
+A new optimizer is a new row: its class, its backends, the configurations worth
+trying, a float64 transcription of its paper's formulas, and the bad inputs
+with the error each must raise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from optimizer import AdamW, Lion
+
+
+# ---------------------------------------------------------------------------
+# float64 transcriptions of the papers' formulas, written independently of the
+# package: plain element-wise algebra, no lerp, no in-place tricks.
+# ---------------------------------------------------------------------------
+
+def adamw_formula(p, g, state, *, t, lr, betas, eps, weight_decay, correct_bias=True, maximize=False):
+    """Loshchilov & Hutter (2019), Algorithm 2 (AdamW), schedule multiplier folded into lr."""
+    b1, b2 = betas
+    if maximize:
+        g = -g
+    m = b1 * state["exp_avg"] + (1 - b1) * g
+    v = b2 * state["exp_avg_sq"] + (1 - b2) * g * g
+    m_hat = m / (1 - b1**t) if correct_bias else m
+    v_hat = v / (1 - b2**t) if correct_bias else v
+    p = p - lr * weight_decay * p - lr * m_hat / (torch.sqrt(v_hat) + eps)
+    return p, {"exp_avg": m, "exp_avg_sq": v}
+
+
+def lion_formula(p, g, state, *, t, lr, betas, weight_decay, maximize=False):
+    """Chen et al. (2023), Algorithm 2 (Lion)."""
+    b1, b2 = betas
+    if maximize:
+        g = -g
+    c = b1 * state["exp_avg"] + (1 - b1) * g
+    p = p - lr * (torch.sign(c) + weight_decay * p)
+    m = b2 * state["exp_avg"] + (1 - b2) * g
+    return p, {"exp_avg": m}
+
+
+@dataclass
+class OptimizerInfo:
+    name: str
+    cls: type
+    # keyword arguments of the backends the tests compare with the reference (foreach=False)
+    backends: dict[str, dict[str, Any]]
+    # constructor settings worth trying (besides the defaults)
+    configs: list[dict[str, Any]]
+    formula: Callable[..., Any]
+    state_tensor_keys: tuple[str, ...]
+    # hypothesis strategy pieces: hyper-parameter name -> (low, high) for random draws
+    ranges: dict[str, tuple[float, float]]
+    # (kwargs, exception type, words the message must contain)
+    bad_inputs: list[tuple[dict[str, Any], type, tuple[str, ...]]] = field(default_factory=list)
+    # a learning rate that makes a small regression learn in a few dozen steps
+    train_lr: float = 1e-2
+
+
+COMMON_BAD = [
+    (dict(lr=-1e-3), ValueError, ("learning rate", "-0.001")),
+    (dict(lr=float("nan")), ValueError, ("learning rate", "nan")),
+    (dict(lr=float("inf")), ValueError, ("learning rate", "inf")),
+    (dict(lr=torch.tensor(-1.0)), ValueError, ("learning rate", "-1.0")),
+    (dict(lr=torch.tensor([1e-3, 1e-3])), ValueError, ("learning rate", "(2,)")),
+    (dict(betas=(1.0, 0.999)), ValueError, ("beta parameter at index 0", "1.0")),
+    (dict(betas=(0.9, -0.1)), ValueError, ("beta parameter at index 1", "-0.1")),
+    (dict(betas=(0.9, 1.5)), ValueError, ("beta parameter at index 1", "1.5")),
+    (dict(betas=(0.9,)), ValueError, ("betas", "(0.9,)")),
+    (dict(weight_decay=-0.1), ValueError, ("weight_decay", "-0.1")),
+    (dict(weight_decay=float("nan")), ValueError, ("weight_decay", "nan")),
+    (dict(maximize="yes"), ValueError, ("maximize", "'yes'")),
+    (dict(foreach=1), ValueError, ("foreach", "1")),
+]
+
+OPTIMIZERS = [
+    OptimizerInfo(
+        name="AdamW",
+        cls=AdamW,
+        backends={"foreach": dict(foreach=True)},
+        configs=[
+            dict(),
+            dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+            dict(correct_bias=False, weight_decay=0.0),
+            dict(maximize=True),
+            dict(lr=torch.tensor(2e-3)),
+        ],
+        formula=adamw_formula,
+        state_tensor_keys=("exp_avg", "exp_avg_sq"),
+        ranges=dict(lr=(1e-5, 1e-1), beta1=(0.0, 0.99), beta2=(0.5, 0.9999), eps=(1e-10, 1e-4), weight_decay=(0.0, 0.5)),
+        bad_inputs=COMMON_BAD
+        + [
+            (dict(eps=-1e-8), ValueError, ("epsilon", "-1e-08")),
+            (dict(eps=float("inf")), ValueError, ("epsilon", "inf")),
+            (dict(correct_bias=None), ValueError, ("correct_bias", "None")),
+        ],
+        train_lr=3e-2,
+    ),
+    OptimizerInfo(
+        name="Lion",
+        cls=Lion,
+        backends={"foreach": dict(foreach=True)},
+        configs=[
+            dict(),
+            dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=1.0),
+            dict(betas=(0.9, 0.9)),
+            dict(maximize=True, weight_decay=0.1),
+            dict(lr=torch.tensor(1e-4)),
+        ],
+        formula=lion_formula,
+        state_tensor_keys=("exp_avg",),
+        ranges=dict(lr=(1e-5, 1e-2), beta1=(0.0, 0.99), beta2=(0.0, 0.999), weight_decay=(0.0, 2.0)),
+        bad_inputs=COMMON_BAD,
+        train_lr=3e-3,
+    ),
+]
+
+
+def hyper(config: dict[str, Any], info: OptimizerInfo) -> dict[str, Any]:
+    """The full hyper-parameters (defaults filled in) as plain floats, for the formula."""
+    import inspect
+
+    sig = inspect.signature(info.cls.__init__)
+    hp = {k: p.default for k, p in sig.parameters.items() if k not in ("self", "params", "foreach")}
+    hp.update({k: v for k, v in config.items() if k != "foreach"})
+    if isinstance(hp["lr"], torch.Tensor):
+        hp["lr"] = hp["lr"].item()
+    return hp
+
+
+def ids(infos):
+    return [i.name for i in infos]

@@ -1,0 +1,288 @@
+"""Numbers: the reference against the papers' float64 formulas, every backend
+against the reference at every step, and AdamW against torch.optim.AdamW."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from optim_table import OPTIMIZERS, hyper, ids
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+shape_st = st.lists(st.integers(0, 7), min_size=0, max_size=3).map(tuple)  # 0-dim and empty included
+BACKENDS = [(info, name, kw) for info in OPTIMIZERS for name, kw in info.backends.items()]
+
+
+def draw_config(data, info):
+    cfg = {}
+    for key, (lo, hi) in info.ranges.items():
+        if key.startswith("beta"):
+            continue
+        cfg[key] = data.draw(st.floats(lo, hi), label=key)
+    cfg["betas"] = (data.draw(st.floats(*info.ranges["beta1"]), label="beta1"),
+                    data.draw(st.floats(*info.ranges["beta2"]), label="beta2"))
+    cfg["maximize"] = data.draw(st.booleans(), label="maximize")
+    if "correct_bias" in hyper({}, info):
+        cfg["correct_bias"] = data.draw(st.booleans(), label="correct_bias")
+    return cfg
+
+
+def make_params(shapes, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(dtype)) for s in shapes]
+
+
+def set_grads(params, gen, p_missing=0.2):
+    for p in params:
+        if torch.rand((), generator=gen).item() < p_missing:
+            p.grad = None
+        else:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+@SETTINGS
+@given(data=st.data())
+def test_reference_matches_float64_formula(info, data):
+    """The reference, run in float64, equals the formula transcribed in optim_table.py."""
+    shapes = data.draw(st.lists(shape_st, min_size=1, max_size=4), label="shapes")
+    cfg = draw_config(data, info)
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    params = make_params(shapes, torch.float64, seed)
+    expected = [p.detach().clone() for p in params]
+    states = [{k: torch.zeros_like(p) for k in info.state_tensor_keys} for p in params]
+    steps = [0] * len(params)
+    opt = info.cls(params, foreach=False, **cfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    hp = hyper(cfg, info)
+    for _ in range(5):
+        set_grads(params, gen)
+        opt.step()
+        for i, p in enumerate(params):
+            if p.grad is None:
+                continue
+            steps[i] += 1
+            expected[i], states[i] = info.formula(expected[i], p.grad, states[i], t=steps[i], **hp)
+        for p, e, s in zip(params, expected, states):
+            torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12)
+            for k in info.state_tensor_keys:
+                if opt.state[p]:
+                    torch.testing.assert_close(opt.state[p][k], s[k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("info", "backend", "kwargs"), BACKENDS, ids=[f"{i.name}-{b}" for i, b, _ in BACKENDS])
+@SETTINGS
+@given(data=st.data())
+def test_backend_matches_reference_every_step(info, backend, kwargs, data):
+    """Random shapes, dtypes, hyper-parameters, two groups, params without grads."""
+    shapes = data.draw(st.lists(shape_st, min_size=1, max_size=6), label="shapes")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]), label="dtype")
+    cfg = draw_config(data, info)
+    tensor_lr = data.draw(st.booleans(), label="tensor_lr")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    ref_params = make_params(shapes, dtype, seed)
+    new_params = [torch.nn.Parameter(p.detach().clone()) for p in ref_params]
+
+    def groups(params):
+        half = len(params) // 2
+        lr = torch.tensor(cfg["lr"]) if tensor_lr else cfg["lr"]
+        second = {"params": params[half:], "lr": cfg["lr"] * 0.5, "weight_decay": 0.0}
+        return [{"params": params[:half], "lr": lr}, second] if half else [second]
+
+    ref = info.cls(groups(ref_params), foreach=False, **{k: v for k, v in cfg.items() if k != "lr"})
+    new = info.cls(groups(new_params), **kwargs, **{k: v for k, v in cfg.items() if k != "lr"})
+    gen_ref, gen_new = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
+    for _ in range(5):
+        set_grads(ref_params, gen_ref)
+        set_grads(new_params, gen_new)
+        ref.step()
+        new.step()
+        for a, b in zip(ref_params, new_params):
+            torch.testing.assert_close(b.detach(), a.detach())
+            assert set(ref.state[a]) == set(new.state[b])
+            for k, v in ref.state[a].items():
+                torch.testing.assert_close(new.state[b][k], v)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Embedding(11, 8), torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.GELU(), torch.nn.Linear(16, 11)
+    )
+
+
+def train(model, opt, steps, seed=1, closure=False):
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randint(0, 11, (16,), generator=gen)
+        y = (x * 3 + 1) % 11
+
+        def loss_fn():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        if closure:
+            losses.append(opt.step(loss_fn).item())
+        else:
+            losses.append(loss_fn().item())
+            opt.step()
+    return losses
+
+
+ADAMW_CONFIGS = [dict(), dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.3), dict(maximize=True, weight_decay=0.0)]
+
+
+@pytest.mark.parametrize("foreach", [False, True, None])
+@pytest.mark.parametrize("cfg", ADAMW_CONFIGS)
+def test_adamw_matches_torch_adamw(foreach, cfg):
+    """With correct_bias=True (the default) our AdamW is torch.optim.AdamW, to float32 rounding."""
+    from optimizer import AdamW
+
+    ours, theirs = tiny_model(), tiny_model()
+    o1 = AdamW(ours.parameters(), foreach=foreach, **cfg)
+    o2 = torch.optim.AdamW(theirs.parameters(), **cfg)
+    train(ours, o1, 100)
+    train(theirs, o2, 100)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(o1.state[a][k], o2.state[b][k], rtol=1e-6, atol=1e-9)
+
+
+def test_adamw_per_group_settings_match_torch():
+    from optimizer import AdamW
+
+    ours, theirs = tiny_model(), tiny_model()
+
+    def groups(m):
+        ps = list(m.parameters())
+        return [{"params": ps[:2], "lr": 3e-3, "weight_decay": 0.0}, {"params": ps[2:], "betas": (0.5, 0.9)}]
+
+    o1, o2 = AdamW(groups(ours)), torch.optim.AdamW(groups(theirs))
+    train(ours, o1, 30)
+    train(theirs, o2, 30)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_correct_bias_false_is_the_legacy_update():
+    """correct_bias=False: no division by (1 - beta^t): the first step moves by lr * g / (|g| + eps)."""
+    from optimizer import AdamW
+
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    p.grad = torch.tensor([0.5, -4.0])
+    AdamW([p], lr=0.1, correct_bias=False, weight_decay=0.0, eps=0.0).step()
+    # m = 0.1 g, v = 0.001 g^2 -> step = lr * 0.1 g / (sqrt(0.001) |g|) = lr * sign(g) * 0.1 / 0.0316
+    expected = torch.tensor([1.0, -2.0]) - 0.1 * torch.sign(p.grad) * 0.1 / 0.001**0.5
+    torch.testing.assert_close(p.detach(), expected)
+
+
+def test_lion_matches_lion_pytorch():
+    """The peer most Lion users come from (same update, per-tensor)."""
+    lion_pytorch = pytest.importorskip("lion_pytorch")
+    from optimizer import Lion
+
+    ours, theirs = tiny_model(), tiny_model()
+    o1 = Lion(ours.parameters(), lr=1e-3, weight_decay=0.1)
+    o2 = lion_pytorch.Lion(theirs.parameters(), lr=1e-3, weight_decay=0.1)
+    train(ours, o1, 50)
+    train(theirs, o2, 50)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_lion_sign_of_zero_is_zero():
+    from optimizer import Lion
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    p.grad = torch.tensor([0.0, 1.0, -1.0])
+    Lion([p], lr=0.5).step()
+    torch.testing.assert_close(p.detach(), torch.tensor([1.0, 1.5, 3.5]))
+
+
+def test_lion_with_equal_betas_is_the_seeds_simplified_form():
+    """v = b v + (1 - b) g; theta -= lr sign(v): the special case beta1 == beta2."""
+    from optimizer import Lion
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(50))
+    theta, v = p.detach().clone(), torch.zeros(50)
+    opt = Lion([p], lr=1e-2, betas=(0.7, 0.7))
+    for _ in range(10):
+        g = torch.randn(50)
+        p.grad = g.clone()
+        opt.step()
+        v = 0.7 * v + 0.3 * g
+        theta = theta - 1e-2 * torch.sign(v)
+    torch.testing.assert_close(p.detach(), theta)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+@pytest.mark.parametrize("foreach", [False, True])
+def test_complex_params_are_pairs_of_reals(info, foreach):
+    torch.manual_seed(0)
+    z = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
+    r = torch.nn.Parameter(torch.view_as_real(z.detach()).clone())
+    oz, orr = info.cls([z], foreach=foreach, weight_decay=0.1), info.cls([r], foreach=foreach, weight_decay=0.1)
+    for _ in range(5):
+        g = torch.randn(4, 3, dtype=torch.complex64)
+        z.grad, r.grad = g, torch.view_as_real(g).clone()
+        oz.step()
+        orr.step()
+    torch.testing.assert_close(torch.view_as_real(z.detach()), r.detach())
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_low_precision_params_keep_float32_state_and_math(info):
+    """bf16 params: state in float32; the result is the float32 result rounded once."""
+    torch.manual_seed(0)
+    p16 = torch.nn.Parameter(torch.randn(64).bfloat16())
+    p32 = torch.nn.Parameter(p16.detach().float().clone())
+    o16, o32 = info.cls([p16], lr=1e-2), info.cls([p32], lr=1e-2)
+    g = torch.randn(64).bfloat16()
+    p16.grad, p32.grad = g, g.float()
+    o16.step()
+    o32.step()
+    for k in info.state_tensor_keys:
+        assert o16.state[p16][k].dtype == torch.float32
+        torch.testing.assert_close(o16.state[p16][k], o32.state[p32][k], rtol=0, atol=0)
+    assert torch.equal(p16.detach(), p32.detach().bfloat16())
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+@pytest.mark.parametrize("foreach", [False, True])
+def test_tensor_lr_equals_float_lr(info, foreach):
+    a, b = tiny_model(), tiny_model()
+    oa = info.cls(a.parameters(), lr=torch.tensor(1e-3), foreach=foreach)
+    ob = info.cls(b.parameters(), lr=1e-3, foreach=foreach)
+    train(a, oa, 10)
+    train(b, ob, 10)
+    for x, y in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_deepcopy_is_independent_and_continues_identically(info):
+    model = tiny_model()
+    opt = info.cls(model.parameters(), weight_decay=0.1)
+    train(model, opt, 3)
+    twin = copy.deepcopy(opt)  # copies the parameters too, as torch's does
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    for p, q in zip(model.parameters(), twin_params):
+        assert p is not q and torch.equal(p, q)
+        q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    for p, q in zip(model.parameters(), twin_params):
+        assert torch.equal(p, q)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, twin.state[q][k]) and v is not twin.state[q][k]
