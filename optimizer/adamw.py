@@ -240,7 +240,7 @@ def _multi_tensor_adamw(
         b_v = [as_real(v) for v in b_v]
         if maximize:
             g32 = torch._foreach_neg(g32)
-        lr_d = lr.to(device=device, dtype=torch.float32) if isinstance(lr, Tensor) else lr
+        lr_d = lr.to(device=device, dtype=compute_dtype) if isinstance(lr, Tensor) else lr
 
         torch._foreach_add_(b_steps, 1.0)
         if weight_decay != 0:

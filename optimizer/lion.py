@@ -181,7 +181,7 @@ def _multi_tensor_lion(
         g32 = [as_real(g).to(compute_dtype) for g in b_grads]
         if maximize:
             g32 = torch._foreach_neg(g32)
-        lr_d = lr.to(device=device, dtype=torch.float32) if isinstance(lr, Tensor) else lr
+        lr_d = lr.to(device=device, dtype=compute_dtype) if isinstance(lr, Tensor) else lr
 
         update = torch._foreach_lerp(b_m, g32, 1 - beta1)
         torch._foreach_sign_(update)

@@ -7,12 +7,10 @@ import copy
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from optim_table import OPTIMIZERS, hyper, ids
-
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 shape_st = st.lists(st.integers(0, 7), min_size=0, max_size=3).map(tuple)  # 0-dim and empty included
 BACKENDS = [(info, name, kw) for info in OPTIMIZERS for name, kw in info.backends.items()]
@@ -46,7 +44,6 @@ def set_grads(params, gen, p_missing=0.2):
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
-@SETTINGS
 @given(data=st.data())
 def test_reference_matches_float64_formula(info, data):
     """The reference, run in float64, equals the formula transcribed in optim_table.py."""
@@ -76,7 +73,6 @@ def test_reference_matches_float64_formula(info, data):
 
 
 @pytest.mark.parametrize(("info", "backend", "kwargs"), BACKENDS, ids=[f"{i.name}-{b}" for i, b, _ in BACKENDS])
-@SETTINGS
 @given(data=st.data())
 def test_backend_matches_reference_every_step(info, backend, kwargs, data):
     """Random shapes, dtypes, hyper-parameters, two groups, params without grads."""
