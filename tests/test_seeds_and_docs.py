@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import pathlib
 import re
-import subprocess
-import sys
 
 import torch
 
@@ -43,7 +42,9 @@ def test_second_seed_layout_and_signatures():
     sched = WarmupCosineScheduler(opt, 100, 1000, 0.1)
     for step in range(1000):
         sched.step(step)  # the lesson's call: "update the learning rate for this step"
-    assert abs(opt.param_groups[0]["lr"] - (1e-4 + 0.9e-3 * 0.5 * (1 + __import__("math").cos(3.14159265358979 * 899 / 900)))) < 1e-12
+    floor, peak = 0.1 * 1e-3, 1e-3  # step 999 of warmup 100, total 1000
+    expected = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * 899 / 900))
+    assert abs(opt.param_groups[0]["lr"] - expected) < 1e-15
 
 
 def test_readme_example_runs():
@@ -56,17 +57,11 @@ def test_readme_example_runs():
     assert namespace["loss"].item() < 0.1  # sin(x0) has variance 0.43: it learned
 
 
-def test_demo_command_prints_the_table():
-    out = subprocess.run(
-        [sys.executable, "-m", "optimizer", "demo", "--steps", "40", "--warmup-steps", "4"],
-        capture_output=True, text=True, timeout=120, check=True,
-    ).stdout
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["AdamW"], ["Lion"])}
-    for name in ("AdamW", "Lion"):
-        first, last = float(rows[name][1]), float(rows[name][2])
-        assert last < first, out
+def test_example_config_is_valid():
+    """examples/demo.yaml, shown in the README, passes the demo's own checks."""
+    import argparse
 
+    from optimizer import cli
 
-def test_unknown_command_fails_with_usage():
-    done = subprocess.run([sys.executable, "-m", "optimizer", "nope"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "usage" in done.stdout
+    cfg = cli._demo_settings(argparse.Namespace(config=str(ROOT / "examples" / "demo.yaml")))
+    assert cfg["optimizer_args"]["adamw"]["betas"] == (0.9, 0.95)

@@ -1,0 +1,205 @@
+"""Configuring optimizers (registry, decay groups, config files), the command line, and the
+demo end to end: a short run, its files, and resume equality."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from optim_table import OPTIMIZERS as TABLE
+from optimizer import cli
+from optimizer.demo.llama import Llama
+from optimizer.factory import OPTIMIZERS, ConfigError, clip_grad_norm_, create_optimizer, create_scheduler, load_config
+
+TINY = ["--steps", "12", "--warmup-steps", "2", "--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "32",
+        "--batch-size", "4", "--eval-every", "6", "--checkpoint-every", "4", "--no-progress"]
+
+
+def test_registry_and_test_table_list_the_same_optimizers():
+    assert sorted(OPTIMIZERS) == sorted(i.name.lower() for i in TABLE)
+    assert {s.cls for s in OPTIMIZERS.values()} == {i.cls for i in TABLE}
+
+
+def test_decay_groups_exempt_biases_norms_and_1d():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    opt = create_optimizer(model, "adamw", lr=1e-3, weight_decay=0.1)
+    decay, exempt = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and exempt["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[1].weight)}
+    assert {id(p) for p in exempt["params"]} == {id(model[1].bias), id(model[2].weight), id(model[2].bias)}
+    opt = create_optimizer(model, "lion", weight_decay=0.5, decay_embeddings=False)
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(model[1].weight)}
+    assert opt.param_groups[0]["lr"] == OPTIMIZERS["lion"].lr
+    opt = create_optimizer(model, "adamw", no_decay=["1.weight"])
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(model[0].weight)}
+
+
+def test_llama_groups_and_counts_are_reported(caplog):
+    model = Llama(dim=32, layers=2, heads=2)
+    with caplog.at_level("INFO", logger="optimizer"):
+        opt = create_optimizer(model, "adamw", weight_decay=0.1)
+    n_norms = 2 * 2 + 1  # two RMSNorms per block and the final one
+    assert len(opt.param_groups[1]["params"]) == n_norms
+    assert all(p.ndim == 2 for p in opt.param_groups[0]["params"])
+    assert f"no_decay: {n_norms} tensors, {n_norms * 32:,} params, weight_decay=0.0" in caplog.text
+
+
+def test_frozen_parameters_are_left_out_and_plain_lists_work():
+    a, b = torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    opt = create_optimizer([a, b], "adamw")
+    assert [len(g["params"]) for g in opt.param_groups] == [1]
+
+
+def test_factory_errors_name_the_value_and_the_choices():
+    with pytest.raises(ConfigError, match=r"Invalid optimizer name: 'sgd'; valid names are \['adamw', 'lion'\]"):
+        create_optimizer(torch.nn.Linear(2, 2), "sgd")
+    with pytest.raises(ConfigError, match=r"Invalid argument for optimizer 'lion'.*eps.*it takes \['lr', 'betas'"):
+        create_optimizer(torch.nn.Linear(2, 2), "lion", eps=1e-8)
+    with pytest.raises(ValueError, match="beta parameter at index 0: 1.5"):
+        create_optimizer(torch.nn.Linear(2, 2), "adamw", betas=(1.5, 0.9))
+
+
+def test_create_scheduler_takes_the_family_names():
+    opt = create_optimizer(torch.nn.Linear(2, 2), "adamw", lr=1.0)
+    sched = create_scheduler(opt, "wsd", warmup_steps=0, total_steps=10, decay_steps=5, decay_type="linear")
+    assert sched.get_lr(5) == 1.0 and sched.get_lr(10) == 0.0
+
+
+def test_clip_grad_norm_keeps_the_direction():
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    norm = clip_grad_norm_([p], 1.0)
+    assert norm.item() == pytest.approx(5.0)
+    torch.testing.assert_close(p.grad, torch.tensor([0.6, 0.8]))
+    with pytest.raises(ValueError, match="max_norm: -1"):
+        clip_grad_norm_([p], -1)
+
+
+def test_load_config_reads_yaml_and_json_safely(tmp_path):
+    (tmp_path / "a.yaml").write_text("steps: 5\noptimizer_args:\n  lion: {lr: 1.0e-4, betas: [0.9, 0.98]}\n")
+    assert load_config(tmp_path / "a.yaml")["optimizer_args"]["lion"]["betas"] == [0.9, 0.98]
+    (tmp_path / "a.json").write_text('{"steps": 5}')
+    assert load_config(tmp_path / "a.json") == {"steps": 5}
+    (tmp_path / "evil.yaml").write_text("steps: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "evil.yaml")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must be a mapping, got list"):
+        load_config(tmp_path / "list.json")
+    (tmp_path / "a.toml").write_text("")
+    with pytest.raises(ConfigError, match="suffix must be one of"):
+        load_config(tmp_path / "a.toml")
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    ("config", "words"),
+    [
+        ({"stepz": 5}, ["'stepz'", "allowed keys are", "'steps'"]),
+        ({"steps": -1}, ["steps", "-1"]),
+        ({"steps": "many"}, ["steps", "'many'"]),
+        ({"schedule": "cosin"}, ["schedule", "'cosin'", "'cosine'"]),
+        ({"optimizers": ["adamw", "sgd"]}, ["optimizers", "'sgd'", "['adamw', 'lion']"]),
+        ({"optimizer_args": {"lion": {"eps": 1e-8}}}, ["'lion'", "eps", "it takes"]),
+        ({"optimizer_args": {"adamw": {"lr": -1}}}, ["learning rate", "-1"]),
+        ({"warmup_steps": 500}, ["warmup_steps", "500", "total_steps=300"]),
+    ],
+)
+def test_bad_config_values_exit_2_with_one_line(tmp_path, capsys, config, words):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    assert cli.main(["demo", "--config", str(path), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+
+
+def test_bad_flags_exit_2_without_traceback():
+    for argv in (["demo", "--steps", "x"], ["demo", "--optimizers", "sgd"], ["plot-schedule", "cosin"], ["nope"]):
+        done = subprocess.run([sys.executable, "-m", "optimizer", *argv], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, argv
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    done = subprocess.run([sys.executable, "-m", "optimizer", "plot-schedule", "cosin"], capture_output=True, text=True)
+    assert "'cosine'" in done.stderr and "'warmup_stable_decay'" in done.stderr
+
+
+def test_every_subcommand_has_help():
+    for argv in ([], ["demo"], ["plot-schedule"]):
+        done = subprocess.run([sys.executable, "-m", "optimizer", *argv, "--help"], capture_output=True, text=True)
+        assert done.returncode == 0 and "usage: python -m optimizer" in done.stdout
+        assert len(done.stdout.splitlines()) < 70
+
+
+def test_plot_schedule_writes_a_png(tmp_path, capsys):
+    out = tmp_path / "lr.png"
+    assert cli.main(["plot-schedule", "warmup_stable_decay", "--warmup-steps", "10", "--total-steps", "100",
+                     "--set", "decay_type=cosine", "--min-lr-ratio", "0.1", "-o", str(out)]) == 0
+    image = pytest.importorskip("matplotlib.image").imread(out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.shape[0] > 100 and image.shape[1] > 100
+    assert "lr(100) end = 0.0001" in capsys.readouterr().out
+
+
+def test_plot_schedule_text_rendering_and_key_values(capsys):
+    assert cli.main(["plot-schedule", "cosine", "--warmup-steps", "9", "--total-steps", "100", "--peak-lr", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "lr(0) = 0.1 " in out and "lr(9) end of warmup = 1 " in out and "lr(100) end = 0" in out
+    assert out.count("#") > 100
+
+
+def read_summary(path):
+    return json.loads((path / "summary.json").read_text())
+
+
+def test_demo_short_run_writes_table_and_files(tmp_path, capsys):
+    assert cli.main(["demo", *TINY, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "train loss" in out and "held-out" in out and "state MB" in out
+    mpimg = pytest.importorskip("matplotlib.image")
+    for name in ("loss.png", "lr.png"):
+        assert mpimg.imread(tmp_path / name).ndim == 3
+    summary = read_summary(tmp_path)
+    assert set(summary["results"]) == {"adamw", "lion"}
+    for name, r in summary["results"].items():
+        assert len(r["history"]["loss"]) == 12 and r["held_out_loss"] < summary["unigram_entropy"] + 3
+        assert r["state_bytes"] > 0 and r["tokens_per_s"] > 0
+    # AdamW keeps two fp32 states per parameter, Lion one
+    assert summary["results"]["adamw"]["state_bytes"] == 2 * summary["results"]["lion"]["state_bytes"] + \
+        4 * sum(1 for _ in Llama(dim=32, layers=1, heads=2, max_seq=32).parameters())
+
+
+def test_resume_reaches_exactly_the_same_losses(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert cli.main(["demo", *TINY, "--out", str(whole)]) == 0
+    assert cli.main(["demo", *TINY, "--out", str(parts), "--stop-after", "5"]) == 0
+    assert not (parts / "summary.json").exists()
+    ckpt = torch.load(parts / "adamw.ckpt", weights_only=True)
+    assert ckpt["step"] == 5
+    assert cli.main(["demo", *TINY, "--out", str(parts), "--resume"]) == 0
+    a, b = read_summary(whole)["results"], read_summary(parts)["results"]
+    for name in ("adamw", "lion"):
+        assert a[name]["history"]["loss"] == b[name]["history"]["loss"]
+        assert a[name]["history"]["held_out"] == b[name]["history"]["held_out"]
+        assert a[name]["history"]["lr"] == b[name]["history"]["lr"]
+
+
+def test_resume_with_different_settings_is_refused(tmp_path, capsys):
+    assert cli.main(["demo", *TINY, "--out", str(tmp_path), "--stop-after", "3"]) == 0
+    assert cli.main(["demo", *TINY[:-1], "--no-progress", "--out", str(tmp_path), "--resume", "--seed", "1"]) == 2
+    assert "Invalid --resume: ['seed']" in capsys.readouterr().err
+
+
+def test_demo_default_model_learns_in_a_few_dozen_steps(tmp_path):
+    """The CI's end-to-end run: the default model and data, 30 steps."""
+    assert cli.main(["demo", "--steps", "30", "--warmup-steps", "3", "--eval-every", "30", "--no-progress",
+                     "--out", str(tmp_path)]) == 0
+    summary = read_summary(tmp_path)
+    for name, r in summary["results"].items():
+        first = r["history"]["loss"][0]
+        assert first == pytest.approx(torch.log(torch.tensor(256.0)).item(), abs=0.2)  # uniform over bytes at init
+        assert r["held_out_loss"] < first - 1.0, (name, r["held_out_loss"])
