@@ -24,7 +24,8 @@ the parameter dtype, so ``load_state_dict`` re-casts from the saved tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -262,6 +263,39 @@ def group_by_device_and_dtype(*tensor_lists: list[Tensor]) -> dict[tuple[torch.d
         for lst, t in zip(bucket, items):
             lst.append(t)
     return buckets
+
+
+@dataclass
+class Bucket:
+    """The tensors of one (device, dtype) bucket, as the foreach math sees them."""
+
+    params: list[Tensor]  # in the compute dtype (the parameters themselves when no cast is needed)
+    grads: list[Tensor]  # in the compute dtype, negated when maximising
+    states: list[list[Tensor]]  # each state list, complex ones viewed as real
+    lr: float | Tensor  # a tensor lr moved to the bucket's device and compute dtype (no sync)
+
+
+def foreach_buckets(
+    params: list[Tensor], grads: list[Tensor], *states: list[Tensor], maximize: bool, lr: float | Tensor
+) -> Iterator[Bucket]:
+    """Split parallel lists into :class:`Bucket` s for the ``_foreach`` ops.
+
+    The compute dtype is the first state's (Note [state precision]). After the
+    caller's loop body has updated a bucket, low-precision parameters get the
+    result written back, before the next bucket is handed out.
+    """
+    for (device, dtype), (b_params, b_grads, *b_states) in group_by_device_and_dtype(params, grads, *states).items():
+        b_states = [[as_real(t) for t in lst] for lst in b_states]
+        compute_dtype = b_states[0][0].dtype
+        params_r = [as_real(p) for p in b_params]
+        p32 = params_r if compute_dtype == dtype else [p.to(compute_dtype) for p in params_r]
+        g32 = [as_real(g).to(compute_dtype) for g in b_grads]
+        if maximize:
+            g32 = torch._foreach_neg(g32)
+        lr_d = lr.to(device=device, dtype=compute_dtype) if isinstance(lr, Tensor) else lr
+        yield Bucket(p32, g32, b_states, lr_d)
+        if p32 is not params_r:
+            torch._foreach_copy_(params_r, p32)
 
 
 def as_real(t: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from ._base import (
     check_lr,
     check_nonnegative,
     default_foreach,
-    group_by_device_and_dtype,
+    foreach_buckets,
     state_dtype,
 )
 
@@ -230,24 +230,14 @@ def _multi_tensor_adamw(
     maximize: bool,
 ) -> None:
     """The same update with torch._foreach ops, one bucket per (device, dtype)."""
-    buckets = group_by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    for (device, dtype), (b_params, b_grads, b_m, b_v, b_steps) in buckets.items():
-        b_m = [as_real(m) for m in b_m]
-        compute_dtype = b_m[0].dtype
-        params_r = [as_real(p) for p in b_params]
-        p32 = params_r if compute_dtype == dtype else [p.to(compute_dtype) for p in params_r]
-        g32 = [as_real(g).to(compute_dtype) for g in b_grads]
-        b_v = [as_real(v) for v in b_v]
-        if maximize:
-            g32 = torch._foreach_neg(g32)
-        lr_d = lr.to(device=device, dtype=compute_dtype) if isinstance(lr, Tensor) else lr
-
+    for b in foreach_buckets(params, grads, exp_avgs, exp_avg_sqs, state_steps, maximize=maximize, lr=lr):
+        b_m, b_v, b_steps = b.states
         torch._foreach_add_(b_steps, 1.0)
         if weight_decay != 0:
-            torch._foreach_mul_(p32, 1 - lr_d * weight_decay)
-        torch._foreach_lerp_(b_m, g32, 1 - beta1)
+            torch._foreach_mul_(b.params, 1 - b.lr * weight_decay)
+        torch._foreach_lerp_(b_m, b.grads, 1 - beta1)
         torch._foreach_mul_(b_v, beta2)
-        torch._foreach_addcmul_(b_v, g32, g32, 1 - beta2)
+        torch._foreach_addcmul_(b_v, b.grads, b.grads, 1 - beta2)
 
         if correct_bias:
             ts = [s.item() for s in b_steps]
@@ -258,13 +248,10 @@ def _multi_tensor_adamw(
         denom = torch._foreach_sqrt(b_v)
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, eps)
-        if isinstance(lr_d, Tensor):
+        if isinstance(b.lr, Tensor):
             # theta -= m / (denom * bc1 / lr): the tensor lr stays on the device, no sync
             torch._foreach_mul_(denom, bc1)
-            torch._foreach_div_(denom, lr_d)
-            torch._foreach_addcdiv_(p32, b_m, denom, -1.0)
+            torch._foreach_div_(denom, b.lr)
+            torch._foreach_addcdiv_(b.params, b_m, denom, -1.0)
         else:
-            torch._foreach_addcdiv_(p32, b_m, denom, [-lr_d / bc for bc in bc1])
-
-        if p32 is not params_r:
-            torch._foreach_copy_(params_r, p32)
+            torch._foreach_addcdiv_(b.params, b_m, denom, [-b.lr / bc for bc in bc1])

@@ -21,7 +21,7 @@ from ._base import (
     check_lr,
     check_nonnegative,
     default_foreach,
-    group_by_device_and_dtype,
+    foreach_buckets,
     state_dtype,
 )
 
@@ -172,24 +172,12 @@ def _multi_tensor_lion(
     maximize: bool,
 ) -> None:
     """The same update with torch._foreach ops, one bucket per (device, dtype)."""
-    buckets = group_by_device_and_dtype(params, grads, exp_avgs)
-    for (device, dtype), (b_params, b_grads, b_m) in buckets.items():
-        b_m = [as_real(m) for m in b_m]
-        compute_dtype = b_m[0].dtype
-        params_r = [as_real(p) for p in b_params]
-        p32 = params_r if compute_dtype == dtype else [p.to(compute_dtype) for p in params_r]
-        g32 = [as_real(g).to(compute_dtype) for g in b_grads]
-        if maximize:
-            g32 = torch._foreach_neg(g32)
-        lr_d = lr.to(device=device, dtype=compute_dtype) if isinstance(lr, Tensor) else lr
-
-        update = torch._foreach_lerp(b_m, g32, 1 - beta1)
+    for b in foreach_buckets(params, grads, exp_avgs, maximize=maximize, lr=lr):
+        (b_m,) = b.states
+        update = torch._foreach_lerp(b_m, b.grads, 1 - beta1)
         torch._foreach_sign_(update)
-        torch._foreach_mul_(update, lr_d)           # lr * sign(c) is exact: the sign is -1, 0 or 1
+        torch._foreach_mul_(update, b.lr)           # lr * sign(c) is exact: the sign is -1, 0 or 1
         if weight_decay != 0:
-            torch._foreach_mul_(p32, 1 - lr_d * weight_decay)
-        torch._foreach_sub_(p32, update)
-        torch._foreach_lerp_(b_m, g32, 1 - beta2)
-
-        if p32 is not params_r:
-            torch._foreach_copy_(params_r, p32)
+            torch._foreach_mul_(b.params, 1 - b.lr * weight_decay)
+        torch._foreach_sub_(b.params, update)
+        torch._foreach_lerp_(b_m, b.grads, 1 - beta2)

@@ -7,7 +7,6 @@ with the error each must raise.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
