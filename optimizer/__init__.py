@@ -8,8 +8,10 @@
 ``import optimizer`` needs only torch.
 """
 
-from .adamw import AdamW, adamw
-from .lion import Lion, lion
+# The functional entries stay in their modules (optimizer.adamw.adamw, optimizer.lion.lion):
+# exported here they would hide the modules of the same name.
+from .adamw import AdamW
+from .lion import Lion
 from .scheduler import SCHEDULES, ScheduleLR, WarmupCosineScheduler, get_scheduler, make_schedule
 
 __all__ = [
@@ -18,9 +20,7 @@ __all__ = [
     "Lion",
     "ScheduleLR",
     "WarmupCosineScheduler",
-    "adamw",
     "get_scheduler",
-    "lion",
     "make_schedule",
 ]
 __version__ = "0.1.0"

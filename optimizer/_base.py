@@ -96,6 +96,9 @@ class Optimizer(torch.optim.Optimizer):
     """
 
     state_keys: tuple[str, ...] = ()
+    # group keys a checkpoint of this algorithm always has; others may be missing (then the
+    # defaults fill them), so a torch.optim.AdamW checkpoint loads into our AdamW
+    checkpoint_keys: tuple[str, ...] = ("lr", "betas", "weight_decay")
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         if isinstance(params, Tensor):
@@ -225,7 +228,7 @@ class Optimizer(torch.optim.Optimizer):
             )
         index_to_param: dict[Any, Tensor] = {}
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            missing = sorted(k for k in self.defaults if k not in saved)
+            missing = sorted(k for k in self.checkpoint_keys if k not in saved)
             if missing:
                 raise ValueError(
                     f"Invalid state_dict for {name}: param_groups[{gi}] lacks {missing} "
@@ -236,12 +239,15 @@ class Optimizer(torch.optim.Optimizer):
                     f"Invalid state_dict for {name}: param_groups[{gi}] has {len(saved['params'])} "
                     f"parameters, this optimizer's group {gi} has {len(group['params'])}"
                 )
-            self._check_group(saved)
+            self._check_group({**self.defaults, **saved})
             index_to_param.update(zip(saved["params"], group["params"]))
         for index, state in state_dict["state"].items():
             if index in index_to_param:
                 self._check_state(index_to_param[index], state, f"saved parameter {index}")
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         # Note [state precision]: re-cast from the saved tensors, not from torch's down-cast copies.
         for index, saved in state_dict["state"].items():
             p = index_to_param.get(index)
@@ -303,15 +309,43 @@ def as_real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def default_foreach(params: list[Tensor]) -> bool:
-    """The backend ``foreach=None`` picks: the multi-tensor path where it is faster.
+def check_backend(group: dict[str, Any]) -> None:
+    check_flag("foreach", group["foreach"], allow_none=True)
+    check_flag("fused", group["fused"], allow_none=True)
+    if group["foreach"] and group["fused"]:
+        raise ValueError("Invalid backend: foreach=True and fused=True; choose one")
 
-    On CUDA it saves a kernel launch per tensor and operation. On CPU, measured
-    with benchmarks/step_time.py on the 2-core CI machine (GPT-2-shaped list,
-    47 M params, interleaved rounds, four runs), AdamW's two paths tie
-    (foreach/loop 0.78-1.07x) and Lion's foreach is 0.86-1.5x the loop's time;
-    the loop allocates temporaries one tensor at a time while foreach holds
-    them for the whole model at once. So the CPU default is the leaner loop,
-    as in torch.optim, until a fused CPU kernel replaces both.
+
+def choose_backend(params: list[Tensor], foreach: bool | None, fused: bool | None) -> str:
+    """The backend a step runs: "fused", "foreach" or "reference".
+
+    ``None`` means "choose for me"; the choice is the fastest correct path:
+
+    * CPU: the fused path (Note [fused CPU] in _fused_cpu.py). Measured with
+      ``python -m optimizer bench --device cpu`` against torch's fused AdamW,
+      see the README, 'Backends'.
+    * CUDA: foreach, one kernel launch per operation instead of one per tensor
+      and operation.
+    * elsewhere, or with ``fused=False``: on CPU the per-tensor loop, which on
+      the 2-core CI machine is as fast as foreach for AdamW and holds
+      temporaries for one tensor at a time rather than for the whole model.
+
+    An explicit ``fused=True`` that cannot be met raises rather than falling back.
     """
-    return bool(params) and all(p.device.type == "cuda" for p in params)
+    if fused and foreach:
+        raise ValueError("Invalid backend: foreach=True and fused=True; choose one")
+    devices = {p.device.type for p in params}
+    if fused:
+        if devices - {"cpu"}:
+            raise RuntimeError(
+                f"fused=True: fused kernels exist for CPU parameters only so far (got {sorted(devices)}); "
+                "use foreach=True on GPUs"
+            )
+        return "fused"
+    if foreach:
+        return "foreach"
+    if foreach is None and fused is None and devices == {"cpu"}:
+        return "fused"
+    if foreach is None and devices == {"cuda"}:
+        return "foreach"
+    return "reference"

@@ -13,15 +13,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _fused_cpu
 from ._base import (
     Optimizer,
     as_real,
     check_betas,
+    check_backend,
     check_flag,
     check_lr,
     check_nonnegative,
-    default_foreach,
+    choose_backend,
     foreach_buckets,
+    group_by_device_and_dtype,
     state_dtype,
 )
 
@@ -78,9 +81,11 @@ class AdamW(Optimizer):
         correct_bias: divide the moments by ``1 - beta^t`` (default True).
             False is the BERT / Hugging Face legacy variant.
         maximize: maximise the objective instead of minimising it.
-        foreach: use the multi-tensor implementation (True) or the per-tensor
-            reference (False). None (default) picks the faster one: foreach
-            on CUDA, the per-tensor loop on CPU (measured, see README).
+        foreach: use the multi-tensor implementation (True) or not (False).
+        fused: use the fused CPU kernels (True) or not (False): one pass over
+            memory per element instead of one per operation.
+            With both None (default) the fastest correct path is picked:
+            fused on CPU, foreach on CUDA (measured, see README 'Backends').
 
     State per parameter: ``step`` (float32 scalar tensor), ``exp_avg``,
     ``exp_avg_sq`` (float32 for bf16/fp16 parameters, the parameter's dtype
@@ -88,6 +93,7 @@ class AdamW(Optimizer):
     """
 
     state_keys = ("step", "exp_avg", "exp_avg_sq")
+    checkpoint_keys = ("lr", "betas", "eps", "weight_decay")
 
     def __init__(
         self,
@@ -100,10 +106,11 @@ class AdamW(Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            correct_bias=correct_bias, maximize=maximize, foreach=foreach,
+            correct_bias=correct_bias, maximize=maximize, foreach=foreach, fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -114,7 +121,7 @@ class AdamW(Optimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
         check_flag("correct_bias", group["correct_bias"])
         check_flag("maximize", group["maximize"])
-        check_flag("foreach", group["foreach"], allow_none=True)
+        check_backend(group)
 
     def _init_state(self, param: Tensor, state: dict[str, Any]) -> None:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -131,6 +138,7 @@ class AdamW(Optimizer):
             [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states],
             foreach=group["foreach"],
+            fused=group["fused"],
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -149,6 +157,7 @@ def adamw(
     state_steps: list[Tensor],
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -159,15 +168,15 @@ def adamw(
 ) -> None:
     """Functional AdamW: updates ``params``, the moments and ``state_steps`` in place.
 
-    See :class:`AdamW` for the algorithm. ``foreach=None`` chooses the backend.
+    See :class:`AdamW` for the algorithm; ``foreach``/``fused`` choose the backend.
     """
-    if foreach is None:
-        foreach = default_foreach(params)
-    impl = _multi_tensor_adamw if foreach else _single_tensor_adamw
+    impl = {"fused": _fused_adamw, "foreach": _multi_tensor_adamw, "reference": _single_tensor_adamw}[
+        choose_backend(params, foreach, fused)
+    ]
     impl(
         params, grads, exp_avgs, exp_avg_sqs, state_steps,
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        correct_bias=correct_bias, maximize=maximize,
+        correct_bias=correct_bias, maximize=maximize, **({"strict": bool(fused)} if impl is _fused_adamw else {}),
     )
 
 
@@ -255,3 +264,66 @@ def _multi_tensor_adamw(
             torch._foreach_addcdiv_(b.params, b_m, denom, -1.0)
         else:
             torch._foreach_addcdiv_(b.params, b_m, denom, [-b.lr / bc for bc in bc1])
+
+
+def _adamw_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, decay: Tensor, w1: Tensor, beta2: Tensor,
+                  w2: Tensor, neg_step_size: Tensor, bc2_sqrt: Tensor, eps: Tensor, gsign: Tensor) -> None:
+    """One fused pass over a flat tensor (compiled by _fused_cpu, Note [fused CPU]).
+
+    The scalars come precomputed in float64 and rounded once (``w2 = 1 - beta2``: computed
+    from a float32 beta2 = 0.9999 it would be off by 2e-4 relative)."""
+    g = g.to(m.dtype) * gsign                                          # -g when maximising
+    m_new = torch.lerp(m, g, w1)                                       # m_t = b1 m + (1 - b1) g
+    v_new = v * beta2 + w2 * g * g                                     # v_t = b2 v + (1 - b2) g^2
+    denom = v_new.sqrt() / bc2_sqrt + eps                              # sqrt(v_hat) + eps
+    p.copy_(p.to(m.dtype) * decay + neg_step_size * m_new / denom)     # theta (1 - lr wd) - lr m_hat / denom
+    m.copy_(m_new)
+    v.copy_(v_new)
+
+
+def _fused_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    correct_bias: bool,
+    maximize: bool,
+    strict: bool = False,
+) -> None:
+    """One pass per element on CPU (Note [fused CPU]): torch's fused kernel where our update is
+    torch's (correct_bias, state in the parameter's dtype), our compiled kernel for the other
+    large tensors, foreach for the rest."""
+    lr = float(lr)  # CPU parameters: reading a tensor lr costs nothing, and the scalars below stay float64
+    lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
+    same = [i for i, (p, m) in enumerate(zip(params, exp_avgs)) if correct_bias and as_real(p).dtype == as_real(m).dtype]
+    others = [i for i in range(len(params)) if not same or i not in set(same)]
+    if same:
+        buckets = group_by_device_and_dtype(*[[as_real(t) for t in lst] for lst in _fused_cpu.pick(lists, same)])
+        for (_, dtype), (b_p, b_g, b_m, b_v, b_steps) in buckets.items():
+            torch._foreach_add_(b_steps, 1.0)
+            torch._fused_adamw_(b_p, b_g, b_m, b_v, [], b_steps, lr=lr, beta1=beta1, beta2=beta2,
+                                weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=maximize)
+    big, rest = _fused_cpu.split_by_size([params[i] for i in others])
+    big, rest = [others[j] for j in big], [others[j] for j in rest]
+    for k, i in enumerate(big):
+        p, m = params[i], exp_avgs[i]
+        dt = as_real(m).dtype
+        kernel = _fused_cpu.fused_kernel(_adamw_kernel, 2, 8, as_real(p).dtype, dt, required=strict)
+        if kernel is None:  # no compiler: warned once, everything goes the foreach way
+            rest = sorted(rest + big[k:])
+            break
+        state_steps[i] += 1
+        t = state_steps[i].item()
+        bc1, bc2 = (1 - beta1**t, 1 - beta2**t) if correct_bias else (1.0, 1.0)
+        scalars = [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, -lr / bc1, bc2**0.5, eps, -1.0 if maximize else 1.0]
+        kernel(*map(_fused_cpu.flat, (p, grads[i], m, exp_avg_sqs[i])), *[_fused_cpu.scalar(v, dt) for v in scalars])
+    if rest:
+        _multi_tensor_adamw(*_fused_cpu.pick(lists, rest), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decay=weight_decay, correct_bias=correct_bias, maximize=maximize)

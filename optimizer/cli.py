@@ -1,4 +1,4 @@
-"""The command line: ``python -m optimizer demo`` and ``python -m optimizer plot-schedule``.
+"""The command line: ``python -m optimizer demo | plot-schedule | bench``.
 
 Bad flags or config values end with one line naming the key and the allowed
 values, exit code 2, and no traceback.
@@ -225,15 +225,46 @@ def render_text(values: list[float], width: int = 64, height: int = 12) -> str:
     return "\n".join(rows)
 
 
+def _bench_parser(sub) -> argparse.ArgumentParser:
+    from .bench import MODELS
+
+    p = sub.add_parser("bench", help="time every optimizer backend and the peers side by side",
+                       description="Median step time of our backends, torch.optim.AdamW and (when installed) "
+                       "lion-pytorch and bitsandbytes on one parameter list, with GB/s, the fraction of the "
+                       "in-place bandwidth measured in the same run, and ratios to torch's AdamW.")
+    p.add_argument("--device", default=None, metavar="DEV", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--model", default=None, choices=sorted(MODELS), metavar="NAME",
+                   help=f"parameter list, one of {sorted(MODELS)} (default gpt2-30m on CPU, llama-1.1b on CUDA)")
+    p.add_argument("--reps", type=int, default=10, metavar="N", help="timed steps per implementation (default 10)")
+    p.add_argument("--only", nargs="+", metavar="TEXT", help="only implementations whose name contains TEXT")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    return p
+
+
+def bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import run
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"Invalid --device: {device!r}, but CUDA is not available here; use --device cpu")
+    if args.reps < 1:
+        raise ConfigError(f"Invalid --reps: {args.reps} (must be >= 1)")
+    model = args.model or ("gpt2-30m" if device == "cpu" else "llama-1.1b")
+    return run(model, device, args.reps, args.only, args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog=PROG, description="AdamW, Lion and learning-rate schedules for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
     _demo_parser(sub)
     _plot_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(argv)
     command = args.__dict__.pop("command")
     try:
-        return {"demo": demo, "plot-schedule": plot_schedule}[command](args)
+        return {"demo": demo, "plot-schedule": plot_schedule, "bench": bench}[command](args)
     except ValueError as err:  # ConfigError and the library's argument checks: the user's input
         print(f"{PROG} {command}: error: {err}", file=sys.stderr)
         return 2

@@ -13,14 +13,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _fused_cpu
 from ._base import (
     Optimizer,
     as_real,
     check_betas,
+    check_backend,
     check_flag,
     check_lr,
     check_nonnegative,
-    default_foreach,
+    choose_backend,
     foreach_buckets,
     state_dtype,
 )
@@ -65,6 +67,7 @@ class Lion(Optimizer):
         weight_decay: decoupled weight decay coefficient, default 0.0.
         maximize: maximise the objective instead of minimising it.
         foreach: use the multi-tensor implementation; None picks (see AdamW).
+        fused: use the fused CPU kernel (see AdamW); None picks.
 
     State per parameter: ``exp_avg`` only (float32 for bf16/fp16 parameters).
     Complex parameters are updated as pairs of reals: the sign is taken of the
@@ -82,8 +85,9 @@ class Lion(Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, foreach=foreach)
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -91,7 +95,7 @@ class Lion(Optimizer):
         check_betas(group["betas"])
         check_nonnegative("weight_decay", group["weight_decay"])
         check_flag("maximize", group["maximize"])
-        check_flag("foreach", group["foreach"], allow_none=True)
+        check_backend(group)
 
     def _init_state(self, param: Tensor, state: dict[str, Any]) -> None:
         state["exp_avg"] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
@@ -103,6 +107,7 @@ class Lion(Optimizer):
             grads,
             [self.state[p]["exp_avg"] for p in params],
             foreach=group["foreach"],
+            fused=group.get("fused"),
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -117,6 +122,7 @@ def lion(
     exp_avgs: list[Tensor],
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -124,10 +130,11 @@ def lion(
     maximize: bool = False,
 ) -> None:
     """Functional Lion: updates ``params`` and ``exp_avgs`` in place. See :class:`Lion`."""
-    if foreach is None:
-        foreach = default_foreach(params)
-    impl = _multi_tensor_lion if foreach else _single_tensor_lion
-    impl(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
+    impl = {"fused": _fused_lion, "foreach": _multi_tensor_lion, "reference": _single_tensor_lion}[
+        choose_backend(params, foreach, fused)
+    ]
+    impl(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
+         **({"strict": bool(fused)} if impl is _fused_lion else {}))
 
 
 def _single_tensor_lion(
@@ -181,3 +188,44 @@ def _multi_tensor_lion(
             torch._foreach_mul_(b.params, 1 - b.lr * weight_decay)
         torch._foreach_sub_(b.params, update)
         torch._foreach_lerp_(b_m, b.grads, 1 - beta2)
+
+
+def _lion_kernel(p: Tensor, g: Tensor, m: Tensor, decay: Tensor, lr: Tensor, w1: Tensor, w2: Tensor,
+                 gsign: Tensor) -> None:
+    """One fused pass over a flat tensor (compiled by _fused_cpu, Note [fused CPU])."""
+    g = g.to(m.dtype) * gsign                                  # -g when maximising
+    c = torch.lerp(m, g, w1)                                   # c = b1 m + (1 - b1) g
+    p.copy_(p.to(m.dtype) * decay - lr * torch.sign(c))        # theta (1 - lr wd) - lr sign(c)
+    m.copy_(torch.lerp(m, g, w2))                              # m_t = b2 m + (1 - b2) g
+
+
+def _fused_lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    strict: bool = False,
+) -> None:
+    """Large tensors through the compiled kernel, the rest through foreach (Note [fused CPU])."""
+    lr = float(lr)  # CPU parameters: reading a tensor lr costs nothing, and the scalars below stay float64
+    big, rest = _fused_cpu.split_by_size(params)
+    scalars: dict[torch.dtype, list[Tensor]] = {}
+    for i in big:
+        p, m = params[i], exp_avgs[i]
+        kernel = _fused_cpu.fused_kernel(_lion_kernel, 1, 5, as_real(p).dtype, as_real(m).dtype, required=strict)
+        if kernel is None:  # no compiler: warned once, everything goes the foreach way
+            rest = sorted(rest + big[big.index(i):])
+            break
+        dt = as_real(m).dtype
+        if dt not in scalars:
+            decay = 1 - lr * weight_decay
+            scalars[dt] = [_fused_cpu.scalar(v, dt) for v in (decay, lr, 1 - beta1, 1 - beta2, -1.0 if maximize else 1.0)]
+        kernel(_fused_cpu.flat(p), _fused_cpu.flat(grads[i]), _fused_cpu.flat(m), *scalars[dt])
+    if rest:
+        _multi_tensor_lion(*_fused_cpu.pick([params, grads, exp_avgs], rest), lr=lr, beta1=beta1, beta2=beta2,
+                           weight_decay=weight_decay, maximize=maximize)

@@ -76,13 +76,15 @@ COMMON_BAD = [
     (dict(weight_decay=float("nan")), ValueError, ("weight_decay", "nan")),
     (dict(maximize="yes"), ValueError, ("maximize", "'yes'")),
     (dict(foreach=1), ValueError, ("foreach", "1")),
+    (dict(fused="no"), ValueError, ("fused", "'no'")),
+    (dict(foreach=True, fused=True), ValueError, ("foreach=True and fused=True",)),
 ]
 
 OPTIMIZERS = [
     OptimizerInfo(
         name="AdamW",
         cls=AdamW,
-        backends={"foreach": dict(foreach=True)},
+        backends={"foreach": dict(foreach=True), "fused": dict(fused=True)},
         configs=[
             dict(),
             dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
@@ -104,7 +106,7 @@ OPTIMIZERS = [
     OptimizerInfo(
         name="Lion",
         cls=Lion,
-        backends={"foreach": dict(foreach=True)},
+        backends={"foreach": dict(foreach=True), "fused": dict(fused=True)},
         configs=[
             dict(),
             dict(lr=3e-4, betas=(0.95, 0.98), weight_decay=1.0),
@@ -126,8 +128,9 @@ def hyper(config: dict[str, Any], info: OptimizerInfo) -> dict[str, Any]:
     import inspect
 
     sig = inspect.signature(info.cls.__init__)
-    hp = {k: p.default for k, p in sig.parameters.items() if k not in ("self", "params", "foreach")}
-    hp.update({k: v for k, v in config.items() if k != "foreach"})
+    backends = ("self", "params", "foreach", "fused")
+    hp = {k: p.default for k, p in sig.parameters.items() if k not in backends}
+    hp.update({k: v for k, v in config.items() if k not in backends})
     if isinstance(hp["lr"], torch.Tensor):
         hp["lr"] = hp["lr"].item()
     return hp

@@ -136,15 +136,20 @@ def train(model, opt, steps, seed=1, closure=False):
 ADAMW_CONFIGS = [dict(), dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.3), dict(maximize=True, weight_decay=0.0)]
 
 
-@pytest.mark.parametrize("foreach", [False, True, None])
+# each of our backends against torch's corresponding one
+BACKEND_PAIRS = [(dict(foreach=False, fused=False), dict(foreach=False)), (dict(foreach=True), dict(foreach=True)),
+                 (dict(), dict(fused=True))]
+
+
+@pytest.mark.parametrize(("ours_kw", "torch_kw"), BACKEND_PAIRS, ids=["loop", "foreach", "default-fused"])
 @pytest.mark.parametrize("cfg", ADAMW_CONFIGS)
-def test_adamw_matches_torch_adamw(foreach, cfg):
+def test_adamw_matches_torch_adamw(ours_kw, torch_kw, cfg):
     """With correct_bias=True (the default) our AdamW is torch.optim.AdamW, to float32 rounding."""
     from optimizer import AdamW
 
     ours, theirs = tiny_model(), tiny_model()
-    o1 = AdamW(ours.parameters(), foreach=foreach, **cfg)
-    o2 = torch.optim.AdamW(theirs.parameters(), **cfg)
+    o1 = AdamW(ours.parameters(), **ours_kw, **cfg)
+    o2 = torch.optim.AdamW(theirs.parameters(), **torch_kw, **cfg)
     train(ours, o1, 100)
     train(theirs, o2, 100)
     for a, b in zip(ours.parameters(), theirs.parameters()):
