@@ -170,14 +170,16 @@ def adamw(
 
     See :class:`AdamW` for the algorithm; ``foreach``/``fused`` choose the backend.
     """
-    impl = {"fused": _fused_adamw, "foreach": _multi_tensor_adamw, "reference": _single_tensor_adamw}[
-        choose_backend(params, foreach, fused)
-    ]
-    impl(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps,
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        correct_bias=correct_bias, maximize=maximize, **({"strict": bool(fused)} if impl is _fused_adamw else {}),
-    )
+    backend = choose_backend(params, foreach, fused)
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                 correct_bias=correct_bias, maximize=maximize)
+    if backend == "fused":
+        _fused_adamw(*lists, **hyper, strict=bool(fused))  # strict: an explicit fused=True never falls back
+    elif backend == "foreach":
+        _multi_tensor_adamw(*lists, **hyper)
+    else:
+        _single_tensor_adamw(*lists, **hyper)
 
 
 def _single_tensor_adamw(
@@ -303,10 +305,11 @@ def _fused_adamw(
     lr = float(lr)  # CPU parameters: reading a tensor lr costs nothing, and the scalars below stay float64
     lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
     same = [i for i, (p, m) in enumerate(zip(params, exp_avgs)) if correct_bias and as_real(p).dtype == as_real(m).dtype]
-    others = [i for i in range(len(params)) if not same or i not in set(same)]
+    same_set = set(same)
+    others = [i for i in range(len(params)) if i not in same_set]
     if same:
         buckets = group_by_device_and_dtype(*[[as_real(t) for t in lst] for lst in _fused_cpu.pick(lists, same)])
-        for (_, dtype), (b_p, b_g, b_m, b_v, b_steps) in buckets.items():
+        for b_p, b_g, b_m, b_v, b_steps in buckets.values():
             torch._foreach_add_(b_steps, 1.0)
             torch._fused_adamw_(b_p, b_g, b_m, b_v, [], b_steps, lr=lr, beta1=beta1, beta2=beta2,
                                 weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=maximize)

@@ -130,11 +130,14 @@ def lion(
     maximize: bool = False,
 ) -> None:
     """Functional Lion: updates ``params`` and ``exp_avgs`` in place. See :class:`Lion`."""
-    impl = {"fused": _fused_lion, "foreach": _multi_tensor_lion, "reference": _single_tensor_lion}[
-        choose_backend(params, foreach, fused)
-    ]
-    impl(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
-         **({"strict": bool(fused)} if impl is _fused_lion else {}))
+    backend = choose_backend(params, foreach, fused)
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
+    if backend == "fused":
+        _fused_lion(params, grads, exp_avgs, **hyper, strict=bool(fused))  # strict: fused=True never falls back
+    elif backend == "foreach":
+        _multi_tensor_lion(params, grads, exp_avgs, **hyper)
+    else:
+        _single_tensor_lion(params, grads, exp_avgs, **hyper)
 
 
 def _single_tensor_lion(
@@ -215,13 +218,13 @@ def _fused_lion(
     lr = float(lr)  # CPU parameters: reading a tensor lr costs nothing, and the scalars below stay float64
     big, rest = _fused_cpu.split_by_size(params)
     scalars: dict[torch.dtype, list[Tensor]] = {}
-    for i in big:
+    for k, i in enumerate(big):
         p, m = params[i], exp_avgs[i]
-        kernel = _fused_cpu.fused_kernel(_lion_kernel, 1, 5, as_real(p).dtype, as_real(m).dtype, required=strict)
-        if kernel is None:  # no compiler: warned once, everything goes the foreach way
-            rest = sorted(rest + big[big.index(i):])
-            break
         dt = as_real(m).dtype
+        kernel = _fused_cpu.fused_kernel(_lion_kernel, 1, 5, as_real(p).dtype, dt, required=strict)
+        if kernel is None:  # no compiler: warned once, everything goes the foreach way
+            rest = sorted(rest + big[k:])
+            break
         if dt not in scalars:
             decay = 1 - lr * weight_decay
             scalars[dt] = [_fused_cpu.scalar(v, dt) for v in (decay, lr, 1 - beta1, 1 - beta2, -1.0 if maximize else 1.0)]
