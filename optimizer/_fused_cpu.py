@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ._base import as_real
 
-__all__ = ["SMALL", "available", "flat", "fused_kernel", "pick", "scalar", "split_by_size"]
+__all__ = ["SMALL", "available", "flat", "fused_kernel", "pick", "plan", "scalar"]
 
 log = logging.getLogger("optimizer")
 SMALL = 1 << 15  # elements; see Note [fused CPU]
@@ -101,11 +101,20 @@ def fused_kernel(math: Callable[..., None], n_states: int, n_scalars: int, param
         return fn
 
 
-def split_by_size(tensors: list[Tensor]) -> tuple[list[int], list[int]]:
-    """Indices of the tensors a compiled kernel should take, and of the rest (Note [fused CPU])."""
+def plan(params: list[Tensor], states: list[Tensor], math: Callable[..., None], n_states: int, n_scalars: int,
+         *, strict: bool) -> tuple[list[tuple[int, Callable[..., None]]], list[int]]:
+    """(index, compiled kernel) for the tensors a kernel should take, and the indices of the rest
+    (small or non-contiguous ones; all of them where nothing can be compiled). ``states`` is one
+    state list, whose dtype is the compute dtype."""
     big, rest = [], []
-    for i, t in enumerate(tensors):
-        (big if t.numel() >= SMALL and t.is_contiguous() else rest).append(i)
+    for i, p in enumerate(params):
+        if p.numel() < SMALL or not p.is_contiguous():
+            rest.append(i)
+            continue
+        kernel = fused_kernel(math, n_states, n_scalars, as_real(p).dtype, as_real(states[i]).dtype, required=strict)
+        if kernel is None:  # no compiler: warned once; everything goes the foreach way
+            return [], list(range(len(params)))
+        big.append((i, kernel))
     return big, rest
 
 

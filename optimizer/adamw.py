@@ -313,20 +313,18 @@ def _fused_adamw(
             torch._foreach_add_(b_steps, 1.0)
             torch._fused_adamw_(b_p, b_g, b_m, b_v, [], b_steps, lr=lr, beta1=beta1, beta2=beta2,
                                 weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=maximize)
-    big, rest = _fused_cpu.split_by_size([params[i] for i in others])
-    big, rest = [others[j] for j in big], [others[j] for j in rest]
-    for k, i in enumerate(big):
-        p, m = params[i], exp_avgs[i]
-        dt = as_real(m).dtype
-        kernel = _fused_cpu.fused_kernel(_adamw_kernel, 2, 8, as_real(p).dtype, dt, required=strict)
-        if kernel is None:  # no compiler: warned once, everything goes the foreach way
-            rest = sorted(rest + big[k:])
-            break
+    big, rest = _fused_cpu.plan([params[i] for i in others], [exp_avgs[i] for i in others], _adamw_kernel, 2, 8,
+                                strict=strict)
+    for j, kernel in big:
+        i = others[j]
+        dt = as_real(exp_avgs[i]).dtype
         state_steps[i] += 1
         t = state_steps[i].item()
         bc1, bc2 = (1 - beta1**t, 1 - beta2**t) if correct_bias else (1.0, 1.0)
         scalars = [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, -lr / bc1, bc2**0.5, eps, -1.0 if maximize else 1.0]
-        kernel(*map(_fused_cpu.flat, (p, grads[i], m, exp_avg_sqs[i])), *[_fused_cpu.scalar(v, dt) for v in scalars])
+        tensors = (params[i], grads[i], exp_avgs[i], exp_avg_sqs[i])
+        kernel(*map(_fused_cpu.flat, tensors), *[_fused_cpu.scalar(v, dt) for v in scalars])
+    rest = [others[j] for j in rest]
     if rest:
         _multi_tensor_adamw(*_fused_cpu.pick(lists, rest), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                             weight_decay=weight_decay, correct_bias=correct_bias, maximize=maximize)

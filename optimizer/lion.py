@@ -216,19 +216,14 @@ def _fused_lion(
 ) -> None:
     """Large tensors through the compiled kernel, the rest through foreach (Note [fused CPU])."""
     lr = float(lr)  # CPU parameters: reading a tensor lr costs nothing, and the scalars below stay float64
-    big, rest = _fused_cpu.split_by_size(params)
+    big, rest = _fused_cpu.plan(params, exp_avgs, _lion_kernel, 1, 5, strict=strict)
     scalars: dict[torch.dtype, list[Tensor]] = {}
-    for k, i in enumerate(big):
-        p, m = params[i], exp_avgs[i]
-        dt = as_real(m).dtype
-        kernel = _fused_cpu.fused_kernel(_lion_kernel, 1, 5, as_real(p).dtype, dt, required=strict)
-        if kernel is None:  # no compiler: warned once, everything goes the foreach way
-            rest = sorted(rest + big[k:])
-            break
+    for i, kernel in big:
+        dt = as_real(exp_avgs[i]).dtype
         if dt not in scalars:
-            decay = 1 - lr * weight_decay
-            scalars[dt] = [_fused_cpu.scalar(v, dt) for v in (decay, lr, 1 - beta1, 1 - beta2, -1.0 if maximize else 1.0)]
-        kernel(_fused_cpu.flat(p), _fused_cpu.flat(grads[i]), _fused_cpu.flat(m), *scalars[dt])
+            values = (1 - lr * weight_decay, lr, 1 - beta1, 1 - beta2, -1.0 if maximize else 1.0)
+            scalars[dt] = [_fused_cpu.scalar(v, dt) for v in values]
+        kernel(_fused_cpu.flat(params[i]), _fused_cpu.flat(grads[i]), _fused_cpu.flat(exp_avgs[i]), *scalars[dt])
     if rest:
         _multi_tensor_lion(*_fused_cpu.pick([params, grads, exp_avgs], rest), lr=lr, beta1=beta1, beta2=beta2,
                            weight_decay=weight_decay, maximize=maximize)
