@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ._base import as_real
 
-__all__ = ["SMALL", "available", "flat", "fused_kernel", "pick", "plan", "scalar"]
+__all__ = ["SMALL", "available", "flat", "fused_kernel", "pick", "plan"]
 
 log = logging.getLogger("optimizer")
 SMALL = 1 << 15  # elements; see Note [fused CPU]
@@ -63,8 +63,9 @@ def fused_kernel(math: Callable[..., None], n_states: int, n_scalars: int, param
                  state_dtype: torch.dtype, *, required: bool) -> Callable[..., None] | None:
     """``math`` compiled into one fused kernel for these dtypes, compiling it now if needed.
 
-    ``math(p, g, *states, *scalars)`` updates ``p`` and the states in place; the
-    scalars are 0-dim tensors. Returns None (after one warning) where compiling
+    ``math(p, g, *states, scalars)`` updates ``p`` and the states in place; ``scalars``
+    is a 1-D tensor of ``n_scalars`` values in the state dtype (inputs, so a new lr never
+    triggers a recompile). Returns None (after one warning) where compiling
     is impossible, or raises if ``required`` (an explicit ``fused=True``).
     """
     name = math.__name__
@@ -83,7 +84,7 @@ def fused_kernel(math: Callable[..., None], n_states: int, n_scalars: int, param
             n = SMALL + 17
             tensors = [torch.zeros(n, dtype=param_dtype) for _ in range(2)]
             tensors += [torch.zeros(n, dtype=state_dtype) for _ in range(n_states)]
-            fn(*tensors, *[torch.tensor(0.5, dtype=state_dtype) for _ in range(n_scalars)])
+            fn(*tensors, torch.full((n_scalars,), 0.5, dtype=state_dtype))
         except Exception as err:  # noqa: BLE001 - no compiler, a broken toolchain, an unsupported platform
             _failed.append(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
             if required:
@@ -116,11 +117,6 @@ def plan(params: list[Tensor], states: list[Tensor], math: Callable[..., None], 
             return [], list(range(len(params)))
         big.append((i, kernel))
     return big, rest
-
-
-def scalar(value: float, dtype: torch.dtype) -> Tensor:
-    """A 0-dim CPU tensor: kernel inputs, so a new lr never triggers a recompile."""
-    return torch.tensor(value, dtype=dtype)
 
 
 def flat(t: Tensor) -> Tensor:

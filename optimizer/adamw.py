@@ -268,12 +268,13 @@ def _multi_tensor_adamw(
             torch._foreach_addcdiv_(b.params, b_m, denom, [-b.lr / bc for bc in bc1])
 
 
-def _adamw_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, decay: Tensor, w1: Tensor, beta2: Tensor,
-                  w2: Tensor, neg_step_size: Tensor, bc2_sqrt: Tensor, eps: Tensor, gsign: Tensor) -> None:
+def _adamw_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Tensor) -> None:
     """One fused pass over a flat tensor (compiled by _fused_cpu, Note [fused CPU]).
 
-    The scalars come precomputed in float64 and rounded once (``w2 = 1 - beta2``: computed
-    from a float32 beta2 = 0.9999 it would be off by 2e-4 relative)."""
+    The scalars travel in one small tensor (each tensor argument costs call time), computed
+    in float64 and rounded once (``w2 = 1 - beta2``: from a float32 beta2 = 0.9999 it would be
+    off by 2e-4 relative)."""
+    decay, w1, beta2, w2, neg_step_size, bc2_sqrt, eps, gsign = scalars.unbind()
     g = g.to(m.dtype) * gsign                                          # -g when maximising
     m_new = torch.lerp(m, g, w1)                                       # m_t = b1 m + (1 - b1) g
     v_new = v * beta2 + w2 * g * g                                     # v_t = b2 v + (1 - b2) g^2
@@ -323,7 +324,7 @@ def _fused_adamw(
         bc1, bc2 = (1 - beta1**t, 1 - beta2**t) if correct_bias else (1.0, 1.0)
         scalars = [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, -lr / bc1, bc2**0.5, eps, -1.0 if maximize else 1.0]
         tensors = (params[i], grads[i], exp_avgs[i], exp_avg_sqs[i])
-        kernel(*map(_fused_cpu.flat, tensors), *[_fused_cpu.scalar(v, dt) for v in scalars])
+        kernel(*map(_fused_cpu.flat, tensors), torch.tensor(scalars, dtype=dt))
     rest = [others[j] for j in rest]
     if rest:
         _multi_tensor_adamw(*_fused_cpu.pick(lists, rest), lr=lr, beta1=beta1, beta2=beta2, eps=eps,

@@ -193,9 +193,11 @@ def _multi_tensor_lion(
         torch._foreach_lerp_(b_m, b.grads, 1 - beta2)
 
 
-def _lion_kernel(p: Tensor, g: Tensor, m: Tensor, decay: Tensor, lr: Tensor, w1: Tensor, w2: Tensor,
-                 gsign: Tensor) -> None:
-    """One fused pass over a flat tensor (compiled by _fused_cpu, Note [fused CPU])."""
+def _lion_kernel(p: Tensor, g: Tensor, m: Tensor, scalars: Tensor) -> None:
+    """One fused pass over a flat tensor (compiled by _fused_cpu, Note [fused CPU]).
+
+    The scalars travel in one small tensor: each tensor argument costs the compiled call time."""
+    decay, lr, w1, w2, gsign = scalars.unbind()
     g = g.to(m.dtype) * gsign                                  # -g when maximising
     c = torch.lerp(m, g, w1)                                   # c = b1 m + (1 - b1) g
     p.copy_(p.to(m.dtype) * decay - lr * torch.sign(c))        # theta (1 - lr wd) - lr sign(c)
@@ -217,13 +219,13 @@ def _fused_lion(
     """Large tensors through the compiled kernel, the rest through foreach (Note [fused CPU])."""
     lr = float(lr)  # CPU parameters: reading a tensor lr costs nothing, and the scalars below stay float64
     big, rest = _fused_cpu.plan(params, exp_avgs, _lion_kernel, 1, 5, strict=strict)
-    scalars: dict[torch.dtype, list[Tensor]] = {}
+    values = [1 - lr * weight_decay, lr, 1 - beta1, 1 - beta2, -1.0 if maximize else 1.0]
+    scalars: dict[torch.dtype, Tensor] = {}
     for i, kernel in big:
         dt = as_real(exp_avgs[i]).dtype
         if dt not in scalars:
-            values = (1 - lr * weight_decay, lr, 1 - beta1, 1 - beta2, -1.0 if maximize else 1.0)
-            scalars[dt] = [_fused_cpu.scalar(v, dt) for v in values]
-        kernel(_fused_cpu.flat(params[i]), _fused_cpu.flat(grads[i]), _fused_cpu.flat(exp_avgs[i]), *scalars[dt])
+            scalars[dt] = torch.tensor(values, dtype=dt)
+        kernel(_fused_cpu.flat(params[i]), _fused_cpu.flat(grads[i]), _fused_cpu.flat(exp_avgs[i]), scalars[dt])
     if rest:
         _multi_tensor_lion(*_fused_cpu.pick([params, grads, exp_avgs], rest), lr=lr, beta1=beta1, beta2=beta2,
                            weight_decay=weight_decay, maximize=maximize)

@@ -50,21 +50,36 @@ def test_fused_matches_reference_every_step_on_large_tensors(info, data):
     new = info.cls(groups(new_params), fused=True, **rest)
     gen_ref, gen_new = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
     scale = [p.detach().abs().float() for p in ref_params]  # the largest magnitude each element has had
+    # Lion's update is discontinuous at c = 0: where c is within rounding of 0, the kernel's and the
+    # reference's sign(c) may differ (by 2 lr), and that difference is then carried along
+    excused = [torch.zeros(p.shape, dtype=torch.bool) for p in ref_params]
+    beta1 = cfg["betas"][0]
     for step in range(1, 5):
         set_grads(ref_params, gen_ref, p_missing=0.15)
         set_grads(new_params, gen_new, p_missing=0.15)
+        if info.name == "Lion":
+            for a, e in zip(ref_params, excused):
+                if a.grad is not None:
+                    m = ref.state[a]["exp_avg"].double() if ref.state[a] else torch.zeros(a.shape, dtype=torch.float64)
+                    g = -a.grad.double() if cfg["maximize"] else a.grad.double()
+                    c = beta1 * m + (1 - beta1) * g
+                    e |= c.abs() <= 1e-6 * (m.abs() + g.abs())
         ref.step()
         new.step()
-        for a, b, s in zip(ref_params, new_params, scale):
+        for a, b, s, e in zip(ref_params, new_params, scale, excused):
+            a, b, s = a.detach()[~e], b.detach()[~e], s[~e]
             if dtype in (torch.float16, torch.bfloat16):
                 # float32 math that rounds differently by an ulp can land on the other side of a
                 # bf16/fp16 rounding boundary: at most one ulp of the parameter's dtype per step, at
                 # the magnitude the element had when it happened (the difference is carried along)
-                s.copy_(torch.maximum(s, a.detach().abs().float()))
+                s = torch.maximum(s, a.abs().float())
                 ulp = torch.nextafter(s.to(dtype), torch.tensor(float("inf"), dtype=dtype)).float() - s.to(dtype).float()
-                assert ((a.detach().float() - b.detach().float()).abs() <= step * ulp).all()
+                assert ((a.float() - b.float()).abs() <= step * ulp).all()
             else:
-                torch.testing.assert_close(b.detach(), a.detach())
+                torch.testing.assert_close(b, a)
+        for a, b, s, e in zip(ref_params, new_params, scale, excused):
+            s[~e] = torch.maximum(s[~e], a.detach()[~e].abs().float())
+            assert e.float().mean() < 1e-3  # excuses stay rare
             for k, v in ref.state[a].items():
                 torch.testing.assert_close(new.state[b][k], v, rtol=1e-5, atol=1e-6)
 
