@@ -203,3 +203,19 @@ def test_demo_default_model_learns_in_a_few_dozen_steps(tmp_path):
         first = r["history"]["loss"][0]
         assert first == pytest.approx(torch.log(torch.tensor(256.0)).item(), abs=0.2)  # uniform over bytes at init
         assert r["held_out_loss"] < first - 1.0, (name, r["held_out_loss"])
+
+
+def test_flags_win_over_the_config_file_which_wins_over_defaults(tmp_path):
+    import argparse
+
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 40\nwarmup_steps: 4\noptimizer_args:\n  lion: {lr: 1.0e-4}\n")
+    cfg = cli._demo_settings(argparse.Namespace(config=str(path), steps=20, lion_weight_decay=0.5))
+    assert cfg["steps"] == 20 and cfg["warmup_steps"] == 4 and cfg["batch_size"] == 16
+    assert cfg["optimizer_args"]["lion"] == {"lr": 1e-4, "weight_decay": 0.5}
+
+
+def test_create_optimizer_takes_named_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = create_optimizer(model.named_parameters(), "adamw", weight_decay=0.1, no_decay=["0.weight"])
+    assert [(g["group"], len(g["params"])) for g in opt.param_groups] == [("no_decay", 4)]  # 1-D, or named
