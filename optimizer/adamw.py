@@ -3,7 +3,8 @@
 Read top to bottom: the class (checks, state, gathering), the functional entry
 ``adamw`` (picks a backend), then the backends, all with one signature:
 ``_single_tensor_adamw`` is the reference, ``_multi_tensor_adamw`` the foreach
-path. Swapping backends changes speed, never results beyond rounding.
+path, ``_fused_adamw`` the one-pass CPU path (its C update is ``_ADAMW_KERNEL``).
+Swapping backends changes speed, never results beyond rounding.
 """
 
 from __future__ import annotations
@@ -268,20 +269,18 @@ def _multi_tensor_adamw(
             torch._foreach_addcdiv_(b.params, b_m, denom, [-b.lr / bc for bc in bc1])
 
 
-def _adamw_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Tensor) -> None:
-    """One fused pass over a flat tensor (compiled by _fused_cpu, Note [fused CPU]).
-
-    The scalars travel in one small tensor (each tensor argument costs call time), computed
-    in float64 and rounded once (``w2 = 1 - beta2``: from a float32 beta2 = 0.9999 it would be
-    off by 2e-4 relative)."""
-    decay, w1, beta2, w2, neg_step_size, bc2_sqrt, eps, gsign = scalars.unbind()
-    g = g.to(m.dtype) * gsign                                          # -g when maximising
-    m_new = torch.lerp(m, g, w1)                                       # m_t = b1 m + (1 - b1) g
-    v_new = v * beta2 + w2 * g * g                                     # v_t = b2 v + (1 - b2) g^2
-    denom = v_new.sqrt() / bc2_sqrt + eps                              # sqrt(v_hat) + eps
-    p.copy_(p.to(m.dtype) * decay + neg_step_size * m_new / denom)     # theta (1 - lr wd) - lr m_hat / denom
-    m.copy_(m_new)
-    v.copy_(v_new)
+_ADAMW_KERNEL = _fused_cpu.Kernel(
+    name="adamw",
+    states=("m", "v"),
+    scalars=("decay", "w1", "beta2", "w2", "eps"),
+    per_tensor=("neg_step_size", "bc2_sqrt"),
+    body="""
+        m = LERP(m, g, w1);                             /* m_t = b1 m + (1 - b1) g, with w1 = 1 - b1 */
+        v = v * beta2 + w2 * g * g;                     /* v_t = b2 v + (1 - b2) g^2, with w2 = 1 - b2 */
+        T denom = SQRT(v) / bc2_sqrt + eps;             /* sqrt(v_t / (1 - b2^t)) + eps */
+        p = p * decay + neg_step_size * m / denom;      /* theta (1 - lr wd) - lr / (1 - b1^t) m_t / denom */
+    """,
+)
 
 
 def _fused_adamw(
@@ -301,31 +300,33 @@ def _fused_adamw(
     strict: bool = False,
 ) -> None:
     """One pass per element on CPU (Note [fused CPU]): torch's fused kernel where our update is
-    torch's (correct_bias, state in the parameter's dtype), our compiled kernel for the other
-    large tensors, foreach for the rest."""
+    torch's (correct_bias, state in the parameter's dtype), our C kernel for the others (all in
+    one call), foreach for non-contiguous ones."""
     lr = float(lr)  # CPU parameters: reading a tensor lr costs nothing, and the scalars below stay float64
     lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
     same = [i for i, (p, m) in enumerate(zip(params, exp_avgs)) if correct_bias and as_real(p).dtype == as_real(m).dtype]
     same_set = set(same)
     others = [i for i in range(len(params)) if i not in same_set]
+    # ours first: if its compile fails under fused=True, nothing has changed yet
+    others_lists = _fused_cpu.pick(lists, others)
+    per_tensor = []
+    for step in others_lists[4]:
+        t = step.item() + 1  # this step's count; the counters move once the kernel has run
+        bc1, bc2 = (1 - beta1**t, 1 - beta2**t) if correct_bias else (1.0, 1.0)
+        per_tensor.append([-lr / bc1, bc2**0.5])
+    scalars = [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps]
+    rest = _fused_cpu.run(_ADAMW_KERNEL, *others_lists[:2], others_lists[2:4], scalars, per_tensor,
+                          maximize=maximize, strict=strict)
+    rest_set = set(rest)
+    counted = [step for j, step in enumerate(others_lists[4]) if j not in rest_set]
+    if counted:
+        torch._foreach_add_(counted, 1.0)
+    if rest:  # the foreach path counts its own steps
+        _multi_tensor_adamw(*_fused_cpu.pick(others_lists, rest), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decay=weight_decay, correct_bias=correct_bias, maximize=maximize)
     if same:
         buckets = group_by_device_and_dtype(*[[as_real(t) for t in lst] for lst in _fused_cpu.pick(lists, same)])
         for b_p, b_g, b_m, b_v, b_steps in buckets.values():
             torch._foreach_add_(b_steps, 1.0)
             torch._fused_adamw_(b_p, b_g, b_m, b_v, [], b_steps, lr=lr, beta1=beta1, beta2=beta2,
                                 weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=maximize)
-    big, rest = _fused_cpu.plan([params[i] for i in others], [exp_avgs[i] for i in others], _adamw_kernel, 2, 8,
-                                strict=strict)
-    for j, kernel in big:
-        i = others[j]
-        dt = as_real(exp_avgs[i]).dtype
-        state_steps[i] += 1
-        t = state_steps[i].item()
-        bc1, bc2 = (1 - beta1**t, 1 - beta2**t) if correct_bias else (1.0, 1.0)
-        scalars = [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, -lr / bc1, bc2**0.5, eps, -1.0 if maximize else 1.0]
-        tensors = (params[i], grads[i], exp_avgs[i], exp_avg_sqs[i])
-        kernel(*map(_fused_cpu.flat, tensors), torch.tensor(scalars, dtype=dt))
-    rest = [others[j] for j in rest]
-    if rest:
-        _multi_tensor_adamw(*_fused_cpu.pick(lists, rest), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                            weight_decay=weight_decay, correct_bias=correct_bias, maximize=maximize)

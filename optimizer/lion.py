@@ -2,8 +2,9 @@
 Optimization Algorithms", arXiv:2302.06675, Algorithm 2).
 
 Read top to bottom: the class, the functional entry ``lion``, then the
-backends with one signature: ``_single_tensor_lion`` (the reference) and
-``_multi_tensor_lion`` (foreach).
+backends with one signature: ``_single_tensor_lion`` (the reference),
+``_multi_tensor_lion`` (foreach) and ``_fused_lion`` (one pass on CPU; its C
+update is ``_LION_KERNEL``).
 """
 
 from __future__ import annotations
@@ -193,15 +194,16 @@ def _multi_tensor_lion(
         torch._foreach_lerp_(b_m, b.grads, 1 - beta2)
 
 
-def _lion_kernel(p: Tensor, g: Tensor, m: Tensor, scalars: Tensor) -> None:
-    """One fused pass over a flat tensor (compiled by _fused_cpu, Note [fused CPU]).
-
-    The scalars travel in one small tensor: each tensor argument costs the compiled call time."""
-    decay, lr, w1, w2, gsign = scalars.unbind()
-    g = g.to(m.dtype) * gsign                                  # -g when maximising
-    c = torch.lerp(m, g, w1)                                   # c = b1 m + (1 - b1) g
-    p.copy_(p.to(m.dtype) * decay - lr * torch.sign(c))        # theta (1 - lr wd) - lr sign(c)
-    m.copy_(torch.lerp(m, g, w2))                              # m_t = b2 m + (1 - b2) g
+_LION_KERNEL = _fused_cpu.Kernel(
+    name="lion",
+    states=("m",),
+    scalars=("decay", "lr", "w1", "w2"),
+    body="""
+        T c = LERP(m, g, w1);            /* c = b1 m + (1 - b1) g, with w1 = 1 - b1 */
+        p = p * decay - lr * SIGN(c);    /* theta (1 - lr wd) - lr sign(c) */
+        m = LERP(m, g, w2);              /* m_t = b2 m + (1 - b2) g, with w2 = 1 - b2 */
+    """,
+)
 
 
 def _fused_lion(
@@ -216,16 +218,10 @@ def _fused_lion(
     maximize: bool,
     strict: bool = False,
 ) -> None:
-    """Large tensors through the compiled kernel, the rest through foreach (Note [fused CPU])."""
-    lr = float(lr)  # CPU parameters: reading a tensor lr costs nothing, and the scalars below stay float64
-    big, rest = _fused_cpu.plan(params, exp_avgs, _lion_kernel, 1, 5, strict=strict)
-    values = [1 - lr * weight_decay, lr, 1 - beta1, 1 - beta2, -1.0 if maximize else 1.0]
-    scalars: dict[torch.dtype, Tensor] = {}
-    for i, kernel in big:
-        dt = as_real(exp_avgs[i]).dtype
-        if dt not in scalars:
-            scalars[dt] = torch.tensor(values, dtype=dt)
-        kernel(_fused_cpu.flat(params[i]), _fused_cpu.flat(grads[i]), _fused_cpu.flat(exp_avgs[i]), scalars[dt])
+    """One pass per element on CPU, all tensors in one call (Note [fused CPU])."""
+    lr = float(lr)  # CPU parameters: reading a tensor lr costs nothing; the scalars stay float64 until the kernel
+    scalars = [1 - lr * weight_decay, lr, 1 - beta1, 1 - beta2]
+    rest = _fused_cpu.run(_LION_KERNEL, params, grads, [exp_avgs], scalars, maximize=maximize, strict=strict)
     if rest:
         _multi_tensor_lion(*_fused_cpu.pick([params, grads, exp_avgs], rest), lr=lr, beta1=beta1, beta2=beta2,
                            weight_decay=weight_decay, maximize=maximize)

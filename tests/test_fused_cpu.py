@@ -15,18 +15,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from optim_table import OPTIMIZERS, ids
-from optimizer._fused_cpu import SMALL
+from optimizer._fused_cpu import BLOCK
 from test_numerics import draw_config, set_grads
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
 def big_and_small(data, dtype, seed):
-    """One or two tensors large enough for the compiled kernels, odd sizes, and small ones around them."""
+    """One or two tensors of several blocks of the C kernels and an odd tail, and small ones around them."""
     extra = data.draw(st.integers(0, 40), label="extra")
-    shapes = [(SMALL + 2 * extra + 1,), (3,), ()]
+    shapes = [(2 * BLOCK + 2 * extra + 1,), (3,), ()]
     if data.draw(st.booleans(), label="second big"):
-        shapes.insert(1, (129, SMALL // 128 + extra))
+        shapes.insert(1, (129, BLOCK // 128 + extra))
     g = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(dtype)) for s in shapes]
 
@@ -88,7 +88,7 @@ def test_fused_matches_reference_every_step_on_large_tensors(info, data):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_state_dict_round_trip_is_bit_identical(info, dtype):
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(SMALL + 3).to(dtype)), torch.nn.Parameter(torch.randn(5).to(dtype))]
+    params = [torch.nn.Parameter(torch.randn(BLOCK + 3).to(dtype)), torch.nn.Parameter(torch.randn(5).to(dtype))]
     opt = info.cls(params, fused=True, weight_decay=0.1, **({"correct_bias": False} if info.name == "AdamW" else {}))
     grads = [[torch.randn_like(p) for p in params] for _ in range(6)]
     for gs in grads[:3]:
@@ -116,7 +116,7 @@ def test_adamw_fused_default_is_torchs_kernel_and_exact():
     from optimizer import AdamW
 
     torch.manual_seed(0)
-    a = torch.nn.Parameter(torch.randn(SMALL * 2))
+    a = torch.nn.Parameter(torch.randn(BLOCK * 2))
     b = torch.nn.Parameter(a.detach().clone())
     ours, theirs = AdamW([a], weight_decay=0.1), torch.optim.AdamW([b], weight_decay=0.1, fused=True)
     for _ in range(5):
@@ -127,11 +127,29 @@ def test_adamw_fused_default_is_torchs_kernel_and_exact():
     assert torch.equal(a, b)
 
 
+def test_one_call_updates_every_element_of_every_tensor_exactly_once():
+    """The C loop cuts all tensors of a step into blocks shared by the threads: sizes around
+    the block size, empty and 0-dim tensors, and several dtypes in one step. From m = 0 and
+    g = 1, one Lion step moves every element by exactly -lr (twice would be -2 lr, never 0)."""
+    from optimizer import Lion
+
+    sizes = [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5, 7]
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=dt)) for dt in DTYPES for n in sizes]
+    params.append(torch.nn.Parameter(torch.zeros((), dtype=torch.float32)))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = Lion(params, lr=0.25, betas=(0.5, 0.75), fused=True)
+    opt.step()
+    for p in params:
+        assert torch.equal(p.detach(), torch.full_like(p, -0.25)), (p.dtype, p.shape)
+        assert torch.equal(opt.state[p]["exp_avg"], torch.full_like(opt.state[p]["exp_avg"], 0.25))
+
+
 def test_step_leaves_gradients_alone():
     from optimizer import AdamW, Lion
 
     for cls in (AdamW, Lion):
-        p = torch.nn.Parameter(torch.randn(SMALL + 1))
+        p = torch.nn.Parameter(torch.randn(BLOCK + 1))
         g = torch.randn_like(p)
         p.grad = g.clone()
         cls([p], maximize=True, fused=True).step()
@@ -159,17 +177,16 @@ def test_a_torch_adamw_checkpoint_loads_into_ours():
 
 FALLBACK = textwrap.dedent(
     """
-    import warnings, torch, torch._inductor.config as ic
-    ic.cpp.cxx = ("/nonexistent/c++",)   # a machine without a working C++ compiler
-    ic.fx_graph_cache = False
+    import os, warnings, torch
+    os.environ["CC"] = "/nonexistent/cc"   # a machine without a working C compiler
     from optimizer import Lion
-    from optimizer._fused_cpu import SMALL
-    p = torch.nn.Parameter(torch.ones(SMALL + 1)); q = torch.nn.Parameter(torch.ones(SMALL + 1))
+    from optimizer._fused_cpu import BLOCK
+    p = torch.nn.Parameter(torch.ones(BLOCK + 1)); q = torch.nn.Parameter(torch.ones(BLOCK + 1))
     a, b = Lion([p], lr=0.1), Lion([q], lr=0.1, foreach=False, fused=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            p.grad = torch.linspace(-1, 1, SMALL + 1); q.grad = p.grad.clone()
+            p.grad = torch.linspace(-1, 1, BLOCK + 1); q.grad = p.grad.clone()
             a.step(); b.step()
     ours = [w for w in caught if "fused CPU kernels cannot be compiled" in str(w.message)]
     print("warnings", len(ours), "equal", torch.equal(p, q))
