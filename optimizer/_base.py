@@ -14,16 +14,30 @@ we can foresee is raised in the first phase.
 
 Note [state precision]
 ~~~~~~~~~~~~~~~~~~~~~~
-The update is computed in float32 or better. Parameters in bfloat16/float16
-keep their optimizer state in float32 (``state_dtype``); float32/float64 and
-complex parameters keep state in their own dtype, as torch.optim does. A
-checkpoint restores state in that precision: torch's loader would cast it to
-the parameter dtype, so ``load_state_dict`` re-casts from the saved tensors.
+The update is computed in float32 or better (``compute_dtype``). Parameters in
+bfloat16/float16 keep their optimizer state in float32 (``state_dtype``);
+float32/float64 and complex parameters keep state in their own dtype, as
+torch.optim does. ``state_dtype=torch.bfloat16`` (an option of each optimizer)
+stores the state of real parameters in bfloat16 to halve its memory: the math
+still runs in float32, and each state value is rounded to bfloat16 once per
+step, to nearest even. A checkpoint restores state in that precision: torch's
+loader would cast it to the parameter dtype, so ``load_state_dict`` re-casts
+from the saved tensors.
+
+Note [GradScaler]
+~~~~~~~~~~~~~~~~~
+Our optimizers set ``_step_supports_amp_scaling``: ``torch.amp.GradScaler.step``
+then hands them ``grad_scale`` (divide the gradients by it) and ``found_inf``
+(skip the step, changing nothing) as attributes instead of unscaling and
+checking on the host itself. The fused GPU kernels use both on the device,
+without a sync; the other backends unscale into temporaries and read
+``found_inf`` (one sync, as GradScaler's own path would).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,14 +45,44 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Optimizer", "state_dtype"]
+__all__ = ["Optimizer", "compute_dtype", "state_dtype"]
 
 _LOW_PRECISION = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
+STATE_DTYPES = (None, torch.float32, torch.bfloat16)  # the choices of the state_dtype option
 
 
-def state_dtype(param: Tensor) -> torch.dtype:
-    """dtype of the optimizer state (and of the math) for ``param``; see Note [state precision]."""
+def state_dtype(param: Tensor, requested: torch.dtype | None = None) -> torch.dtype:
+    """dtype of the optimizer state for ``param`` (Note [state precision]): ``requested`` (the
+    state_dtype option) for real parameters, else float32 for bf16/fp16, else the parameter's."""
+    if requested is not None and not param.is_complex():
+        return requested
     return _LOW_PRECISION.get(param.dtype, param.dtype)
+
+
+def compute_dtype(param_dtype: torch.dtype, state: torch.dtype) -> torch.dtype:
+    """dtype of the math: float32 or better, and at least as wide as parameter and state."""
+    return torch.promote_types(torch.promote_types(param_dtype, state), torch.float32)
+
+
+def step_device(param: Tensor) -> torch.device:
+    """Where a step counter lives: on the parameter's accelerator (read by the fused kernels
+    without a sync, as torch.optim's fused/capturable steps), on the CPU otherwise."""
+    return param.device if param.device.type == "cuda" else torch.device("cpu")
+
+
+def check_state_dtype(value: Any) -> None:
+    if value not in STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype: {value!r} (must be None, torch.float32 or torch.bfloat16)")
+
+
+def amp_grads(grads: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None) -> list[Tensor] | None:
+    """Note [GradScaler] for backends without it in their kernels: None when the step must be
+    skipped, else the gradients divided by ``grad_scale`` (new tensors; the .grad stay as they are)."""
+    if found_inf is not None and float(found_inf) != 0:
+        return None
+    if grad_scale is not None:
+        return [g / grad_scale.to(g.device) for g in grads]
+    return grads
 
 
 # ---------------------------------------------------------------------------
@@ -96,6 +140,7 @@ class Optimizer(torch.optim.Optimizer):
     """
 
     state_keys: tuple[str, ...] = ()
+    _step_supports_amp_scaling = True  # Note [GradScaler]
     # group keys a checkpoint of this algorithm always has; others may be missing (then the
     # defaults fill them), so a torch.optim.AdamW checkpoint loads into our AdamW
     checkpoint_keys: tuple[str, ...] = ("lr", "betas", "weight_decay")
@@ -149,10 +194,11 @@ class Optimizer(torch.optim.Optimizer):
     def _check_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _init_state(self, param: Tensor, state: dict[str, Any]) -> None:  # pragma: no cover - abstract
+    def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                      amp: dict[str, Tensor | None]) -> None:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _gather(self, gi: int, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
@@ -188,13 +234,15 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = [self._gather(gi, group) for gi, group in enumerate(self.param_groups)]
+        # set by torch.amp.GradScaler.step for the duration of this call (Note [GradScaler])
+        amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
         for group, (params, grads) in zip(self.param_groups, work):
             if not params:
                 continue
             for p in params:
                 if not self.state[p]:
-                    self._init_state(p, self.state[p])
-            self._update_group(group, params, grads)
+                    self._init_state(p, self.state[p], group)
+            self._update_group(group, params, grads, amp)
         return loss
 
     # ----- checkpoints ---------------------------------------------------------
@@ -249,15 +297,18 @@ class Optimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         # Note [state precision]: re-cast from the saved tensors, not from torch's down-cast copies.
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
         for index, saved in state_dict["state"].items():
             p = index_to_param.get(index)
             if p is None:
                 continue
             for key, value in saved.items():
                 if key == "step":
-                    self.state[p]["step"] = torch.as_tensor(value, dtype=torch.float32).detach().clone().reshape(())
+                    self.state[p]["step"] = torch.as_tensor(value, dtype=torch.float32).detach().to(
+                        step_device(p), copy=True).reshape(())
                 else:
-                    self.state[p][key] = value.detach().to(device=p.device, dtype=state_dtype(p), copy=True)
+                    dtype = state_dtype(p, group_of[p].get("state_dtype"))
+                    self.state[p][key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
 
 
 def group_by_device_and_dtype(*tensor_lists: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor]]]:
@@ -286,27 +337,58 @@ def foreach_buckets(
 ) -> Iterator[Bucket]:
     """Split parallel lists into :class:`Bucket` s for the ``_foreach`` ops.
 
-    The compute dtype is the first state's (Note [state precision]). After the
-    caller's loop body has updated a bucket, low-precision parameters get the
-    result written back, before the next bucket is handed out.
+    The math runs in ``compute_dtype`` of the parameter and the first state (Note
+    [state precision]). After the caller's loop body has updated a bucket,
+    low-precision parameters and states get the result written back, before the
+    next bucket is handed out.
     """
-    for (device, dtype), (b_params, b_grads, *b_states) in group_by_device_and_dtype(params, grads, *states).items():
+    buckets = group_by_device_and_dtype(params, grads, *states)
+    for (device, _), (b_params, b_grads, *b_states) in buckets.items():
         b_states = [[as_real(t) for t in lst] for lst in b_states]
-        compute_dtype = b_states[0][0].dtype
         params_r = [as_real(p) for p in b_params]
-        p32 = params_r if compute_dtype == dtype else [p.to(compute_dtype) for p in params_r]
-        g32 = [as_real(g).to(compute_dtype) for g in b_grads]
+        cdt = compute_dtype(params_r[0].dtype, b_states[0][0].dtype)
+        p32 = params_r if cdt == params_r[0].dtype else [p.to(cdt) for p in params_r]
+        s32 = [lst if lst[0].dtype not in _LOW_PRECISION else [t.to(cdt) for t in lst] for lst in b_states]
+        g32 = [as_real(g).to(cdt) for g in b_grads]
         if maximize:
             g32 = torch._foreach_neg(g32)
-        lr_d = lr.to(device=device, dtype=compute_dtype) if isinstance(lr, Tensor) else lr
-        yield Bucket(p32, g32, b_states, lr_d)
-        if p32 is not params_r:
-            torch._foreach_copy_(params_r, p32)
+        lr_d = lr.to(device=device, dtype=cdt) if isinstance(lr, Tensor) else lr
+        yield Bucket(p32, g32, s32, lr_d)
+        for low, high in [(params_r, p32), *zip(b_states, s32)]:
+            if high is not low:
+                torch._foreach_copy_(low, high)
 
 
 def as_real(t: Tensor) -> Tensor:
     """A complex tensor is optimised as its real and imaginary parts (torch.optim's convention)."""
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+_triton: dict[str, Any] = {}
+
+
+def load_triton(strict: bool) -> Any:
+    """The fused GPU kernels (``_fused_triton``, imported on first use: ``import optimizer``
+    needs only torch), or None after one warning where Triton cannot be imported; an
+    explicit ``fused=True`` (``strict``) raises instead."""
+    if "module" not in _triton:
+        try:
+            from . import _fused_triton
+
+            _triton["module"] = _fused_triton
+        except Exception as err:  # noqa: BLE001 - no triton, or one that cannot initialise here
+            _triton["module"], _triton["error"] = None, f"{type(err).__name__}: {err}"
+            if not strict:
+                warnings.warn(
+                    f"optimizer: the fused GPU kernels need Triton, which cannot be imported here "
+                    f"({_triton['error']}); using the foreach path instead (correct, slower). pip install triton",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+    if _triton["module"] is None and strict:
+        raise RuntimeError(f"fused=True: the fused GPU kernels need Triton ({_triton['error']}); "
+                           "pip install triton, or pass foreach=True")
+    return _triton["module"]
 
 
 def check_backend(group: dict[str, Any]) -> None:
@@ -321,14 +403,15 @@ def choose_backend(params: list[Tensor], foreach: bool | None, fused: bool | Non
 
     ``None`` means "choose for me"; the choice is the fastest correct path:
 
-    * CPU: the fused path (Note [fused CPU] in _fused_cpu.py). Measured with
-      ``python -m optimizer bench --device cpu`` against torch's fused AdamW,
-      see the README, 'Backends'.
-    * CUDA: foreach, one kernel launch per operation instead of one per tensor
-      and operation.
-    * elsewhere, or with ``fused=False``: on CPU the per-tensor loop, which on
-      the 2-core CI machine is as fast as foreach for AdamW and holds
-      temporaries for one tensor at a time rather than for the whole model.
+    * CPU and CUDA: the fused path (Note [fused CPU] in _fused_cpu.py, Note
+      [fused GPU] in _fused_triton.py). Measured with ``python -m optimizer
+      bench`` against torch's fused AdamW, see the README, 'Backends'. Without a
+      C compiler, or without Triton, it falls back to foreach with one warning.
+    * CUDA with ``fused=False``: foreach, one kernel launch per operation instead
+      of one per tensor and operation.
+    * elsewhere, or CPU with ``fused=False``: the per-tensor loop, which on the
+      2-core CI machine is as fast as foreach for AdamW and holds temporaries
+      for one tensor at a time rather than for the whole model.
 
     An explicit ``fused=True`` that cannot be met raises rather than falling back.
     """
@@ -336,15 +419,15 @@ def choose_backend(params: list[Tensor], foreach: bool | None, fused: bool | Non
         raise ValueError("Invalid backend: foreach=True and fused=True; choose one")
     devices = {p.device.type for p in params}
     if fused:
-        if devices - {"cpu"}:
+        if devices - {"cpu", "cuda"}:
             raise RuntimeError(
-                f"fused=True: fused kernels exist for CPU parameters only so far (got {sorted(devices)}); "
-                "use foreach=True on GPUs"
+                f"fused=True: fused kernels exist for CPU and CUDA parameters (got {sorted(devices)}); "
+                "use foreach=True there"
             )
         return "fused"
     if foreach:
         return "foreach"
-    if foreach is None and fused is None and devices == {"cpu"}:
+    if foreach is None and fused is None and devices <= {"cpu", "cuda"}:
         return "fused"
     if foreach is None and devices == {"cuda"}:
         return "foreach"

@@ -72,12 +72,12 @@ class Kernel:
     per_tensor: tuple[str, ...] = ()
 
 
-# (parameter dtype, state dtype) -> the C storage type of the parameter and the compute type T
-_VARIANTS: dict[tuple[torch.dtype, torch.dtype], tuple[str, str]] = {
-    (torch.float32, torch.float32): ("float", "float"),
-    (torch.float64, torch.float64): ("double", "double"),
-    (torch.bfloat16, torch.float32): ("bf16", "float"),
-    (torch.float16, torch.float32): ("f16", "float"),
+# (parameter dtype, state dtype) -> the C storage types of parameter and state, and the compute type T
+_C_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "bf16", torch.float16: "f16"}
+_VARIANTS: dict[tuple[torch.dtype, torch.dtype], tuple[str, str, str]] = {
+    (torch.float64, torch.float64): ("double", "double", "double"),
+    **{(p, s): (_C_TYPES[p], _C_TYPES[s], "float")
+       for p in (torch.float32, torch.bfloat16, torch.float16) for s in (torch.float32, torch.bfloat16)},
 }
 
 _PRELUDE = r"""
@@ -158,29 +158,30 @@ void {fn}(int64_t n_tensors, void *const *ptrs, const int64_t *numel, const int6
 """
 
 
-def _function_name(kernel: Kernel, ptype: str) -> str:
-    return f"{kernel.name}_{ptype}"
+def _function_name(kernel: Kernel, ptype: str, stype: str) -> str:
+    return f"{kernel.name}_{ptype}_{stype}"
 
 
 def source(kernel: Kernel) -> str:
     """The C translation unit for ``kernel``: one function per dtype variant."""
     parts = [f"#define BLOCK {BLOCK}\n", _PRELUDE]
-    for ptype, ctype in _VARIANTS.values():
+    for ptype, stype, ctype in _VARIANTS.values():
         ind = " " * 8
         parts.append(_LOOP.format(
             guard_open="#ifdef HAVE_F16" if ptype == "f16" else "",
             guard_close="#endif" if ptype == "f16" else "",
-            fn=_function_name(kernel, ptype),
+            fn=_function_name(kernel, ptype, stype),
             ctype=ctype,
             ptype=ptype,
             n_ptrs=2 + len(kernel.states),
             scalar_decls="\n".join(f"    const T {s} = (T)scalars[{j}];" for j, s in enumerate(kernel.scalars)),
-            state_ptrs="\n".join(f"{ind}T *restrict S_{s} = (T *)tp[{2 + j}];" for j, s in enumerate(kernel.states)),
+            state_ptrs="\n".join(f"{ind}{stype} *restrict S_{s} = ({stype} *)tp[{2 + j}];"
+                                  for j, s in enumerate(kernel.states)),
             per_tensor_decls="\n".join(f"{ind}const T {s} = (T)per_tensor[t * {len(kernel.per_tensor)} + {j}];"
                                        for j, s in enumerate(kernel.per_tensor)),
-            state_loads="\n".join(f"{ind}    T {s} = S_{s}[i];" for s in kernel.states),
+            state_loads="\n".join(f"{ind}    T {s} = load_{stype}(S_{s}[i]);" for s in kernel.states),
             body="\n".join(f"{ind}    {line.strip()}" for line in kernel.body.strip().splitlines()),
-            state_stores="\n".join(f"{ind}    S_{s}[i] = {s};" for s in kernel.states),
+            state_stores="\n".join(f"{ind}    S_{s}[i] = store_{stype}({s});" for s in kernel.states),
         ))
     return "".join(parts)
 
@@ -220,8 +221,8 @@ def _compile(kernel: Kernel) -> tuple[dict[tuple[torch.dtype, torch.dtype], ctyp
             raise RuntimeError(f"{cc!r} failed: {errors[-1]}")
         lib = ctypes.CDLL(lib_path)  # loaded: the file may go
     fns = {}
-    for dtypes, (ptype, _) in _VARIANTS.items():
-        fn = getattr(lib, _function_name(kernel, ptype), None)  # no fp16 variant where C lacks _Float16
+    for dtypes, (ptype, stype, _) in _VARIANTS.items():
+        fn = getattr(lib, _function_name(kernel, ptype, stype), None)  # no fp16 variant where C lacks _Float16
         if fn is not None:
             fn.restype = None
             fn.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 5, ctypes.c_int, ctypes.c_int]
@@ -269,21 +270,23 @@ def run(kernel: Kernel, params: list[Tensor], grads: list[Tensor], states: list[
     values of tensor ``i``. Returns the indices of the tensors left for the foreach path
     (non-contiguous ones; all of them where nothing can be compiled).
     """
-    if not params:
-        return []
-    fns = _library(kernel, strict=strict)
-    if fns is None:
-        return list(range(len(params)))
     calls: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
     rest = []
     for i, p in enumerate(params):
-        tensors = [p, grads[i], *(s[i] for s in states)]
-        key = (as_real(p).dtype, as_real(states[0][i]).dtype)
-        if (key not in fns or as_real(grads[i]).dtype != key[0] or not all(t.is_contiguous() for t in tensors)
-                or any(as_real(s[i]).dtype != key[1] for s in states)):
+        tensors = [as_real(t) for t in (p, grads[i], *(s[i] for s in states))]
+        key = (tensors[0].dtype, tensors[2].dtype)
+        if (key not in _VARIANTS or tensors[1].dtype != key[0] or any(t.dtype != key[1] for t in tensors[2:])
+                or not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)):
             rest.append(i)
         else:
             calls.setdefault(key, []).append(i)
+    if not calls:
+        return rest
+    fns = _library(kernel, strict=strict)
+    if fns is None:
+        return list(range(len(params)))
+    for key in [k for k in calls if k not in fns]:  # a compiler without _Float16
+        rest += calls.pop(key)
     n_threads = torch.get_num_threads()
     c_scalars = (ctypes.c_double * max(len(scalars), 1))(*scalars)
     for key, idx in calls.items():

@@ -17,16 +17,21 @@ from torch import Tensor
 from . import _fused_cpu
 from ._base import (
     Optimizer,
+    amp_grads,
     as_real,
     check_betas,
     check_backend,
     check_flag,
     check_lr,
     check_nonnegative,
+    check_state_dtype,
     choose_backend,
+    compute_dtype,
     foreach_buckets,
     group_by_device_and_dtype,
+    load_triton,
     state_dtype,
+    step_device,
 )
 
 __all__ = ["AdamW", "adamw"]
@@ -108,10 +113,11 @@ class AdamW(Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            correct_bias=correct_bias, maximize=maximize, foreach=foreach, fused=fused,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+            maximize=maximize, foreach=foreach, fused=fused, state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
 
@@ -123,13 +129,16 @@ class AdamW(Optimizer):
         check_flag("correct_bias", group["correct_bias"])
         check_flag("maximize", group["maximize"])
         check_backend(group)
+        check_state_dtype(group.get("state_dtype"))
 
-    def _init_state(self, param: Tensor, state: dict[str, Any]) -> None:
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
+    def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        dtype = state_dtype(param, group.get("state_dtype"))
+        state["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device(param))
+        state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                      amp: dict[str, Tensor | None]) -> None:
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         adamw(
@@ -147,6 +156,7 @@ class AdamW(Optimizer):
             weight_decay=group["weight_decay"],
             correct_bias=group["correct_bias"],
             maximize=group["maximize"],
+            **amp,
         )
 
 
@@ -166,18 +176,26 @@ def adamw(
     weight_decay: float,
     correct_bias: bool = True,
     maximize: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """Functional AdamW: updates ``params``, the moments and ``state_steps`` in place.
 
-    See :class:`AdamW` for the algorithm; ``foreach``/``fused`` choose the backend.
+    See :class:`AdamW` for the algorithm; ``foreach``/``fused`` choose the backend;
+    ``grad_scale``/``found_inf`` as torch.amp.GradScaler passes them (Note [GradScaler]).
     """
     backend = choose_backend(params, foreach, fused)
-    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                  correct_bias=correct_bias, maximize=maximize)
-    if backend == "fused":
-        _fused_adamw(*lists, **hyper, strict=bool(fused))  # strict: an explicit fused=True never falls back
-    elif backend == "foreach":
+    if backend == "fused":  # strict: an explicit fused=True never falls back
+        _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyper, grad_scale=grad_scale,
+                     found_inf=found_inf, strict=bool(fused))
+        return
+    grads = amp_grads(grads, grad_scale, found_inf)
+    if grads is None:  # GradScaler found inf/nan: skip the step
+        return
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    if backend == "foreach":
         _multi_tensor_adamw(*lists, **hyper)
     else:
         _single_tensor_adamw(*lists, **hyper)
@@ -201,11 +219,11 @@ def _single_tensor_adamw(
     """The reference: one tensor at a time, one line per equation of :class:`AdamW`."""
     lr = float(lr)
     for param, grad, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
-        # math in the state's precision (float32 for bf16/fp16 params): Note [state precision]
-        m, v = as_real(m), as_real(v)
-        param_r = as_real(param)
-        p = param_r.to(m.dtype)                            # the same tensor when no cast is needed
-        g = as_real(grad).to(m.dtype)
+        # math in float32 or better (Note [state precision]); .to() is a no-op where no cast is needed
+        m_r, v_r, param_r = as_real(m), as_real(v), as_real(param)
+        dtype = compute_dtype(param_r.dtype, m_r.dtype)
+        p, m, v = param_r.to(dtype), m_r.to(dtype), v_r.to(dtype)
+        g = as_real(grad).to(dtype)
         if maximize:
             g = -g
 
@@ -222,8 +240,9 @@ def _single_tensor_adamw(
         denom = (v.sqrt() / bias_correction2**0.5).add_(eps)  # sqrt(v_hat) + eps
         p.addcdiv_(m, denom, value=-lr / bias_correction1)          # theta -= lr m_hat / denom
 
-        if p is not param_r:                               # low precision: write the result back
-            param_r.copy_(p)
+        for low, high in ((param_r, p), (m_r, m), (v_r, v)):
+            if high is not low:                            # low precision: round the result once
+                low.copy_(high)
 
 
 def _multi_tensor_adamw(
@@ -297,35 +316,55 @@ def _fused_adamw(
     weight_decay: float,
     correct_bias: bool,
     maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
     strict: bool = False,
 ) -> None:
-    """One pass per element on CPU (Note [fused CPU]): torch's fused kernel where our update is
-    torch's (correct_bias, state in the parameter's dtype), our C kernel for the others (all in
-    one call), foreach for non-contiguous ones."""
-    lr = float(lr)  # CPU parameters: reading a tensor lr costs nothing, and the scalars below stay float64
+    """One pass per element, all tensors at once: a Triton kernel on CUDA (Note [fused GPU]);
+    on CPU torch's fused kernel where our update is torch's (correct_bias, float32/float64
+    state in the parameter's dtype) and the C loop for the others (Note [fused CPU]);
+    foreach for the few tensors none of them takes."""
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                 correct_bias=correct_bias, maximize=maximize)
     lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
-    same = [i for i, (p, m) in enumerate(zip(params, exp_avgs)) if correct_bias and as_real(p).dtype == as_real(m).dtype]
-    same_set = set(same)
-    others = [i for i in range(len(params)) if i not in same_set]
+    rest = list(range(len(params)))
+    gpu = [i for i, p in enumerate(params) if p.device.type == "cuda"]
+    kernels = load_triton(strict) if gpu else None
+    if kernels is not None:
+        left = kernels.adamw(*_fused_cpu.pick(lists, gpu), **hyper, grad_scale=grad_scale, found_inf=found_inf)
+        done = set(gpu) - {gpu[j] for j in left}
+        rest = [i for i in rest if i not in done]
+    if not rest:
+        return
+    lists = _fused_cpu.pick(lists, rest)
+    lists[1] = amp_grads(lists[1], grad_scale, found_inf)
+    if lists[1] is None:  # GradScaler found inf/nan: skip the step
+        return
+    lr = float(lr)  # read once on the host; the scalars stay float64 until the kernel
+    hyper["lr"] = lr
+    params, grads, exp_avgs, exp_avg_sqs, state_steps = lists
+    torch_same = [i for i, (p, m) in enumerate(zip(params, exp_avgs)) if correct_bias and p.device.type == "cpu"
+                  and as_real(p).dtype in (torch.float32, torch.float64) and as_real(m).dtype == as_real(p).dtype]
+    same_set = set(torch_same)
+    ours = [i for i in range(len(params)) if i not in same_set]
     # ours first: if its compile fails under fused=True, nothing has changed yet
-    others_lists = _fused_cpu.pick(lists, others)
+    mine = _fused_cpu.pick(lists, ours)
     per_tensor = []
-    for step in others_lists[4]:
+    for step in mine[4]:
         t = step.item() + 1  # this step's count; the counters move once the kernel has run
         bc1, bc2 = (1 - beta1**t, 1 - beta2**t) if correct_bias else (1.0, 1.0)
         per_tensor.append([-lr / bc1, bc2**0.5])
     scalars = [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps]
-    rest = _fused_cpu.run(_ADAMW_KERNEL, *others_lists[:2], others_lists[2:4], scalars, per_tensor,
+    left = _fused_cpu.run(_ADAMW_KERNEL, mine[0], mine[1], mine[2:4], scalars, per_tensor,
                           maximize=maximize, strict=strict)
-    rest_set = set(rest)
-    counted = [step for j, step in enumerate(others_lists[4]) if j not in rest_set]
+    left_set = set(left)
+    counted = [step for j, step in enumerate(mine[4]) if j not in left_set]
     if counted:
         torch._foreach_add_(counted, 1.0)
-    if rest:  # the foreach path counts its own steps
-        _multi_tensor_adamw(*_fused_cpu.pick(others_lists, rest), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                            weight_decay=weight_decay, correct_bias=correct_bias, maximize=maximize)
-    if same:
-        buckets = group_by_device_and_dtype(*[[as_real(t) for t in lst] for lst in _fused_cpu.pick(lists, same)])
+    if left:  # the foreach path counts its own steps
+        _multi_tensor_adamw(*_fused_cpu.pick(mine, left), **hyper)
+    if torch_same:
+        buckets = group_by_device_and_dtype(*[[as_real(t) for t in lst] for lst in _fused_cpu.pick(lists, torch_same)])
         for b_p, b_g, b_m, b_v, b_steps in buckets.values():
             torch._foreach_add_(b_steps, 1.0)
             torch._fused_adamw_(b_p, b_g, b_m, b_v, [], b_steps, lr=lr, beta1=beta1, beta2=beta2,

@@ -17,14 +17,18 @@ from torch import Tensor
 from . import _fused_cpu
 from ._base import (
     Optimizer,
+    amp_grads,
     as_real,
     check_betas,
     check_backend,
     check_flag,
     check_lr,
     check_nonnegative,
+    check_state_dtype,
     choose_backend,
+    compute_dtype,
     foreach_buckets,
+    load_triton,
     state_dtype,
 )
 
@@ -87,8 +91,10 @@ class Lion(Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused)
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
+                        fused=fused, state_dtype=state_dtype)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -97,11 +103,14 @@ class Lion(Optimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
         check_flag("maximize", group["maximize"])
         check_backend(group)
+        check_state_dtype(group.get("state_dtype"))
 
-    def _init_state(self, param: Tensor, state: dict[str, Any]) -> None:
-        state["exp_avg"] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
+    def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        dtype = state_dtype(param, group.get("state_dtype"))
+        state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                      amp: dict[str, Tensor | None]) -> None:
         beta1, beta2 = group["betas"]
         lion(
             params,
@@ -114,6 +123,7 @@ class Lion(Optimizer):
             beta2=beta2,
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
+            **amp,
         )
 
 
@@ -129,13 +139,21 @@ def lion(
     beta2: float,
     weight_decay: float,
     maximize: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
-    """Functional Lion: updates ``params`` and ``exp_avgs`` in place. See :class:`Lion`."""
+    """Functional Lion: updates ``params`` and ``exp_avgs`` in place. See :class:`Lion`;
+    ``grad_scale``/``found_inf`` as torch.amp.GradScaler passes them (Note [GradScaler])."""
     backend = choose_backend(params, foreach, fused)
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
-    if backend == "fused":
-        _fused_lion(params, grads, exp_avgs, **hyper, strict=bool(fused))  # strict: fused=True never falls back
-    elif backend == "foreach":
+    if backend == "fused":  # strict: an explicit fused=True never falls back
+        _fused_lion(params, grads, exp_avgs, **hyper, grad_scale=grad_scale, found_inf=found_inf,
+                    strict=bool(fused))
+        return
+    grads = amp_grads(grads, grad_scale, found_inf)
+    if grads is None:  # GradScaler found inf/nan: skip the step
+        return
+    if backend == "foreach":
         _multi_tensor_lion(params, grads, exp_avgs, **hyper)
     else:
         _single_tensor_lion(params, grads, exp_avgs, **hyper)
@@ -155,10 +173,11 @@ def _single_tensor_lion(
     """The reference: one tensor at a time, one line per equation of :class:`Lion`."""
     lr = float(lr)
     for param, grad, m in zip(params, grads, exp_avgs):
-        m = as_real(m)
-        param_r = as_real(param)
-        p = param_r.to(m.dtype)                     # math in the state's precision
-        g = as_real(grad).to(m.dtype)
+        # math in float32 or better (Note [state precision]); .to() is a no-op where no cast is needed
+        m_r, param_r = as_real(m), as_real(param)
+        dtype = compute_dtype(param_r.dtype, m_r.dtype)
+        p, m = param_r.to(dtype), m_r.to(dtype)
+        g = as_real(grad).to(dtype)
         if maximize:
             g = -g
 
@@ -167,8 +186,9 @@ def _single_tensor_lion(
         p.add_(torch.sign(c), alpha=-lr)            # theta <- theta - lr sign(c)
         m.lerp_(g, 1 - beta2)                       # m_t = b2 m + (1 - b2) g
 
-        if p is not param_r:                        # low precision: write the result back
-            param_r.copy_(p)
+        for low, high in ((param_r, p), (m_r, m)):
+            if high is not low:                     # low precision: round the result once
+                low.copy_(high)
 
 
 def _multi_tensor_lion(
@@ -216,12 +236,29 @@ def _fused_lion(
     beta2: float,
     weight_decay: float,
     maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
     strict: bool = False,
 ) -> None:
-    """One pass per element on CPU, all tensors in one call (Note [fused CPU])."""
-    lr = float(lr)  # CPU parameters: reading a tensor lr costs nothing; the scalars stay float64 until the kernel
+    """One pass per element, all tensors at once: a Triton kernel on CUDA (Note [fused GPU]),
+    the C loop on CPU (Note [fused CPU]); foreach for the few tensors neither takes."""
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
+    lists = [params, grads, exp_avgs]
+    rest = list(range(len(params)))
+    gpu = [i for i, p in enumerate(params) if p.device.type == "cuda"]
+    kernels = load_triton(strict) if gpu else None
+    if kernels is not None:
+        left = kernels.lion(*_fused_cpu.pick(lists, gpu), **hyper, grad_scale=grad_scale, found_inf=found_inf)
+        done = set(gpu) - {gpu[j] for j in left}
+        rest = [i for i in rest if i not in done]
+    if not rest:
+        return
+    params, grads, exp_avgs = _fused_cpu.pick(lists, rest)
+    grads = amp_grads(grads, grad_scale, found_inf)
+    if grads is None:  # GradScaler found inf/nan: skip the step
+        return
+    lr = float(lr)  # read once on the host; the scalars stay float64 until the kernel
     scalars = [1 - lr * weight_decay, lr, 1 - beta1, 1 - beta2]
-    rest = _fused_cpu.run(_LION_KERNEL, params, grads, [exp_avgs], scalars, maximize=maximize, strict=strict)
-    if rest:
-        _multi_tensor_lion(*_fused_cpu.pick([params, grads, exp_avgs], rest), lr=lr, beta1=beta1, beta2=beta2,
-                           weight_decay=weight_decay, maximize=maximize)
+    left = _fused_cpu.run(_LION_KERNEL, params, grads, [exp_avgs], scalars, maximize=maximize, strict=strict)
+    if left:
+        _multi_tensor_lion(*_fused_cpu.pick([params, grads, exp_avgs], left), **{**hyper, "lr": lr})

@@ -78,6 +78,8 @@ COMMON_BAD = [
     (dict(foreach=1), ValueError, ("foreach", "1")),
     (dict(fused="no"), ValueError, ("fused", "'no'")),
     (dict(foreach=True, fused=True), ValueError, ("foreach=True and fused=True",)),
+    (dict(state_dtype=torch.float16), ValueError, ("state_dtype", "torch.float16")),
+    (dict(state_dtype="bf16"), ValueError, ("state_dtype", "'bf16'")),
 ]
 
 OPTIMIZERS = [
@@ -128,7 +130,7 @@ def hyper(config: dict[str, Any], info: OptimizerInfo) -> dict[str, Any]:
     import inspect
 
     sig = inspect.signature(info.cls.__init__)
-    backends = ("self", "params", "foreach", "fused")
+    backends = ("self", "params", "foreach", "fused", "state_dtype")  # not in the formulas
     hp = {k: p.default for k, p in sig.parameters.items() if k not in backends}
     hp.update({k: v for k, v in config.items() if k not in backends})
     if isinstance(hp["lr"], torch.Tensor):
