@@ -365,6 +365,9 @@ def as_real(t: Tensor) -> Tensor:
 
 
 _triton: dict[str, Any] = {}
+# device types whose parameters the fused backends send to the Triton kernels; the tests add
+# "cpu" to run them through Triton's interpreter (TRITON_INTERPRET=1)
+TRITON_DEVICES = {"cuda"}
 
 
 def load_triton(strict: bool) -> Any:

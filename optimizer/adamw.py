@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import _fused_cpu
 from ._base import (
+    TRITON_DEVICES,
     Optimizer,
     amp_grads,
     as_real,
@@ -328,7 +329,7 @@ def _fused_adamw(
                  correct_bias=correct_bias, maximize=maximize)
     lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
     rest = list(range(len(params)))
-    gpu = [i for i, p in enumerate(params) if p.device.type == "cuda"]
+    gpu = [i for i, p in enumerate(params) if p.device.type in TRITON_DEVICES]
     kernels = load_triton(strict) if gpu else None
     if kernels is not None:
         left = kernels.adamw(*_fused_cpu.pick(lists, gpu), **hyper, grad_scale=grad_scale, found_inf=found_inf)

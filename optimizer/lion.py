@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import _fused_cpu
 from ._base import (
+    TRITON_DEVICES,
     Optimizer,
     amp_grads,
     as_real,
@@ -245,7 +246,7 @@ def _fused_lion(
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
     lists = [params, grads, exp_avgs]
     rest = list(range(len(params)))
-    gpu = [i for i, p in enumerate(params) if p.device.type == "cuda"]
+    gpu = [i for i, p in enumerate(params) if p.device.type in TRITON_DEVICES]
     kernels = load_triton(strict) if gpu else None
     if kernels is not None:
         left = kernels.lion(*_fused_cpu.pick(lists, gpu), **hyper, grad_scale=grad_scale, found_inf=found_inf)

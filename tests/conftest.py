@@ -1,6 +1,12 @@
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
+
+# Without a GPU the Triton kernels run in Triton's interpreter, on CPU tensors (test_fused_triton.py);
+# it must be chosen before the kernels are defined (on first use, after this)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # 25 examples a property by default; CI replays the same examples every run (a red CI then
 # means a change broke something); HYPOTHESIS_PROFILE=thorough explores many more.

@@ -316,3 +316,36 @@ def test_torch_lr_schedulers_drive_it(info):
     opt_t = info.cls(tiny_model().parameters(), lr=torch.tensor(1e-3))
     torch.optim.lr_scheduler.StepLR(opt_t, step_size=1, gamma=0.5).step()
     assert opt_t.param_groups[0]["lr"].item() == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize("backend", [dict(foreach=False, fused=False), dict(foreach=True), dict(fused=True)],
+                         ids=["reference", "foreach", "fused"])
+def test_gradscaler_unscales_and_skips_inf_steps(info, backend):
+    """torch.amp.GradScaler hands our step grad_scale and found_inf (Note [GradScaler]): scaled
+    training equals unscaled training in which the step with an inf gradient never happened."""
+    scaled, plain = tiny_model(), tiny_model()
+    opt = info.cls(scaled.parameters(), lr=info.train_lr, **backend)
+    ref = info.cls(plain.parameters(), lr=info.train_lr, foreach=False, fused=False)
+    assert info.cls._step_supports_amp_scaling  # so GradScaler leaves unscaling and skipping to us
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(5):
+        x = torch.randint(0, 11, (16,), generator=gen)
+        y = (x * 3 + 1) % 11
+        scaler.scale(torch.nn.functional.cross_entropy(scaled(x), y)).backward()
+        if step == 2:
+            next(scaled.parameters()).grad[0, 0] = float("inf")
+        before = snapshot(opt)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if step == 2:
+            assert_unchanged(opt, before)
+            assert scaler.get_scale() == 2.0**9
+            continue
+        torch.nn.functional.cross_entropy(plain(x), y).backward()
+        ref.step()
+        ref.zero_grad()
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    for a, b in zip(scaled.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

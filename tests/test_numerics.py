@@ -72,6 +72,40 @@ def test_reference_matches_float64_formula(info, data):
                     torch.testing.assert_close(opt.state[p][k], s[k], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+@given(data=st.data())
+def test_bf16_state_is_the_formula_with_the_state_rounded_each_step(info, data):
+    """state_dtype=torch.bfloat16 (Note [state precision]): each step is the float64 formula
+    applied to the current values, with float32 math, and the state stored rounded to bf16."""
+    shapes = data.draw(st.lists(shape_st, min_size=1, max_size=3), label="shapes")
+    cfg = draw_config(data, info)
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    params = make_params(shapes, torch.float32, seed)
+    opt = info.cls(params, foreach=False, fused=False, state_dtype=torch.bfloat16, **cfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    hp = hyper(cfg, info)
+    steps = [0] * len(params)
+    for _ in range(4):
+        set_grads(params, gen, p_missing=0.0)
+        before = [(p.detach().double(), {k: opt.state[p][k].double() if opt.state[p] else torch.zeros_like(p.double())
+                                         for k in info.state_tensor_keys}) for p in params]
+        opt.step()
+        for i, (p, (p0, s0)) in enumerate(zip(params, before)):
+            steps[i] += 1
+            e, es = info.formula(p0, p.grad.double(), s0, t=steps[i], **hp)
+            for k in info.state_tensor_keys:
+                got = opt.state[p][k]
+                assert got.dtype == torch.bfloat16
+                # float32 math, then one rounding to bf16: within one bf16 ulp (2^-8 relative) of the exact value
+                torch.testing.assert_close(got.double(), es[k], rtol=2**-8, atol=1e-30)
+            if info.name == "Lion":  # sign(c) is exact unless c is within float32 rounding of 0
+                c = hp["betas"][0] * s0["exp_avg"] + (1 - hp["betas"][0]) * (-p.grad.double() if hp["maximize"] else p.grad.double())
+                ok = c.abs() > 1e-6 * (s0["exp_avg"].abs() + p.grad.double().abs())
+                torch.testing.assert_close(p.detach().double()[ok], e[ok], rtol=1e-6, atol=1e-7)
+            else:
+                torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(("info", "backend", "kwargs"), BACKENDS, ids=[f"{i.name}-{b}" for i, b, _ in BACKENDS])
 @given(data=st.data())
 def test_backend_matches_reference_every_step(info, backend, kwargs, data):
@@ -81,6 +115,7 @@ def test_backend_matches_reference_every_step(info, backend, kwargs, data):
     cfg = draw_config(data, info)
     tensor_lr = data.draw(st.booleans(), label="tensor_lr")
     seed = data.draw(st.integers(0, 2**16), label="seed")
+    cfg["state_dtype"] = data.draw(st.sampled_from([None, torch.bfloat16]), label="state_dtype")
     ref_params = make_params(shapes, dtype, seed)
     new_params = [torch.nn.Parameter(p.detach().clone()) for p in ref_params]
 

@@ -1,0 +1,187 @@
+"""The fused GPU kernels (Note [fused GPU]) against the reference at every step.
+
+Without a GPU they run in Triton's interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1 and the fixture below sends CPU parameters to them); on a GPU
+the same tests run on CUDA tensors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from optim_table import OPTIMIZERS, ids
+
+triton = pytest.importorskip("triton")
+
+from optimizer import _base  # noqa: E402
+from optimizer import _fused_triton as FT  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SIZES = [(1,), (4097,), (3, 5), (FT.BLOCK,), (2 * FT.BLOCK + 1,), ()]
+PAIRS = [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
+         (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)]
+
+
+@pytest.fixture(autouse=True)
+def triton_on_this_device():
+    added = DEVICE not in _base.TRITON_DEVICES
+    _base.TRITON_DEVICES.add(DEVICE)
+    yield
+    if added:
+        _base.TRITON_DEVICES.discard(DEVICE)
+
+
+def make(shapes, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)) for s in shapes]
+
+
+def grads_for(params, gen, p_missing=0.2):
+    out = []
+    for p in params:
+        missing = torch.rand((), generator=gen).item() < p_missing
+        out.append(None if missing else torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype).to(DEVICE))
+    return out
+
+
+def groups(params, lr, tensor_lr):
+    first = torch.tensor(lr, device=DEVICE) if tensor_lr else lr
+    return [{"params": params[:3], "lr": first}, {"params": params[3:], "lr": lr / 3, "weight_decay": 0.0}]
+
+
+def assert_close_to_reference(a, b, step, dtype):
+    if dtype in (torch.float16, torch.bfloat16):
+        # float32 math that rounds differently by an ulp can cross a rounding boundary of the
+        # parameter's dtype: at most one ulp of that dtype per step
+        s = torch.maximum(a.detach().abs(), b.detach().abs()).float()
+        ulp = torch.nextafter(s.to(dtype), torch.tensor(float("inf"), dtype=dtype, device=DEVICE)).float() - s
+        assert ((a.float() - b.float()).abs() <= step * ulp.abs() + 1e-12).all()
+    else:
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype,state_dtype", PAIRS, ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_kernel_matches_reference_every_step(info, dtype, state_dtype):
+    for k, cfg in enumerate(info.configs):
+        tensor_lr = isinstance(cfg.get("lr"), torch.Tensor)
+        lr = float(cfg.get("lr", 1e-2 if info.name == "AdamW" else 1e-3))
+        rest = {key: v for key, v in cfg.items() if key != "lr"}
+        ref_params = make(SIZES, dtype, seed=k)
+        new_params = [torch.nn.Parameter(p.detach().clone()) for p in ref_params]
+        ref = info.cls(groups(ref_params, lr, tensor_lr), foreach=False, fused=False, state_dtype=state_dtype, **rest)
+        new = info.cls(groups(new_params, lr, tensor_lr), fused=True, state_dtype=state_dtype, **rest)
+        gen = torch.Generator().manual_seed(k)
+        for step in range(1, 4):
+            for a, b, g in zip(ref_params, new_params, grads_for(ref_params, gen)):
+                a.grad, b.grad = g, None if g is None else g.clone()
+            ref.step()
+            new.step()
+            for a, b in zip(ref_params, new_params):
+                assert_close_to_reference(b, a, step, dtype)
+                for key, v in ref.state[a].items():
+                    w = new.state[b][key]
+                    assert w.dtype == v.dtype and w.device == v.device
+                    if key == "step" or state_dtype is None:
+                        torch.testing.assert_close(w, v, rtol=1e-5, atol=1e-6)
+                    else:  # bf16 state: one bf16 ulp per step
+                        torch.testing.assert_close(w.float(), v.float(), rtol=step * 2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_one_launch_per_group_and_dtype_and_the_tables_are_reused(info, monkeypatch):
+    launches = []
+    name = "_adamw_kernel" if info.name == "AdamW" else "_lion_kernel"
+    kernel = getattr(FT, name)
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(FT, name, Counting())
+    params = make([(n,) for n in range(1, 41)] + [(FT.BLOCK + 7,)], torch.float32, seed=0)
+    opt = info.cls(params, fused=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert len(launches) == 1  # 41 tensors, one launch
+    cached = len(FT._CACHE)
+    opt.step()
+    assert len(launches) == 2 and len(FT._CACHE) == cached  # same addresses: the same tables
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_gradscaler_skip_changes_nothing_and_scale_divides(info):
+    """found_inf != 0: nothing changes (not even the step count); grad_scale: the gradient is
+    divided by it in the kernel, as GradScaler's own unscale would."""
+    params = make(SIZES, torch.float32, seed=1)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, ref = info.cls(params, fused=True), info.cls(twins, foreach=False, fused=False)
+    for p, q in zip(params, twins):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    before = [p.detach().clone() for p in params]
+    state_before = {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)}
+    opt.grad_scale = torch.tensor(1024.0, device=DEVICE)
+    opt.found_inf = torch.tensor(1.0, device=DEVICE)
+    for p in params:
+        p.grad = torch.full_like(p, float("inf"))
+    opt.step()
+    for i, p in enumerate(params):
+        assert torch.equal(p.detach(), before[i])
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state_before[i][k]), k
+    opt.found_inf = torch.tensor(0.0, device=DEVICE)
+    for p, q in zip(params, twins):
+        q.grad = torch.randn_like(q)
+        p.grad = q.grad * 1024.0
+    opt.step()
+    ref.step()
+    del opt.grad_scale, opt.found_inf
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q)
+        for k, v in ref.state[q].items():
+            torch.testing.assert_close(opt.state[p][k], v)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_state_dict_round_trip_and_non_contiguous_parameters(info):
+    """A checkpoint taken mid-run continues bit-identically; a non-contiguous parameter (not
+    for the kernel) is updated by foreach in the same step."""
+    def build(params):
+        return info.cls(params, fused=True, state_dtype=torch.bfloat16, weight_decay=0.1)
+
+    base = make([(4097,), (5,)], torch.bfloat16, seed=2)
+    base.append(torch.nn.Parameter(torch.randn(6, 4, device=DEVICE).t()))  # non-contiguous
+    opt = build(base)
+    gen = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(p.shape, generator=gen).to(p.dtype).to(DEVICE) for p in base] for _ in range(6)]
+    for gs in grads[:3]:
+        for p, g in zip(base, gs):
+            p.grad = g
+        opt.step()
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in base], "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    twins = [torch.nn.Parameter(t) for t in saved["params"]]
+    opt2 = build(twins)
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.state[twins[0]]["exp_avg"].dtype == torch.bfloat16
+    ref = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
+    opt_ref = info.cls(ref, foreach=False, fused=False, state_dtype=torch.bfloat16, weight_decay=0.1)
+    opt_ref.load_state_dict(saved["opt"])
+    for gs in grads[3:]:
+        for p, q, r, g in zip(base, twins, ref, gs):
+            p.grad, q.grad, r.grad = g, g.clone(), g.clone()
+        opt.step()
+        opt2.step()
+        opt_ref.step()
+    for p, q, r in zip(base, twins, ref):
+        assert torch.equal(p, q)
+    torch.testing.assert_close(base[-1], ref[-1])  # the non-contiguous one, via foreach
