@@ -3,13 +3,18 @@ measured side by side in one run, as ratios and as a fraction of the bandwidth
 measured in the same run.
 
 An optimizer step reads and writes each element once at best, so its floor is
-bytes / bandwidth: fp32 AdamW moves 28 bytes per parameter (read p, g, m, v;
-write p, m, v), fp32 Lion 20. The candidates are built first and then timed in
-interleaved rounds, so that drift of the machine spreads over all of them.
+bytes / bandwidth: AdamW moves 3 P + 4 S bytes per parameter (read p, g, m, v;
+write p, m, v; P and S the bytes of a parameter and of a state value: 28 in
+fp32), Lion 3 P + 2 S (20 in fp32). Each implementation is credited with the
+bytes of its own state dtype. All candidates share one list of parameters and
+gradients. Where their states fit in memory together (the CPU models) they are
+timed in interleaved rounds, so that drift of the machine spreads over all of
+them; otherwise one after the other, each freed before the next is built.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
 import time
@@ -63,8 +68,8 @@ def _median_ms(fn: Callable[[], Any], device: torch.device, reps: int = 10) -> f
 
 
 def bandwidth(n: int, device: torch.device) -> dict[str, float]:
-    """GB/s (bytes read + written) of a copy into other memory and of an in-place ``a += b``:
-    a step updates its buffers in place, so the latter is its roofline."""
+    """GB/s (bytes read + written) of a copy into other memory and of an in-place ``a += b``
+    (a step updates its buffers in place, so on a CPU the latter is its roofline)."""
     a, b = torch.randn(n, device=device), torch.randn(n, device=device)
     dst = torch.empty_like(a)
     copy = 2 * n * 4 / _median_ms(lambda: dst.copy_(a), device) / 1e6
@@ -72,88 +77,153 @@ def bandwidth(n: int, device: torch.device) -> dict[str, float]:
     return {"copy": copy, "inplace": inplace}
 
 
-def candidates(device: torch.device) -> list[tuple[str, int, Callable[[list[torch.nn.Parameter]], Any]]]:
-    """(name, bytes per parameter, build) for every implementation worth timing here."""
-    rows: list[tuple[str, int, Callable[[list[torch.nn.Parameter]], Any]]] = [
-        ("torch AdamW fused", 28, lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
-        ("torch AdamW foreach", 28, lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
-        ("ours AdamW default", 28, lambda ps: AdamW(ps, lr=1e-3)),
-        ("ours AdamW correct_bias=False", 28, lambda ps: AdamW(ps, lr=1e-3, correct_bias=False)),
-        ("ours AdamW foreach", 28, lambda ps: AdamW(ps, lr=1e-3, foreach=True)),
-        ("ours AdamW reference", 28, lambda ps: AdamW(ps, lr=1e-3, foreach=False, fused=False)),
-        ("ours Lion default", 20, lambda ps: Lion(ps, lr=1e-4)),
-        ("ours Lion foreach", 20, lambda ps: Lion(ps, lr=1e-4, foreach=True)),
-        ("ours Lion reference", 20, lambda ps: Lion(ps, lr=1e-4, foreach=False, fused=False)),
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# (name, algorithm, state dtype: "param" = the parameter's own, build(params) -> optimizer)
+Row = tuple[str, str, Any, Callable[[list[torch.nn.Parameter]], Any]]
+
+
+def candidates(device: torch.device, state_dtype: torch.dtype | None) -> list[Row]:
+    """Every implementation worth timing here. ``state_dtype`` is passed to ours."""
+    ours = torch.float32 if state_dtype is None else state_dtype  # our default: fp32 state for any param dtype
+    kw = {} if state_dtype is None else {"state_dtype": state_dtype}
+    rows: list[Row] = [
+        ("torch AdamW fused", "adamw", "param", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
+        ("torch AdamW foreach", "adamw", "param", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
+        ("ours AdamW default", "adamw", ours, lambda ps: AdamW(ps, lr=1e-3, **kw)),
+        ("ours AdamW correct_bias=False", "adamw", ours, lambda ps: AdamW(ps, lr=1e-3, correct_bias=False, **kw)),
+        ("ours AdamW foreach", "adamw", ours, lambda ps: AdamW(ps, lr=1e-3, foreach=True, **kw)),
+        ("ours Lion default", "lion", ours, lambda ps: Lion(ps, lr=1e-4, **kw)),
+        ("ours Lion foreach", "lion", ours, lambda ps: Lion(ps, lr=1e-4, foreach=True, **kw)),
     ]
+    if device.type == "cpu":
+        rows += [
+            ("ours AdamW reference", "adamw", ours, lambda ps: AdamW(ps, lr=1e-3, foreach=False, fused=False, **kw)),
+            ("ours Lion reference", "lion", ours, lambda ps: Lion(ps, lr=1e-4, foreach=False, fused=False, **kw)),
+        ]
     try:
         import lion_pytorch
 
-        rows.append(("lion-pytorch", 20, lambda ps: lion_pytorch.Lion(ps, lr=1e-4)))
+        rows.append(("lion-pytorch", "lion", "param", lambda ps: lion_pytorch.Lion(ps, lr=1e-4)))
         if device.type == "cuda":
-            rows.append(("lion-pytorch triton", 20, lambda ps: lion_pytorch.Lion(ps, lr=1e-4, use_triton=True)))
+            rows.append(("lion-pytorch triton", "lion", "param",
+                         lambda ps: lion_pytorch.Lion(ps, lr=1e-4, use_triton=True)))
     except ImportError:
         pass
     try:
         import bitsandbytes as bnb
 
         if device.type == "cuda":
-            rows.append(("bitsandbytes AdamW32bit", 28, lambda ps: bnb.optim.AdamW32bit(ps, lr=1e-3)))
-            rows.append(("bitsandbytes Lion32bit", 20, lambda ps: bnb.optim.Lion32bit(ps, lr=1e-4)))
+            rows.append(("bitsandbytes AdamW32bit", "adamw", torch.float32, lambda ps: bnb.optim.AdamW32bit(ps, lr=1e-3)))
+            rows.append(("bitsandbytes Lion32bit", "lion", torch.float32, lambda ps: bnb.optim.Lion32bit(ps, lr=1e-4)))
     except ImportError:
         pass
     return rows
 
 
-def run(model: str, device_name: str, reps: int, only: list[str] | None, json_path: str | None) -> int:
+def bytes_per_param(algorithm: str, param_dtype: torch.dtype, state: torch.dtype) -> int:
+    p, s = param_dtype.itemsize, state.itemsize
+    return 3 * p + (4 if algorithm == "adamw" else 2) * s
+
+
+def model_shapes(model: str) -> list[tuple[int, ...]]:
+    """A named list, or ``module:function`` returning an nn.Module (or a list of shapes)."""
+    if model in MODELS:
+        return MODELS[model]()
+    module_name, _, attr = model.partition(":")
+    try:
+        built = getattr(importlib.import_module(module_name), attr)()
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"Invalid --model: {model!r} is neither one of {sorted(MODELS)} nor an importable "
+                         f"module:function ({err})") from None
+    if isinstance(built, torch.nn.Module):
+        return [tuple(p.shape) for p in built.parameters() if p.requires_grad]
+    return [tuple(s) for s in built]
+
+
+def run(model: str, device_name: str, reps: int, only: list[str] | None, json_path: str | None,
+        dtype: str = "fp32", state_dtype: str | None = None) -> int:
     device = torch.device(device_name)
-    shapes = MODELS[model]()
+    shapes = model_shapes(model)
+    param_dtype = DTYPES[dtype]
+    ours_state = DTYPES[state_dtype] if state_dtype else None
     n = sum(torch.Size(s).numel() for s in shapes)
     gen = torch.Generator().manual_seed(0)
-    steps: dict[str, tuple[Callable[[], Any], int]] = {}
-    failed: dict[str, str] = {}
-    for name, bytes_per_param, build in candidates(device):
-        if only and not any(o.lower() in name.lower() for o in only):
-            continue
-        params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device)) for s in shapes]
-        for p in params:
-            p.grad = torch.randn_like(p) * 1e-3
-        try:
-            opt = build(params)
-            opt.step()  # state allocation and any one-time compile happen here, untimed
-        except (RuntimeError, TypeError, ValueError) as err:  # e.g. fused unsupported on this device
-            failed[name] = str(err).strip().splitlines()[0][:60]
-            continue
-        steps[name] = (opt.step, bytes_per_param)
+    params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device=device, dtype=param_dtype))
+              for s in shapes]
+    for p in params:
+        p.grad = (torch.randn_like(p) * 1e-3)
+    rows = [r for r in candidates(device, ours_state) if not only or any(o.lower() in r[0].lower() for o in only)]
     bw = bandwidth(n, device)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(reps + 2):
-        for name, (step, _) in steps.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            if r >= 2:
-                times[name].append((time.perf_counter() - t0) * 1e3)
+    # interleave where every candidate's state fits at once (the CPU lists), else one at a time
+    state_bytes = sum(n * (4 if r[1] == "lion" else 8) for r in rows)
+    interleave = device.type == "cpu" or state_bytes < 0.5 * torch.cuda.get_device_properties(device).total_memory
+    times: dict[str, list[float]] = {}
+    failed: dict[str, str] = {}
+    moved: dict[str, int] = {}
+
+    def build(row: Row) -> Callable[[], Any] | None:
+        name, algorithm, sdt, make = row
+        try:
+            opt = make(params)
+            opt.step()  # state allocation and any one-time compile happen here, untimed
+        except (RuntimeError, TypeError, ValueError) as err:  # e.g. an implementation unsupported here
+            failed[name] = str(err).strip().splitlines()[0][:60]
+            return None
+        moved[name] = bytes_per_param(algorithm, param_dtype, param_dtype if sdt == "param" else sdt)
+        times[name] = []
+        return opt.step
+
+    def timed(name: str, step: Callable[[], Any]) -> None:
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times[name].append((time.perf_counter() - t0) * 1e3)
+
+    if interleave:
+        steps = {r[0]: s for r in rows if (s := build(r)) is not None}
+        for _ in range(2):
+            for s in steps.values():
+                s()
+        for _ in range(reps):
+            for name, s in steps.items():
+                timed(name, s)
+    else:
+        for r in rows:
+            s = build(r)
+            if s is not None:
+                for _ in range(2):
+                    s()
+                for _ in range(reps):
+                    timed(r[0], s)
+            s = None
+            torch.cuda.empty_cache()
     medians = {name: statistics.median(t) for name, t in times.items()}
     base = {k: medians.get(f"torch AdamW {k}") for k in ("fused", "foreach")}
-    print(f"{model}: {len(shapes)} tensors, {n / 1e6:.1f} M params, fp32, {device}, torch {torch.__version__}; "
-          f"measured bandwidth: in-place {bw['inplace']:.1f} GB/s, copy {bw['copy']:.1f} GB/s; median of {reps}")
-    head = f"{'implementation':30s} {'ms/step':>9s} {'GB/s':>7s} {'of in-place':>12s} {'/torch fused':>13s} {'/torch foreach':>15s}"
+    print(f"{model}: {len(shapes)} tensors, {n / 1e6:.1f} M params, {dtype} params, state {state_dtype or 'default'}, "
+          f"{device}, torch {torch.__version__}; measured bandwidth: copy {bw['copy']:.1f} GB/s, in-place "
+          f"{bw['inplace']:.1f} GB/s; median of {reps}{', interleaved' if interleave else ''}")
+    head = (f"{'implementation':30s} {'ms/step':>9s} {'B/param':>8s} {'GB/s':>7s} {'of copy':>8s} {'of in-place':>12s} "
+            f"{'/torch fused':>13s} {'/torch foreach':>15s}")
     print(head)
-    rows = []
+    out = []
     for name, ms in medians.items():
-        gbs = steps[name][1] * n / ms / 1e6
+        gbs = moved[name] * n / ms / 1e6
         ratios = [f"{ms / base[k]:.2f}x" if base[k] else "-" for k in ("fused", "foreach")]
-        print(f"{name:30s} {ms:9.2f} {gbs:7.1f} {gbs / bw['inplace']:12.0%} {ratios[0]:>13s} {ratios[1]:>15s}")
-        rows.append({"name": name, "ms": ms, "gb_per_s": gbs, "fraction_of_inplace_bandwidth": gbs / bw["inplace"],
-                     "vs_torch_fused": ms / base["fused"] if base["fused"] else None,
-                     "vs_torch_foreach": ms / base["foreach"] if base["foreach"] else None})
+        print(f"{name:30s} {ms:9.2f} {moved[name]:8d} {gbs:7.1f} {gbs / bw['copy']:8.0%} {gbs / bw['inplace']:12.0%} "
+              f"{ratios[0]:>13s} {ratios[1]:>15s}")
+        out.append({"name": name, "ms": ms, "bytes_per_param": moved[name], "gb_per_s": gbs,
+                    "fraction_of_copy_bandwidth": gbs / bw["copy"],
+                    "fraction_of_inplace_bandwidth": gbs / bw["inplace"],
+                    "vs_torch_fused": ms / base["fused"] if base["fused"] else None,
+                    "vs_torch_foreach": ms / base["foreach"] if base["foreach"] else None})
     for name, why in failed.items():
         print(f"{name:30s} {'n/a':>9s}  {why}")
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"model": model, "tensors": len(shapes), "params": n, "device": str(device),
-                       "torch": torch.__version__, "bandwidth_gb_per_s": bw, "reps": reps, "rows": rows,
+            json.dump({"model": model, "tensors": len(shapes), "params": n, "dtype": dtype,
+                       "state_dtype": state_dtype, "device": str(device), "torch": torch.__version__,
+                       "bandwidth_gb_per_s": bw, "reps": reps, "interleaved": interleave, "rows": out,
                        "unavailable": failed}, f, indent=1)
         print(f"wrote {json_path}")
     return 0

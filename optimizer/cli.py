@@ -230,11 +230,15 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time every optimizer backend and the peers side by side",
                        description="Median step time of our backends, torch.optim.AdamW and (when installed) "
-                       "lion-pytorch and bitsandbytes on one parameter list, with GB/s, the fraction of the "
-                       "in-place bandwidth measured in the same run, and ratios to torch's AdamW.")
+                       "lion-pytorch and bitsandbytes on one parameter list, with GB/s, the fractions of the "
+                       "copy and in-place bandwidths measured in the same run, and ratios to torch's AdamW.")
     p.add_argument("--device", default=None, metavar="DEV", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--model", default=None, choices=sorted(MODELS), metavar="NAME",
-                   help=f"parameter list, one of {sorted(MODELS)} (default gpt2-30m on CPU, llama-1.1b on CUDA)")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help=f"parameter list: one of {sorted(MODELS)} (default gpt2-30m on CPU, llama-1.1b on CUDA), "
+                   "or module:function returning your nn.Module")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="parameter dtype (default fp32)")
+    p.add_argument("--state-dtype", default=None, choices=["fp32", "bf16"],
+                   help="our optimizers' state dtype (default: fp32; torch's keeps the parameter dtype)")
     p.add_argument("--reps", type=int, default=10, metavar="N", help="timed steps per implementation (default 10)")
     p.add_argument("--only", nargs="+", metavar="TEXT", help="only implementations whose name contains TEXT")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -252,7 +256,7 @@ def bench(args: argparse.Namespace) -> int:
     if args.reps < 1:
         raise ConfigError(f"Invalid --reps: {args.reps} (must be >= 1)")
     model = args.model or ("gpt2-30m" if device == "cpu" else "llama-1.1b")
-    return run(model, device, args.reps, args.only, args.json)
+    return run(model, device, args.reps, args.only, args.json, dtype=args.dtype, state_dtype=args.state_dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -217,3 +217,18 @@ def test_bench_command_writes_the_table_and_json(tmp_path):
 
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["torch AdamW fused"]["vs_torch_fused"] == 1.0 and rows["ours Lion default"]["ms"] > 0
+
+
+def test_bench_takes_a_models_own_parameters_and_dtypes():
+    done = subprocess.run(
+        [sys.executable, "-m", "optimizer", "bench", "--device", "cpu", "--model", "optimizer.demo.llama:Llama",
+         "--dtype", "bf16", "--state-dtype", "bf16", "--reps", "1", "--only", "torch AdamW fused", "ours Lion default"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    from optimizer.demo.llama import Llama
+
+    n = sum(p.numel() for p in Llama().parameters())
+    assert f"{n / 1e6:.1f} M params, bf16 params, state bf16" in done.stdout
+    lion = next(line for line in done.stdout.splitlines() if line.startswith("ours Lion default"))
+    assert lion.split()[4] == "10"  # bytes per parameter: 3 x 2 (p, g, p) + 2 x 2 (m, m)
