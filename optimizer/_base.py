@@ -359,6 +359,12 @@ def foreach_buckets(
                 torch._foreach_copy_(low, high)
 
 
+def local(t: Tensor) -> Tensor:
+    """The memory a kernel updates: a DTensor's local shard (FSDP2 parameters, their gradients
+    and states), else ``t`` itself. Element-wise updates need nothing from other ranks."""
+    return t.to_local() if type(t).__name__ == "DTensor" else t
+
+
 def as_real(t: Tensor) -> Tensor:
     """A complex tensor is optimised as its real and imaginary parts (torch.optim's convention)."""
     return torch.view_as_real(t) if t.is_complex() else t

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import as_real
+from ._base import as_real, local
 
 __all__ = ["BLOCK", "Kernel", "available", "pick", "run"]
 
@@ -273,7 +273,7 @@ def run(kernel: Kernel, params: list[Tensor], grads: list[Tensor], states: list[
     calls: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
     rest = []
     for i, p in enumerate(params):
-        tensors = [as_real(t) for t in (p, grads[i], *(s[i] for s in states))]
+        tensors = [as_real(local(t)) for t in (p, grads[i], *(s[i] for s in states))]
         key = (tensors[0].dtype, tensors[2].dtype)
         if (key not in _VARIANTS or tensors[1].dtype != key[0] or any(t.dtype != key[1] for t in tensors[2:])
                 or not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)):
@@ -290,8 +290,8 @@ def run(kernel: Kernel, params: list[Tensor], grads: list[Tensor], states: list[
     n_threads = torch.get_num_threads()
     c_scalars = (ctypes.c_double * max(len(scalars), 1))(*scalars)
     for key, idx in calls.items():
-        ptrs = [t.data_ptr() for i in idx for t in (params[i], grads[i], *(s[i] for s in states))]
-        numel = [as_real(params[i]).numel() for i in idx]
+        ptrs = [local(t).data_ptr() for i in idx for t in (params[i], grads[i], *(s[i] for s in states))]
+        numel = [as_real(local(params[i])).numel() for i in idx]
         first = [0, *itertools.accumulate(-(-n // BLOCK) for n in numel)]
         values = [x for i in idx for x in per_tensor[i]] if per_tensor is not None else []
         fns[key](len(idx), (ctypes.c_void_p * len(ptrs))(*ptrs), (ctypes.c_int64 * len(numel))(*numel),

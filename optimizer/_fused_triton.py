@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._base import as_real
+from ._base import as_real, local
 
 __all__ = ["BLOCK", "SUPPORTED", "adamw", "lion"]
 
@@ -198,7 +198,7 @@ def _split(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]]
     calls: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
     rest = []
     for i, p in enumerate(params):
-        tensors = [as_real(p), as_real(grads[i]), *(as_real(s[i]) for s in states)]
+        tensors = [as_real(local(t)) for t in (p, grads[i], *(s[i] for s in states))]
         key = (tensors[0].dtype, tensors[2].dtype)
         if (key in SUPPORTED and tensors[1].dtype == key[0] and all(t.dtype == key[1] for t in tensors[2:])
                 and all(t.is_contiguous() for t in tensors)):
@@ -231,8 +231,8 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
         device = params[idx[0]].device
         steps = [state_steps[i] for i in idx]
         torch._foreach_add_(steps, 1.0)
-        rows = [[as_real(t).data_ptr() for t in (params[i], grads[i], exp_avgs[i], exp_avg_sqs[i])]
-                + [state_steps[i].data_ptr(), as_real(params[i]).numel()] for i in idx]
+        rows = [[local(t).data_ptr() for t in (params[i], grads[i], exp_avgs[i], exp_avg_sqs[i])]
+                + [state_steps[i].data_ptr(), as_real(local(params[i])).numel()] for i in idx]
         table, blocks, n_blocks = _tables(rows, device)
         lr_t, lr_value, lr_tensor = _lr_args(lr, device)
         if n_blocks:
@@ -255,8 +255,8 @@ def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, l
     calls, rest = _split(params, grads, [exp_avgs])
     for (pdt, sdt), idx in calls.items():
         device = params[idx[0]].device
-        rows = [[as_real(t).data_ptr() for t in (params[i], grads[i], exp_avgs[i])]
-                + [as_real(params[i]).numel()] for i in idx]
+        rows = [[local(t).data_ptr() for t in (params[i], grads[i], exp_avgs[i])]
+                + [as_real(local(params[i])).numel()] for i in idx]
         table, blocks, n_blocks = _tables(rows, device)
         lr_t, lr_value, lr_tensor = _lr_args(lr, device)
         if n_blocks:

@@ -185,3 +185,63 @@ def test_state_dict_round_trip_and_non_contiguous_parameters(info):
     for p, q, r in zip(base, twins, ref):
         assert torch.equal(p, q)
     torch.testing.assert_close(base[-1], ref[-1])  # the non-contiguous one, via foreach
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_cuda_default_is_the_kernel_and_step_never_syncs(info):
+    """No host synchronisation inside step(): torch raises on any sync in "error" mode. The
+    first step builds the tables (pinned, non-blocking copies); later steps only launch."""
+    params = make(SIZES, torch.bfloat16, seed=4)
+    opt = info.cls(params, lr=torch.tensor(1e-3, device="cuda"), state_dtype=torch.bfloat16)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.grad_scale = torch.tensor(4.0, device="cuda")
+    opt.found_inf = torch.tensor(0.0, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        del opt.grad_scale, opt.found_inf
+
+
+@gpu
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_a_step_captured_in_a_cuda_graph_replays_like_eager_steps(info):
+    def build():
+        params = make([(4097,), (3, 5), (FT.BLOCK,)], torch.float32, seed=5)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        return params, info.cls(params, lr=torch.tensor(1e-2, device="cuda"), weight_decay=0.1)
+
+    eager, opt_e = build()
+    graphed, opt_g = build()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    grads = [[torch.randn(p.shape, device="cuda", generator=gen) for p in eager] for _ in range(6)]
+    for p, g in zip(graphed, grads[0]):  # warm up on a side stream: state, tables, compile
+        p.grad.copy_(g)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        opt_g.step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_g.step()
+    for p, g in zip(eager, grads[0]):
+        p.grad = g.clone()
+    opt_e.step()  # capturing records the step without running it: both sides have taken one step
+    for gs in grads[1:]:
+        for p, q, g in zip(eager, graphed, gs):
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+        opt_e.step()
+        graph.replay()
+    torch.cuda.synchronize()
+    for p, q in zip(eager, graphed):
+        torch.testing.assert_close(q, p)
