@@ -37,6 +37,7 @@ without a sync; the other backends unscale into temporaries and read
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -131,6 +132,10 @@ def check_flag(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be {allowed})")
 
 
+_GRAD, _LAYOUT, _SHAPE = operator.attrgetter("grad"), operator.attrgetter("layout"), operator.attrgetter("shape")
+_DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
+
+
 class Optimizer(torch.optim.Optimizer):
     """Base of this package's optimizers (a real ``torch.optim.Optimizer``).
 
@@ -198,21 +203,25 @@ class Optimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                      amp: dict[str, Tensor | None]) -> None:
+                      states: list[dict[str, Any]], amp: dict[str, Tensor | None]) -> None:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _gather(self, gi: int, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         """Phase 1: the parameters of ``group`` that have a gradient, checked; changes nothing."""
         self._check_group(group)
-        params, grads = [], []
-        for i, p in enumerate(group["params"]):
-            g = p.grad
-            if g is None:
-                continue
-            if g.layout != torch.strided or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-                self._bad_grad(gi, i, p, g)
-            params.append(p)
-            grads.append(g)
+        params = [p for p in group["params"] if p.grad is not None]
+        grads = list(map(_GRAD, params))
+        # the common case checked with C-level maps (this runs every step), the culprit found after
+        ok = (set(map(_LAYOUT, grads)) <= {torch.strided}
+              and list(map(_SHAPE, grads)) == list(map(_SHAPE, params))
+              and list(map(_DTYPE, grads)) == list(map(_DTYPE, params))
+              and list(map(_DEVICE, grads)) == list(map(_DEVICE, params)))
+        if not ok:
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is not None and (g.layout != torch.strided or g.shape != p.shape or g.dtype != p.dtype
+                                      or g.device != p.device):
+                    self._bad_grad(gi, i, p, g)
         return params, grads
 
     def _bad_grad(self, gi: int, i: int, p: Tensor, g: Tensor) -> None:
@@ -239,10 +248,11 @@ class Optimizer(torch.optim.Optimizer):
         for group, (params, grads) in zip(self.param_groups, work):
             if not params:
                 continue
-            for p in params:
-                if not self.state[p]:
-                    self._init_state(p, self.state[p], group)
-            self._update_group(group, params, grads, amp)
+            states = list(map(self.state.__getitem__, params))
+            for p, state in zip(params, states):
+                if not state:
+                    self._init_state(p, state, group)
+            self._update_group(group, params, grads, states, amp)
         return loss
 
     # ----- checkpoints ---------------------------------------------------------
@@ -365,6 +375,29 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if type(t).__name__ == "DTensor" else t
 
 
+_IS_CUDA, _IS_CPU = operator.attrgetter("is_cuda"), operator.attrgetter("is_cpu")
+
+
+def device_types(tensors: list[Tensor]) -> set[str]:
+    """{t.device.type for t in tensors}, without building a device object per tensor (this
+    runs every step: C-level maps over the list in the common all-CUDA or all-CPU cases)."""
+    if all(map(_IS_CUDA, tensors)):
+        return {"cuda"} if tensors else set()
+    if all(map(_IS_CPU, tensors)):
+        return {"cpu"}
+    return {t.device.type for t in tensors}
+
+
+def on_triton_devices(tensors: list[Tensor]) -> list[int]:
+    """Indices of the tensors the fused backends send to the Triton kernels (TRITON_DEVICES)."""
+    types = device_types(tensors)
+    if types <= TRITON_DEVICES:
+        return list(range(len(tensors)))
+    if not types & TRITON_DEVICES:
+        return []
+    return [i for i, t in enumerate(tensors) if t.device.type in TRITON_DEVICES]
+
+
 def as_real(t: Tensor) -> Tensor:
     """A complex tensor is optimised as its real and imaginary parts (torch.optim's convention)."""
     return torch.view_as_real(t) if t.is_complex() else t
@@ -426,7 +459,7 @@ def choose_backend(params: list[Tensor], foreach: bool | None, fused: bool | Non
     """
     if fused and foreach:
         raise ValueError("Invalid backend: foreach=True and fused=True; choose one")
-    devices = {p.device.type for p in params}
+    devices = device_types(params)
     if fused:
         if devices - {"cpu", "cuda"}:
             raise RuntimeError(

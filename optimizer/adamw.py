@@ -16,7 +16,6 @@ from torch import Tensor
 
 from . import _fused_cpu
 from ._base import (
-    TRITON_DEVICES,
     Optimizer,
     amp_grads,
     as_real,
@@ -31,6 +30,7 @@ from ._base import (
     foreach_buckets,
     group_by_device_and_dtype,
     load_triton,
+    on_triton_devices,
     state_dtype,
     step_device,
 )
@@ -139,8 +139,7 @@ class AdamW(Optimizer):
         state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                      amp: dict[str, Tensor | None]) -> None:
-        states = [self.state[p] for p in params]
+                      states: list[dict[str, Any]], amp: dict[str, Tensor | None]) -> None:
         beta1, beta2 = group["betas"]
         adamw(
             params,
@@ -329,10 +328,12 @@ def _fused_adamw(
                  correct_bias=correct_bias, maximize=maximize)
     lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
     rest = list(range(len(params)))
-    gpu = [i for i, p in enumerate(params) if p.device.type in TRITON_DEVICES]
+    gpu = on_triton_devices(params)
     kernels = load_triton(strict) if gpu else None
     if kernels is not None:
-        left = kernels.adamw(*_fused_cpu.pick(lists, gpu), **hyper, grad_scale=grad_scale, found_inf=found_inf)
+        whole = len(gpu) == len(params)  # the common case: no index juggling
+        left = kernels.adamw(*(lists if whole else _fused_cpu.pick(lists, gpu)), **hyper, grad_scale=grad_scale,
+                             found_inf=found_inf)
         done = set(gpu) - {gpu[j] for j in left}
         rest = [i for i in rest if i not in done]
     if not rest:

@@ -16,7 +16,6 @@ from torch import Tensor
 
 from . import _fused_cpu
 from ._base import (
-    TRITON_DEVICES,
     Optimizer,
     amp_grads,
     as_real,
@@ -30,6 +29,7 @@ from ._base import (
     compute_dtype,
     foreach_buckets,
     load_triton,
+    on_triton_devices,
     state_dtype,
 )
 
@@ -111,12 +111,12 @@ class Lion(Optimizer):
         state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
 
     def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                      amp: dict[str, Tensor | None]) -> None:
+                      states: list[dict[str, Any]], amp: dict[str, Tensor | None]) -> None:
         beta1, beta2 = group["betas"]
         lion(
             params,
             grads,
-            [self.state[p]["exp_avg"] for p in params],
+            [s["exp_avg"] for s in states],
             foreach=group["foreach"],
             fused=group.get("fused"),
             lr=group["lr"],
@@ -246,10 +246,12 @@ def _fused_lion(
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
     lists = [params, grads, exp_avgs]
     rest = list(range(len(params)))
-    gpu = [i for i, p in enumerate(params) if p.device.type in TRITON_DEVICES]
+    gpu = on_triton_devices(params)
     kernels = load_triton(strict) if gpu else None
     if kernels is not None:
-        left = kernels.lion(*_fused_cpu.pick(lists, gpu), **hyper, grad_scale=grad_scale, found_inf=found_inf)
+        whole = len(gpu) == len(params)  # the common case: no index juggling
+        left = kernels.lion(*(lists if whole else _fused_cpu.pick(lists, gpu)), **hyper, grad_scale=grad_scale,
+                            found_inf=found_inf)
         done = set(gpu) - {gpu[j] for j in left}
         rest = [i for i in rest if i not in done]
     if not rest:

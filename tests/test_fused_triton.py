@@ -108,9 +108,9 @@ def test_one_launch_per_group_and_dtype_and_the_tables_are_reused(info, monkeypa
         p.grad = torch.ones_like(p)
     opt.step()
     assert len(launches) == 1  # 41 tensors, one launch
-    cached = len(FT._CACHE)
+    cached = len(FT._PLANS)
     opt.step()
-    assert len(launches) == 2 and len(FT._CACHE) == cached  # same addresses: the same tables
+    assert len(launches) == 2 and len(FT._PLANS) == cached  # same addresses: the same plan and tables
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
