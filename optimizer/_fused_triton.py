@@ -75,6 +75,16 @@ def _store(ptr, offs, mask, x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _address(entry, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The tensor address stored at ``entry`` of the table, as a pointer to DTYPE. ALIGNED: the
+    host checked it is a multiple of 16 bytes, so loads and stores can be 16-byte vectors."""
+    ptr = tl.load(entry).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
 def _lerp(a, b, w):
     """torch.lerp's formula: a + w (b - a) for w < 0.5, else b - (1 - w)(b - a)."""
     if w < 0.5:
@@ -85,46 +95,31 @@ def _lerp(a, b, w):
 
 
 @triton.jit
-def _adamw_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr,
-                  weight_decay, beta2, w1, w2, log2_beta1, log2_beta2, eps,
-                  P: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, LR_TENSOR: tl.constexpr,
-                  SCALED: tl.constexpr, SKIPPABLE: tl.constexpr, CORRECT_BIAS: tl.constexpr,
-                  MAXIMIZE: tl.constexpr):
-    if SKIPPABLE:
-        if tl.load(found_inf_ptr) != 0:  # GradScaler found inf/nan: change nothing
-            return
-    block = tl.program_id(0)
-    t = tl.load(blocks + 2 * block)
-    offs = tl.load(blocks + 2 * block + 1) + tl.arange(0, BLOCK)
-    row = table + 6 * t                   # p, g, m, v, step, numel
-    p_ptr = tl.load(row).to(tl.pointer_type(P))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(P))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(S))
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(S))
-    step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))  # already counted
-    mask = offs < tl.load(row + 5)
-
-    lr = tl.load(lr_ptr).to(tl.float32) if LR_TENSOR else lr_value
+def _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, step, grad_scale_ptr,
+                    weight_decay, beta2, w1, w2, log2_beta1, log2_beta2, eps,
+                    P: tl.constexpr, S: tl.constexpr, SCALED: tl.constexpr, CORRECT_BIAS: tl.constexpr,
+                    MAXIMIZE: tl.constexpr):
+    """The AdamW update of one block (mask None: a whole block, vector loads)."""
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
     if SCALED:
-        g = g / tl.load(grad_scale_ptr)
+        g = tl.div_rn(g, tl.load(grad_scale_ptr))
     if MAXIMIZE:
         g = -g
     if CORRECT_BIAS:
-        bc1 = 1 - tl.exp2(step * log2_beta1)             # 1 - b1^t
-        bc2_sqrt = tl.sqrt(1 - tl.exp2(step * log2_beta2))  # sqrt(1 - b2^t)
+        bc1 = 1 - tl.exp2(step * log2_beta1)                  # 1 - b1^t
+        bc2_sqrt = tl.sqrt_rn(1 - tl.exp2(step * log2_beta2))  # sqrt(1 - b2^t)
     else:
         bc1 = 1.0
         bc2_sqrt = 1.0
 
-    p = p * (1 - lr * weight_decay)                       # theta (1 - lr wd)
-    m = _lerp(m, g, w1)                                   # m_t = b1 m + (1 - b1) g
-    v = v * beta2 + w2 * g * g                            # v_t = b2 v + (1 - b2) g^2
-    denom = tl.sqrt(v) / bc2_sqrt + eps                   # sqrt(v_hat) + eps
-    p = p + (-lr / bc1) * m / denom                       # theta - lr m_hat / denom
+    p = p * (1 - lr * weight_decay)                           # theta (1 - lr wd)
+    m = _lerp(m, g, w1)                                       # m_t = b1 m + (1 - b1) g
+    v = v * beta2 + w2 * g * g                                # v_t = b2 v + (1 - b2) g^2
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps          # sqrt(v_hat) + eps
+    p = p + tl.div_rn((-lr / bc1) * m, denom)                 # theta - lr m_hat / denom
 
     _store(p_ptr, offs, mask, p, P)
     _store(m_ptr, offs, mask, m, S)
@@ -132,42 +127,83 @@ def _adamw_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr
 
 
 @triton.jit
-def _lion_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr, weight_decay, w1, w2,
-                 P: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, LR_TENSOR: tl.constexpr,
-                 SCALED: tl.constexpr, SKIPPABLE: tl.constexpr, MAXIMIZE: tl.constexpr):
+def _adamw_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr,
+                  weight_decay, beta2, w1, w2, log2_beta1, log2_beta2, eps,
+                  P: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, LR_TENSOR: tl.constexpr,
+                  SCALED: tl.constexpr, SKIPPABLE: tl.constexpr, CORRECT_BIAS: tl.constexpr,
+                  MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr):
     if SKIPPABLE:
         if tl.load(found_inf_ptr) != 0:  # GradScaler found inf/nan: change nothing
             return
     block = tl.program_id(0)
     t = tl.load(blocks + 2 * block)
-    offs = tl.load(blocks + 2 * block + 1) + tl.arange(0, BLOCK)
-    row = table + 4 * t                   # p, g, m, numel
-    p_ptr = tl.load(row).to(tl.pointer_type(P))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(P))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(S))
-    mask = offs < tl.load(row + 3)
-
+    start = tl.multiple_of(tl.load(blocks + 2 * block + 1), BLOCK)
+    offs = start + tl.arange(0, BLOCK)
+    row = table + 6 * t                   # p, g, m, v, step, numel
+    p_ptr = _address(row, P, ALIGNED)
+    g_ptr = _address(row + 1, P, ALIGNED)
+    m_ptr = _address(row + 2, S, ALIGNED)
+    v_ptr = _address(row + 3, S, ALIGNED)
+    step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))  # already counted
+    numel = tl.load(row + 5)
     lr = tl.load(lr_ptr).to(tl.float32) if LR_TENSOR else lr_value
+    if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be vectors
+        _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, lr, step, grad_scale_ptr,
+                        weight_decay, beta2, w1, w2, log2_beta1, log2_beta2, eps, P, S, SCALED, CORRECT_BIAS, MAXIMIZE)
+    else:                       # the tensor's last, partial block
+        _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < numel, lr, step, grad_scale_ptr,
+                        weight_decay, beta2, w1, w2, log2_beta1, log2_beta2, eps, P, S, SCALED, CORRECT_BIAS, MAXIMIZE)
+
+
+@triton.jit
+def _lion_elements(p_ptr, g_ptr, m_ptr, offs, mask, lr, grad_scale_ptr, weight_decay, w1, w2,
+                   P: tl.constexpr, S: tl.constexpr, SCALED: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """The Lion update of one block (mask None: a whole block, vector loads)."""
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     if SCALED:
-        g = g / tl.load(grad_scale_ptr)
+        g = tl.div_rn(g, tl.load(grad_scale_ptr))
     if MAXIMIZE:
         g = -g
 
-    c = _lerp(m, g, w1)                                   # c = b1 m + (1 - b1) g
+    c = _lerp(m, g, w1)                                       # c = b1 m + (1 - b1) g
     sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))  # torch.sign: 0 at 0 and at nan
-    p = p * (1 - lr * weight_decay) - lr * sign           # theta (1 - lr wd) - lr sign(c)
-    m = _lerp(m, g, w2)                                   # m_t = b2 m + (1 - b2) g
+    p = p * (1 - lr * weight_decay) - lr * sign               # theta (1 - lr wd) - lr sign(c)
+    m = _lerp(m, g, w2)                                       # m_t = b2 m + (1 - b2) g
 
     _store(p_ptr, offs, mask, p, P)
     _store(m_ptr, offs, mask, m, S)
 
 
+@triton.jit
+def _lion_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr, weight_decay, w1, w2,
+                 P: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, LR_TENSOR: tl.constexpr,
+                 SCALED: tl.constexpr, SKIPPABLE: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr):
+    if SKIPPABLE:
+        if tl.load(found_inf_ptr) != 0:  # GradScaler found inf/nan: change nothing
+            return
+    block = tl.program_id(0)
+    t = tl.load(blocks + 2 * block)
+    start = tl.multiple_of(tl.load(blocks + 2 * block + 1), BLOCK)
+    offs = start + tl.arange(0, BLOCK)
+    row = table + 4 * t                   # p, g, m, numel
+    p_ptr = _address(row, P, ALIGNED)
+    g_ptr = _address(row + 1, P, ALIGNED)
+    m_ptr = _address(row + 2, S, ALIGNED)
+    numel = tl.load(row + 3)
+    lr = tl.load(lr_ptr).to(tl.float32) if LR_TENSOR else lr_value
+    if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be vectors
+        _lion_elements(p_ptr, g_ptr, m_ptr, offs, None, lr, grad_scale_ptr, weight_decay, w1, w2,
+                       P, S, SCALED, MAXIMIZE)
+    else:                       # the tensor's last, partial block
+        _lion_elements(p_ptr, g_ptr, m_ptr, offs, offs < numel, lr, grad_scale_ptr, weight_decay, w1, w2,
+                       P, S, SCALED, MAXIMIZE)
+
+
 # ----- the launch plan: which tensors, in which tables -----------------------------------
 
-Launch = tuple[torch.dtype, torch.dtype, list[int], Tensor, Tensor, int]  # dtypes, indices, tables, blocks
+Launch = tuple[torch.dtype, torch.dtype, bool, list[int], Tensor, Tensor, int]  # dtypes, aligned, indices, tables
 _PLANS: OrderedDict[tuple, tuple[list[Launch], list[int]]] = OrderedDict()
 _PLANS_KEPT = 32
 _DTYPE = operator.attrgetter("dtype")
@@ -210,19 +246,22 @@ def _plan(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]],
     if plan is not None:
         _PLANS.move_to_end(signature)
         return plan
-    groups: dict[tuple[torch.dtype, torch.dtype], tuple[list[int], list[list[int]]]] = {}
+    groups: dict[tuple[torch.dtype, torch.dtype, bool], tuple[list[int], list[list[int]]]] = {}
     rest = []
     n_ts = 2 + len(states)  # parameter, gradient, states; then the step counter, if any
     for i, ts in enumerate(zip(*lists)):
-        key = (ts[0].dtype, ts[2].dtype)
-        if (key in SUPPORTED and ts[1].dtype == key[0] and all(t.dtype == key[1] for t in ts[3:n_ts])
+        dtypes = (ts[0].dtype, ts[2].dtype)
+        if (dtypes in SUPPORTED and ts[1].dtype == dtypes[0] and all(t.dtype == dtypes[1] for t in ts[3:n_ts])
                 and all(t.is_contiguous() for t in ts)):
-            idx, rows = groups.setdefault(key, ([], []))
+            row = [t.data_ptr() for t in ts]
+            aligned = all(a % 16 == 0 for a in row[:n_ts])  # views at odd offsets: scalar loads
+            idx, rows = groups.setdefault((*dtypes, aligned), ([], []))
             idx.append(i)
-            rows.append([t.data_ptr() for t in ts] + [ts[0].numel()])
+            rows.append(row + [ts[0].numel()])
         else:
             rest.append(i)
-    launches = [(pdt, sdt, idx, *_tables(rows, lists[0][idx[0]].device)) for (pdt, sdt), (idx, rows) in groups.items()]
+    launches = [(pdt, sdt, aligned, idx, *_tables(rows, lists[0][idx[0]].device))
+                for (pdt, sdt, aligned), (idx, rows) in groups.items()]
     _PLANS[signature] = (launches, rest)
     if len(_PLANS) > _PLANS_KEPT:
         _PLANS.popitem(last=False)
@@ -248,7 +287,7 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
     """One fused AdamW step over the tensors the kernel takes; returns the indices of the rest
     (non-contiguous ones, unsupported dtypes), whose steps are left to the caller."""
     launches, rest = _plan(params, grads, [exp_avgs, exp_avg_sqs], state_steps)
-    for pdt, sdt, idx, table, blocks, n_blocks in launches:
+    for pdt, sdt, aligned, idx, table, blocks, n_blocks in launches:
         device = params[idx[0]].device
         steps = [state_steps[i] for i in idx]
         torch._foreach_add_(steps, 1.0)
@@ -258,7 +297,7 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
                 table, blocks, lr_t, lr_value, grad_scale, found_inf,
                 weight_decay, beta2, 1 - beta1, 1 - beta2, _log2(beta1), _log2(beta2), eps,
                 P=_TL[pdt], S=_TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
-                SKIPPABLE=found_inf is not None, CORRECT_BIAS=correct_bias, MAXIMIZE=maximize,
+                SKIPPABLE=found_inf is not None, CORRECT_BIAS=correct_bias, MAXIMIZE=maximize, ALIGNED=aligned,
                 num_warps=NUM_WARPS,
             )
         if found_inf is not None:  # a skipped step is not counted
@@ -271,13 +310,13 @@ def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, l
          found_inf: Tensor | None = None) -> list[int]:
     """One fused Lion step over the tensors the kernel takes; returns the indices of the rest."""
     launches, rest = _plan(params, grads, [exp_avgs], None)
-    for pdt, sdt, idx, table, blocks, n_blocks in launches:
+    for pdt, sdt, aligned, idx, table, blocks, n_blocks in launches:
         device = params[idx[0]].device
         lr_t, lr_value, lr_tensor = _lr_args(lr, device)
         if n_blocks:
             _lion_kernel[(n_blocks,)](
                 table, blocks, lr_t, lr_value, grad_scale, found_inf, weight_decay, 1 - beta1, 1 - beta2,
                 P=_TL[pdt], S=_TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
-                SKIPPABLE=found_inf is not None, MAXIMIZE=maximize, num_warps=NUM_WARPS,
+                SKIPPABLE=found_inf is not None, MAXIMIZE=maximize, ALIGNED=aligned, num_warps=NUM_WARPS,
             )
     return rest

@@ -200,23 +200,25 @@ def run(model: str, device_name: str, reps: int, only: list[str] | None, json_pa
             torch.cuda.empty_cache()
     medians = {name: statistics.median(t) for name, t in times.items()}
     base = {k: medians.get(f"torch AdamW {k}") for k in ("fused", "foreach")}
+    base["lion-pytorch"] = medians.get("lion-pytorch triton", medians.get("lion-pytorch"))
     print(f"{model}: {len(shapes)} tensors, {n / 1e6:.1f} M params, {dtype} params, state {state_dtype or 'default'}, "
           f"{device}, torch {torch.__version__}; measured bandwidth: copy {bw['copy']:.1f} GB/s, in-place "
           f"{bw['inplace']:.1f} GB/s; median of {reps}{', interleaved' if interleave else ''}")
     head = (f"{'implementation':30s} {'ms/step':>9s} {'B/param':>8s} {'GB/s':>7s} {'of copy':>8s} {'of in-place':>12s} "
-            f"{'/torch fused':>13s} {'/torch foreach':>15s}")
+            f"{'/torch fused':>13s} {'/torch foreach':>15s} {'/lion-pytorch':>14s}")
     print(head)
     out = []
     for name, ms in medians.items():
         gbs = moved[name] * n / ms / 1e6
-        ratios = [f"{ms / base[k]:.2f}x" if base[k] else "-" for k in ("fused", "foreach")]
+        ratios = [f"{ms / base[k]:.2f}x" if base[k] else "-" for k in ("fused", "foreach", "lion-pytorch")]
         print(f"{name:30s} {ms:9.2f} {moved[name]:8d} {gbs:7.1f} {gbs / bw['copy']:8.0%} {gbs / bw['inplace']:12.0%} "
-              f"{ratios[0]:>13s} {ratios[1]:>15s}")
+              f"{ratios[0]:>13s} {ratios[1]:>15s} {ratios[2]:>14s}")
         out.append({"name": name, "ms": ms, "bytes_per_param": moved[name], "gb_per_s": gbs,
                     "fraction_of_copy_bandwidth": gbs / bw["copy"],
                     "fraction_of_inplace_bandwidth": gbs / bw["inplace"],
                     "vs_torch_fused": ms / base["fused"] if base["fused"] else None,
-                    "vs_torch_foreach": ms / base["foreach"] if base["foreach"] else None})
+                    "vs_torch_foreach": ms / base["foreach"] if base["foreach"] else None,
+                    "vs_lion_pytorch": ms / base["lion-pytorch"] if base["lion-pytorch"] else None})
     for name, why in failed.items():
         print(f"{name:30s} {'n/a':>9s}  {why}")
     if json_path:
