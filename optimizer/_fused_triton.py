@@ -298,7 +298,7 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
                 weight_decay, beta2, 1 - beta1, 1 - beta2, _log2(beta1), _log2(beta2), eps,
                 P=_TL[pdt], S=_TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
                 SKIPPABLE=found_inf is not None, CORRECT_BIAS=correct_bias, MAXIMIZE=maximize, ALIGNED=aligned,
-                num_warps=NUM_WARPS,
+                num_warps=NUM_WARPS, enable_fp_fusion=True,  # fused multiply-adds, as nvcc compiles torch's
             )
         if found_inf is not None:  # a skipped step is not counted
             torch._foreach_sub_(steps, [found_inf.to(torch.float32)] * len(steps))
@@ -317,6 +317,7 @@ def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, l
             _lion_kernel[(n_blocks,)](
                 table, blocks, lr_t, lr_value, grad_scale, found_inf, weight_decay, 1 - beta1, 1 - beta2,
                 P=_TL[pdt], S=_TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
-                SKIPPABLE=found_inf is not None, MAXIMIZE=maximize, ALIGNED=aligned, num_warps=NUM_WARPS,
+                SKIPPABLE=found_inf is not None, MAXIMIZE=maximize, ALIGNED=aligned,
+                num_warps=NUM_WARPS, enable_fp_fusion=True,  # fused multiply-adds, as nvcc compiles torch's
             )
     return rest

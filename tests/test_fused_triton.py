@@ -295,3 +295,37 @@ def test_whole_blocks_compile_to_16_byte_vector_accesses():
     for name, (loads, stores) in {"adamw": (4, 3), "lion": (3, 2)}.items():  # streams read, written
         assert counts[name][0] >= loads * per_thread, (name, counts)
         assert counts[name][1] >= stores * per_thread, (name, counts)
+
+
+NO_TRITON = """
+import sys, warnings
+sys.modules["triton"] = None            # a machine without Triton: importing it fails
+import torch
+import optimizer
+from optimizer import Lion, _base
+_base.TRITON_DEVICES.add("cpu")         # send CPU parameters where CUDA ones would go
+p = torch.nn.Parameter(torch.ones(5000)); q = torch.nn.Parameter(torch.ones(5000))
+a, b = Lion([p], lr=0.1), Lion([q], lr=0.1, foreach=False, fused=False)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        p.grad = torch.linspace(-1, 1, 5000); q.grad = p.grad.clone()
+        a.step(); b.step()
+ours = [w for w in caught if "need Triton" in str(w.message)]
+print("warnings", len(ours), "equal", torch.equal(p, q))
+try:
+    Lion([p], fused=True).step()
+except RuntimeError as err:
+    print("fused=True raises:", "need Triton" in str(err))
+"""
+
+
+def test_without_triton_import_works_and_steps_fall_back_with_one_warning():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", NO_TRITON], capture_output=True, text=True, timeout=300, env=env)
+    assert "warnings 1 equal True" in done.stdout, done.stdout + done.stderr
+    assert "fused=True raises: True" in done.stdout, done.stdout + done.stderr
