@@ -1,0 +1,175 @@
+"""What each process of the multi-process tests (test_distributed.py) runs: gloo on
+loopback, CPU, float64 (so that a different order of summation in an all-reduce cannot
+flip a sign in Lion). Every check compares against a single-process run of the same
+global batch, computed in each worker; a mismatch raises, which fails the spawn."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from optim_table import OPTIMIZERS
+
+BACKENDS = {"reference": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+STEPS = 4
+HYPER = {"AdamW": dict(lr=1e-2, weight_decay=0.1), "Lion": dict(lr=1e-3, weight_decay=0.5)}
+
+
+def setup(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+
+def make_model() -> torch.nn.Module:
+    """Small, with sizes that do not divide by 4 (uneven FSDP2 shards, some of them empty)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.GELU(), torch.nn.Linear(10, 3)).double()
+
+
+def batches(n: int = STEPS, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, 6, generator=gen, dtype=torch.float64), torch.randn(size, 3, generator=gen,
+             dtype=torch.float64)) for _ in range(n)]
+
+
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, data, rank: int = 0, world: int = 1) -> None:
+    for x, y in data:
+        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+        torch.nn.functional.mse_loss(model(xs), ys).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def reference(info, data) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The single-process run of the same global batches, with the reference backend."""
+    model = make_model()
+    opt = info.cls(model.parameters(), **HYPER[info.name], foreach=False, fused=False)
+    train(model, opt, data)
+    return model, opt
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if type(t).__name__ == "DTensor" else t
+
+
+def assert_same_params(model: torch.nn.Module, ref: torch.nn.Module, what: str) -> None:
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(full(p.detach()), q.detach(), rtol=1e-9, atol=1e-12, msg=lambda m: f"{what}, {name}: {m}")
+
+
+def shard(model: torch.nn.Module, world: int) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def ddp(rank: int, world: int, port: int) -> None:
+    """DDP: every rank ends with the parameters of the single-process run."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    setup(rank, world, port)
+    data = batches()
+    for info in OPTIMIZERS:
+        ref, _ = reference(info, data)
+        for backend, kw in BACKENDS.items():
+            model = DistributedDataParallel(make_model())
+            train(model, info.cls(model.parameters(), **HYPER[info.name], **kw), data, rank, world)
+            assert_same_params(model.module, ref, f"DDP {info.name} {backend} rank {rank}/{world}")
+    dist.destroy_process_group()
+
+
+def fsdp2(rank: int, world: int, port: int) -> None:
+    """FSDP2: DTensor parameters, each rank updating its local shard, equal the unsharded run."""
+    setup(rank, world, port)
+    data = batches()
+    for info in OPTIMIZERS:
+        ref, ref_opt = reference(info, data)
+        for backend, kw in BACKENDS.items():
+            model = shard(make_model(), world)
+            opt = info.cls(model.parameters(), **HYPER[info.name], **kw)
+            train(model, opt, data, rank, world)
+            assert_same_params(model, ref, f"FSDP2 {info.name} {backend} rank {rank}/{world}")
+            for p, q in zip(model.parameters(), ref.parameters()):
+                assert type(p).__name__ == "DTensor"
+                for key, value in ref_opt.state[q].items():
+                    torch.testing.assert_close(full(opt.state[p][key]), value, rtol=1e-9, atol=1e-12)
+    dist.destroy_process_group()
+
+
+def zero(rank: int, world: int, port: int) -> None:
+    """ZeroRedundancyOptimizer with our optimizers as optimizer_class: the same parameters, and
+    the consolidated (unsharded) state equals the single-process optimizer's state."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    setup(rank, world, port)
+    data = batches()
+    for info in OPTIMIZERS:
+        ref, ref_opt = reference(info, data)
+        for backend, kw in BACKENDS.items():
+            model = DistributedDataParallel(make_model())
+            opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=info.cls, **HYPER[info.name], **kw)
+            train(model, opt, data, rank, world)
+            assert_same_params(model.module, ref, f"ZeRO {info.name} {backend} rank {rank}/{world}")
+            assert len(opt.optim.state) < len(list(model.parameters()))  # each rank holds a part of the state
+            opt.consolidate_state_dict(to=0)
+            if rank == 0:
+                state = opt.state_dict()["state"]
+                expected = ref_opt.state_dict()["state"]
+                assert sorted(state) == sorted(expected)
+                for i, s in expected.items():
+                    for key, value in s.items():
+                        torch.testing.assert_close(state[i][key], value, rtol=1e-9, atol=1e-12)
+    dist.destroy_process_group()
+
+
+def dcp_save(rank: int, world: int, port: int, where: str, first: int) -> None:
+    """Train ``first`` steps (FSDP2 if world > 1, else a plain model) and save with DCP."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    setup(rank, world, port)
+    data = batches()[:first]
+    for info in OPTIMIZERS:
+        for backend, kw in BACKENDS.items():
+            model = shard(make_model(), world) if world > 1 else make_model()
+            opt = info.cls(model.parameters(), **HYPER[info.name], **kw)
+            train(model, opt, data, rank, world)
+            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.save(state, checkpoint_id=os.path.join(where, f"{info.name}-{backend}"))
+    dist.destroy_process_group()
+
+
+def dcp_load(rank: int, world: int, port: int, where: str, first: int) -> None:
+    """Load the checkpoint at another world size, train the remaining steps, and end where a
+    single uninterrupted run ends."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    setup(rank, world, port)
+    data = batches()
+    for info in OPTIMIZERS:
+        ref, _ = reference(info, data)
+        for backend, kw in BACKENDS.items():
+            model = shard(make_model(), world) if world > 1 else make_model()
+            opt = info.cls(model.parameters(), **HYPER[info.name], **kw)
+            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(state, checkpoint_id=os.path.join(where, f"{info.name}-{backend}"))
+            set_model_state_dict(model, state["model"])
+            set_optimizer_state_dict(model, opt, state["optim"])
+            train(model, opt, data[first:], rank, world)
+            assert_same_params(model, ref, f"DCP {info.name} {backend}, resumed at world {world}")
+    dist.destroy_process_group()
