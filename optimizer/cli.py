@@ -52,6 +52,9 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
         g.add_argument(f"--{key.replace('_', '-')}", type=int, metavar="N", help=f"default {D[key]}")
     g = p.add_argument_group("run")
     g.add_argument("--device", metavar="DEV", help=f"cpu, cuda, cuda:1, ... (default {D['device']})")
+    g.add_argument("--distributed", choices=["none", "ddp", "fsdp2"],
+                   help="under torchrun: DDP or FSDP2 over the processes, gloo on CPU, nccl on CUDA "
+                   f"(default {D['distributed']})")
     g.add_argument("--seed", type=int, metavar="N", help=f"default {D['seed']}")
     g.add_argument("--out", metavar="DIR", help=f"output folder (default {D['out']})")
     g.add_argument("--eval-every", type=int, metavar="N", help=f"held-out loss every N steps (default {D['eval_every']})")
@@ -102,6 +105,8 @@ def _check_settings(cfg: dict[str, Any], defaults: dict[str, Any]) -> None:
     for name in cfg["optimizers"]:
         if name not in OPTIMIZERS:
             raise ConfigError(f"Invalid optimizers: {name!r}; allowed values are {sorted(OPTIMIZERS)}")
+    if cfg["distributed"] not in ("none", "ddp", "fsdp2"):
+        raise ConfigError(f"Invalid distributed: {cfg['distributed']!r}; allowed values are ['ddp', 'fsdp2', 'none']")
     if cfg["schedule"] not in SCHEDULES:
         raise ConfigError(f"Invalid schedule: {cfg['schedule']!r}; allowed values are {sorted(SCHEDULES)}")
     args = cfg["optimizer_args"]

@@ -6,6 +6,7 @@ global batch, computed in each worker; a mismatch raises, which fails the spawn.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,18 @@ def setup(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+
+
+def finish() -> None:
+    """Leave the process group and exit at once. Gloo's worker threads may still hold work
+    objects when the interpreter finalises, which can abort the process (SIGABRT, "terminate
+    called without an active exception"; pytorch/pytorch#179291): every check has passed by
+    now, so skip the finalisation."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def make_model() -> torch.nn.Module:
@@ -83,7 +96,7 @@ def ddp(rank: int, world: int, port: int) -> None:
             model = DistributedDataParallel(make_model())
             train(model, info.cls(model.parameters(), **HYPER[info.name], **kw), data, rank, world)
             assert_same_params(model.module, ref, f"DDP {info.name} {backend} rank {rank}/{world}")
-    dist.destroy_process_group()
+    finish()
 
 
 def fsdp2(rank: int, world: int, port: int) -> None:
@@ -101,7 +114,7 @@ def fsdp2(rank: int, world: int, port: int) -> None:
                 assert type(p).__name__ == "DTensor"
                 for key, value in ref_opt.state[q].items():
                     torch.testing.assert_close(full(opt.state[p][key]), value, rtol=1e-9, atol=1e-12)
-    dist.destroy_process_group()
+    finish()
 
 
 def zero(rank: int, world: int, port: int) -> None:
@@ -128,7 +141,7 @@ def zero(rank: int, world: int, port: int) -> None:
                 for i, s in expected.items():
                     for key, value in s.items():
                         torch.testing.assert_close(state[i][key], value, rtol=1e-9, atol=1e-12)
-    dist.destroy_process_group()
+    finish()
 
 
 def dcp_save(rank: int, world: int, port: int, where: str, first: int) -> None:
@@ -145,7 +158,7 @@ def dcp_save(rank: int, world: int, port: int, where: str, first: int) -> None:
             train(model, opt, data, rank, world)
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
             dcp.save(state, checkpoint_id=os.path.join(where, f"{info.name}-{backend}"))
-    dist.destroy_process_group()
+    finish()
 
 
 def dcp_load(rank: int, world: int, port: int, where: str, first: int) -> None:
@@ -172,4 +185,4 @@ def dcp_load(rank: int, world: int, port: int, where: str, first: int) -> None:
             set_optimizer_state_dict(model, opt, state["optim"])
             train(model, opt, data[first:], rank, world)
             assert_same_params(model, ref, f"DCP {info.name} {backend}, resumed at world {world}")
-    dist.destroy_process_group()
+    finish()

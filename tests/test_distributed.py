@@ -65,3 +65,52 @@ def test_workers_reference_is_deterministic():
     b, _ = dist_workers.reference(info, dist_workers.batches())
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+TINY = ["--steps", "6", "--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "32", "--batch-size", "8",
+        "--eval-every", "3", "--checkpoint-every", "3", "--warmup-steps", "2", "--no-progress"]
+
+
+def demo(tmp_path, name: str, mode: str, *extra: str) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    launcher = [sys.executable, "-m", "optimizer"] if mode == "none" else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "optimizer"]
+    out = tmp_path / name
+    done = subprocess.run([*launcher, "demo", "--distributed", mode, *TINY, "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+
+
+def test_demo_under_torchrun_follows_the_single_process_run_and_resumes_across_modes(tmp_path):
+    """`torchrun --nproc_per_node 2 -m optimizer demo --distributed ddp|fsdp2`: each rank trains on
+    its half of the same global batches, so the losses are those of one process; a run stopped
+    under FSDP2 resumes under DDP (checkpoints are unsharded) and ends where it would have."""
+    single = demo(tmp_path, "single", "none")
+    for mode in ("ddp", "fsdp2"):
+        run = demo(tmp_path, mode, mode)
+        assert run["world_size"] == 2
+        for name, r in single["results"].items():
+            ours = run["results"][name]["history"]
+            for key in ("loss", "held_out"):
+                torch.testing.assert_close(torch.tensor(ours[key]), torch.tensor(r["history"][key]), rtol=1e-4, atol=1e-5)
+    demo(tmp_path, "resumed", "fsdp2", "--stop-after", "4")
+    resumed = demo(tmp_path, "resumed", "ddp", "--resume")
+    for name, r in single["results"].items():
+        torch.testing.assert_close(torch.tensor(resumed["results"][name]["history"]["loss"]),
+                                   torch.tensor(r["history"]["loss"]), rtol=1e-4, atol=1e-5)
+
+
+def test_demo_distributed_without_torchrun_says_how():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-m", "optimizer", "demo", "--distributed", "fsdp2", *TINY],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2
+    assert "Invalid distributed: 'fsdp2' needs torchrun" in done.stderr and "Traceback" not in done.stderr

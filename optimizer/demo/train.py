@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..factory import clip_grad_norm_, create_optimizer, create_scheduler, describe_groups
+from . import parallel
 from .data import Batches, load_text, split, unigram_entropy
 from .llama import Llama
 
@@ -33,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_every": 50,
     "checkpoint_every": 50,
     "device": "cpu",
+    "distributed": "none",  # under torchrun: "ddp" or "fsdp2" (parallel.py)
     "seed": 0,
     "out": "runs/demo",
     "optimizer_args": {},  # name -> keyword arguments (lr, weight_decay, betas, ...)
@@ -64,12 +66,14 @@ def evaluate(model: Llama, held_out: torch.Tensor, seq_len: int, device: torch.d
 
 
 def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib.Path, *, resume: bool,
-              stop_after: int | None, progress: bool) -> dict[str, Any]:
+              stop_after: int | None, progress: bool, world: parallel.World, device: torch.device) -> dict[str, Any]:
     """One optimizer's run; returns its results (``finished`` False if stopped early)."""
-    device = torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     model = Llama(dim=cfg["dim"], layers=cfg["layers"], heads=cfg["heads"], max_seq=cfg["seq_len"]).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    model = parallel.wrap(model, world)
     opt = create_optimizer(model, name, **cfg["optimizer_args"].get(name, {}))
+    ckpt_format = "index" if world.mode == "none" else "full"  # opt.state_dict() / unsharded, by parameter name
     sched = create_scheduler(opt, cfg["schedule"], warmup_steps=cfg["warmup_steps"], total_steps=cfg["steps"],
                              min_lr_ratio=cfg["min_lr_ratio"])
     batches = Batches(train_data, cfg["batch_size"], cfg["seq_len"], cfg["seed"])
@@ -82,27 +86,32 @@ def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib
         if changed:
             have = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
             raise ValueError(f"Invalid --resume: {changed} differ from the checkpoint {ckpt_path} (it has {have})")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("format", "index") != ckpt_format:
+            raise ValueError(f"Invalid --resume: the checkpoint {ckpt_path} was written with --distributed "
+                             f"{'none' if ckpt_format == 'full' else 'ddp or fsdp2'}; resume it that way")
+        parallel.load_full_state(model, opt, ckpt["model"], ckpt["optimizer"], world)
         sched.load_state_dict(ckpt["scheduler"])
         batches.gen.set_state(ckpt["data_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         hist, start = ckpt["history"], ckpt["step"]
 
     def checkpoint(step: int) -> None:
-        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "data_rng": batches.gen.get_state(), "torch_rng": torch.get_rng_state(), "history": hist,
-                     "step": step, "config": {k: cfg[k] for k in SHAPING}}, ckpt_path)
+        model_sd, opt_sd = parallel.full_state(model, opt, world)  # every rank takes part
+        if world.main:
+            save_atomic({"model": model_sd, "optimizer": opt_sd, "scheduler": sched.state_dict(),
+                         "data_rng": batches.gen.get_state(), "torch_rng": torch.get_rng_state(), "history": hist,
+                         "step": step, "config": {k: cfg[k] for k in SHAPING}, "format": ckpt_format}, ckpt_path)
+        parallel.barrier(world)
 
     bar = None
-    if progress:
+    if progress and world.main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg["steps"], initial=start, desc=f"{name:6s}", unit="step", dynamic_ncols=True)
     tokens_per_step = cfg["batch_size"] * cfg["seq_len"]
     for step in range(start, cfg["steps"]):
         t_step = time.perf_counter()
-        x, y = (t.to(device) for t in batches.next())
+        x, y = (parallel.rows(t, world).to(device) for t in batches.next())
         _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -117,7 +126,7 @@ def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib
             torch.cuda.synchronize()
         hist["step_ms"].append((time.perf_counter() - t0) * 1e3)
         sched.step()
-        hist["loss"].append(loss.item())
+        hist["loss"].append(parallel.mean(loss, world))
         hist["lr"].append(float(lr))
         hist["wall_s"].append(time.perf_counter() - t_step)
         done = step + 1
@@ -136,17 +145,15 @@ def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib
             checkpoint(done)
     if bar is not None:
         bar.close()
-    state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-                      if torch.is_tensor(v))
     return {
         "finished": True,
         "groups": describe_groups(opt),
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": n_params,
         "final_train_loss": statistics.fmean(hist["loss"][-10:]),
         "held_out_loss": hist["held_out"][-1][1],
         "tokens_per_s": len(hist["wall_s"]) * tokens_per_step / sum(hist["wall_s"]),
         "optimizer_step_ms": statistics.median(hist["step_ms"]),
-        "state_bytes": state_bytes,
+        "state_bytes": parallel.local_bytes(opt),  # this rank's
         "history": hist,
     }
 
@@ -187,32 +194,48 @@ def plot(results: dict[str, dict[str, Any]], entropy: float, out: pathlib.Path) 
 
 
 def run(cfg: dict[str, Any], *, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> int:
+    world, device = parallel.start(cfg["distributed"], cfg["device"])
+    try:
+        return _run(cfg, resume=resume, stop_after=stop_after, progress=progress, world=world, device=device)
+    finally:
+        parallel.stop(world)
+
+
+def _run(cfg: dict[str, Any], *, resume: bool, stop_after: int | None, progress: bool, world: parallel.World,
+         device: torch.device) -> int:
     out = pathlib.Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+    say = print if world.main else (lambda *a, **k: None)
     text, source = load_text()
     train_data, held_out = split(text)
     entropy = unigram_entropy(bytes(held_out.tolist()))
-    print(f"text: {source}, {len(text):,} bytes ({len(train_data):,} train / {len(held_out):,} held out); "
-          f"unigram entropy of the held-out text {entropy:.3f} nats/byte")
+    say(f"text: {source}, {len(text):,} bytes ({len(train_data):,} train / {len(held_out):,} held out); "
+        f"unigram entropy of the held-out text {entropy:.3f} nats/byte")
     results = {}
     for name in cfg["optimizers"]:
-        r = train_one(name, cfg, train_data, held_out, out, resume=resume, stop_after=stop_after, progress=progress)
+        r = train_one(name, cfg, train_data, held_out, out, resume=resume, stop_after=stop_after, progress=progress,
+                      world=world, device=device)
         if not r["finished"]:
-            print(f"{name}: stopped after step {r['step']}; continue with --resume --out {out}")
+            say(f"{name}: stopped after step {r['step']}; continue with --resume --out {out}")
             return 0
-        print(f"  {r['groups']}")
+        say(f"  {r['groups']}")
         results[name] = r
+    if not world.main:
+        return 0
     params = next(iter(results.values()))["params"]
     print(f"\nsmall LLaMA, {params / 1e6:.2f} M parameters, {cfg['steps']} steps of "
-          f"{cfg['batch_size']}x{cfg['seq_len']} bytes, {cfg['schedule']} schedule, warmup {cfg['warmup_steps']}")
-    header = f"{'optimizer':10s} {'train loss':>10s} {'held-out':>9s} {'tokens/s':>9s} {'opt step ms':>12s} {'state MB':>9s}"
+          f"{cfg['batch_size']}x{cfg['seq_len']} bytes, {cfg['schedule']} schedule, warmup {cfg['warmup_steps']}"
+          f"{parallel.describe(world)}")
+    state = "state MB" if world.mode == "none" else "state MB/rank"
+    header = f"{'optimizer':10s} {'train loss':>10s} {'held-out':>9s} {'tokens/s':>9s} {'opt step ms':>12s} {state:>9s}"
     print(header)
     for name, r in results.items():
         print(f"{name:10s} {r['final_train_loss']:10.3f} {r['held_out_loss']:9.3f} {r['tokens_per_s']:9,.0f} "
               f"{r['optimizer_step_ms']:12.2f} {r['state_bytes'] / 2**20:9.2f}")
     print(f"(held-out loss of a model that ignores context: {entropy:.3f})")
     files = plot(results, entropy, out)
-    summary = {"config": cfg, "text": source, "unigram_entropy": entropy,
+    summary = {"config": cfg, "text": source, "unigram_entropy": entropy, "world_size": world.size,
                "results": {n: {k: v for k, v in r.items() if k != "finished"} for n, r in results.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {', '.join(str(f) for f in files)}, {out / 'summary.json'}")

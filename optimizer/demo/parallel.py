@@ -1,0 +1,125 @@
+"""The demo under ``torchrun``: DDP or FSDP2 (``--distributed ddp|fsdp2``).
+
+Every rank draws the same global batch from the same seeded sampler and trains on its
+slice of the rows, so a run on N processes follows the single-process run of the same
+settings (to rounding); the logged loss is the mean over ranks. Checkpoints hold full,
+unsharded state dicts (``torch.distributed.checkpoint.state_dict`` with
+``full_state_dict``), written by rank 0, so they load at any world size. Only rank 0
+prints and writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+MODES = ("none", "ddp", "fsdp2")
+
+
+@dataclass
+class World:
+    mode: str = "none"
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start(mode: str, device: str) -> tuple[World, torch.device]:
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); the device of this rank."""
+    if mode == "none":
+        return World(), torch.device(device)
+    if "RANK" not in os.environ:
+        raise ValueError(f"Invalid distributed: {mode!r} needs torchrun, e.g. "
+                         f"torchrun --nproc_per_node 2 -m optimizer demo --distributed {mode}")
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return World(mode, dist.get_rank(), dist.get_world_size()), dev
+
+
+def stop(world: World) -> None:
+    if world.mode != "none" and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, world: World) -> torch.nn.Module:
+    """DDP around the model, or FSDP2 on each block and the root (parameters become DTensor shards)."""
+    if world.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
+    if world.mode == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    return model
+
+
+def rows(batch: torch.Tensor, world: World) -> torch.Tensor:
+    """This rank's rows of the global batch."""
+    if batch.shape[0] % world.size:
+        raise ValueError(f"Invalid batch_size: {batch.shape[0]} does not split over {world.size} processes")
+    return batch.chunk(world.size)[world.rank]
+
+
+def mean(value: torch.Tensor, world: World) -> float:
+    """The mean over ranks of a scalar."""
+    if world.mode == "none":
+        return value.item()
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value.item() / world.size
+
+
+def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer, world: World) -> tuple[dict, dict]:
+    """Model and optimizer state dicts, unsharded on the CPU (every rank must call this)."""
+    if world.mode == "none":
+        return model.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model: torch.nn.Module, opt: torch.optim.Optimizer, model_sd: dict, opt_sd: dict,
+                    world: World) -> None:
+    if world.mode == "none":
+        model.load_state_dict(model_sd)
+        opt.load_state_dict(opt_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=opt_sd,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def local_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state this rank holds (a DTensor counts its local shard)."""
+    from .._base import local
+
+    return sum(local(v).numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if torch.is_tensor(v))
+
+
+def describe(world: World) -> str:
+    return "" if world.mode == "none" else f", {world.mode} on {world.size} processes"
+
+
+def barrier(world: World) -> None:
+    if world.mode != "none":
+        dist.barrier()
+
+
+__all__: list[Any] = ["MODES", "World", "start", "stop", "wrap", "rows", "mean", "full_state", "load_full_state",
+                      "local_bytes", "describe", "barrier"]
