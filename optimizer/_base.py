@@ -398,6 +398,34 @@ def on_triton_devices(tensors: list[Tensor]) -> list[int]:
     return [i for i, t in enumerate(tensors) if t.device.type in TRITON_DEVICES]
 
 
+def pick(lists: list[list[Any]], idx: list[int]) -> list[list[Any]]:
+    """The sub-lists at ``idx`` of parallel lists."""
+    return [[lst[i] for i in idx] for lst in lists]
+
+
+def fused_gpu_first(kernel: str, lists: list[list[Tensor]], hyper: dict[str, Any], grad_scale: Tensor | None,
+                    found_inf: Tensor | None, strict: bool) -> list[list[Tensor]] | None:
+    """The first part of a fused backend: the tensors on TRITON_DEVICES go to the Triton kernel
+    ``kernel`` of _fused_triton (Note [fused GPU]; it applies GradScaler itself). Returns the
+    parallel lists of the others (CPU ones, any the kernel did not take) with their gradients
+    through GradScaler, for the host side; None when nothing is left or the step is skipped."""
+    params = lists[0]
+    rest = list(range(len(params)))
+    gpu = on_triton_devices(params)
+    kernels = load_triton(strict) if gpu else None
+    if kernels is not None:
+        whole = len(gpu) == len(params)  # the common case: no index juggling
+        left = getattr(kernels, kernel)(*(lists if whole else pick(lists, gpu)), **hyper, grad_scale=grad_scale,
+                                        found_inf=found_inf)
+        done = set(gpu) - {gpu[j] for j in left}
+        rest = [i for i in rest if i not in done]
+    if not rest:
+        return None
+    lists = pick(lists, rest)
+    lists[1] = amp_grads(lists[1], grad_scale, found_inf)
+    return None if lists[1] is None else lists  # None: GradScaler found inf/nan, skip the step
+
+
 def as_real(t: Tensor) -> Tensor:
     """A complex tensor is optimised as its real and imaginary parts (torch.optim's convention)."""
     return torch.view_as_real(t) if t.is_complex() else t

@@ -45,14 +45,13 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._base import as_real, local
 
-__all__ = ["BLOCK", "Kernel", "available", "pick", "run"]
+__all__ = ["BLOCK", "Kernel", "available", "run"]
 
 log = logging.getLogger("optimizer")
 BLOCK = 1 << 14  # elements a thread takes at a time
@@ -299,7 +298,3 @@ def run(kernel: Kernel, params: list[Tensor], grads: list[Tensor], states: list[
                  int(maximize), n_threads)
     return rest
 
-
-def pick(lists: list[list[Any]], idx: list[int]) -> list[list[Any]]:
-    """The sub-lists at ``idx`` of parallel lists."""
-    return [[lst[i] for i in idx] for lst in lists]

@@ -29,8 +29,8 @@ from ._base import (
     compute_dtype,
     foreach_buckets,
     group_by_device_and_dtype,
-    load_triton,
-    on_triton_devices,
+    fused_gpu_first,
+    pick,
     state_dtype,
     step_device,
 )
@@ -326,21 +326,9 @@ def _fused_adamw(
     foreach for the few tensors none of them takes."""
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                  correct_bias=correct_bias, maximize=maximize)
-    lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps]
-    rest = list(range(len(params)))
-    gpu = on_triton_devices(params)
-    kernels = load_triton(strict) if gpu else None
-    if kernels is not None:
-        whole = len(gpu) == len(params)  # the common case: no index juggling
-        left = kernels.adamw(*(lists if whole else _fused_cpu.pick(lists, gpu)), **hyper, grad_scale=grad_scale,
-                             found_inf=found_inf)
-        done = set(gpu) - {gpu[j] for j in left}
-        rest = [i for i in rest if i not in done]
-    if not rest:
-        return
-    lists = _fused_cpu.pick(lists, rest)
-    lists[1] = amp_grads(lists[1], grad_scale, found_inf)
-    if lists[1] is None:  # GradScaler found inf/nan: skip the step
+    lists = fused_gpu_first("adamw", [params, grads, exp_avgs, exp_avg_sqs, state_steps], hyper, grad_scale,
+                            found_inf, strict)
+    if lists is None:
         return
     lr = float(lr)  # read once on the host; the scalars stay float64 until the kernel
     hyper["lr"] = lr
@@ -350,7 +338,7 @@ def _fused_adamw(
     same_set = set(torch_same)
     ours = [i for i in range(len(params)) if i not in same_set]
     # ours first: if its compile fails under fused=True, nothing has changed yet
-    mine = _fused_cpu.pick(lists, ours)
+    mine = pick(lists, ours)
     per_tensor = []
     for step in mine[4]:
         t = step.item() + 1  # this step's count; the counters move once the kernel has run
@@ -364,9 +352,9 @@ def _fused_adamw(
     if counted:
         torch._foreach_add_(counted, 1.0)
     if left:  # the foreach path counts its own steps
-        _multi_tensor_adamw(*_fused_cpu.pick(mine, left), **hyper)
+        _multi_tensor_adamw(*pick(mine, left), **hyper)
     if torch_same:
-        buckets = group_by_device_and_dtype(*[[as_real(t) for t in lst] for lst in _fused_cpu.pick(lists, torch_same)])
+        buckets = group_by_device_and_dtype(*[[as_real(t) for t in lst] for lst in pick(lists, torch_same)])
         for b_p, b_g, b_m, b_v, b_steps in buckets.values():
             torch._foreach_add_(b_steps, 1.0)
             torch._fused_adamw_(b_p, b_g, b_m, b_v, [], b_steps, lr=lr, beta1=beta1, beta2=beta2,

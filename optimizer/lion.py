@@ -28,8 +28,8 @@ from ._base import (
     choose_backend,
     compute_dtype,
     foreach_buckets,
-    load_triton,
-    on_triton_devices,
+    fused_gpu_first,
+    pick,
     state_dtype,
 )
 
@@ -244,24 +244,12 @@ def _fused_lion(
     """One pass per element, all tensors at once: a Triton kernel on CUDA (Note [fused GPU]),
     the C loop on CPU (Note [fused CPU]); foreach for the few tensors neither takes."""
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
-    lists = [params, grads, exp_avgs]
-    rest = list(range(len(params)))
-    gpu = on_triton_devices(params)
-    kernels = load_triton(strict) if gpu else None
-    if kernels is not None:
-        whole = len(gpu) == len(params)  # the common case: no index juggling
-        left = kernels.lion(*(lists if whole else _fused_cpu.pick(lists, gpu)), **hyper, grad_scale=grad_scale,
-                            found_inf=found_inf)
-        done = set(gpu) - {gpu[j] for j in left}
-        rest = [i for i in rest if i not in done]
-    if not rest:
+    lists = fused_gpu_first("lion", [params, grads, exp_avgs], hyper, grad_scale, found_inf, strict)
+    if lists is None:
         return
-    params, grads, exp_avgs = _fused_cpu.pick(lists, rest)
-    grads = amp_grads(grads, grad_scale, found_inf)
-    if grads is None:  # GradScaler found inf/nan: skip the step
-        return
+    params, grads, exp_avgs = lists
     lr = float(lr)  # read once on the host; the scalars stay float64 until the kernel
     scalars = [1 - lr * weight_decay, lr, 1 - beta1, 1 - beta2]
     left = _fused_cpu.run(_LION_KERNEL, params, grads, [exp_avgs], scalars, maximize=maximize, strict=strict)
     if left:
-        _multi_tensor_lion(*_fused_cpu.pick([params, grads, exp_avgs], left), **{**hyper, "lr": lr})
+        _multi_tensor_lion(*pick([params, grads, exp_avgs], left), **{**hyper, "lr": lr})

@@ -48,8 +48,15 @@ def start(mode: str, device: str) -> tuple[World, torch.device]:
 
 
 def stop(world: World) -> None:
+    """Leave the process group once every rank is done and nothing holds its work objects
+    (gloo aborts the process at exit if its threads still hold some: pytorch/pytorch#179291)."""
     if world.mode != "none" and dist.is_initialized():
+        import gc
+
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def wrap(model: torch.nn.Module, world: World) -> torch.nn.Module:
