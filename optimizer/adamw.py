@@ -89,14 +89,19 @@ class AdamW(Optimizer):
             False is the BERT / Hugging Face legacy variant.
         maximize: maximise the objective instead of minimising it.
         foreach: use the multi-tensor implementation (True) or not (False).
-        fused: use the fused CPU kernels (True) or not (False): one pass over
-            memory per element instead of one per operation.
-            With both None (default) the fastest correct path is picked:
-            fused on CPU, foreach on CUDA (measured, see README 'Backends').
+        fused: use the fused kernels (True) or not (False): one pass over
+            memory per element instead of one per operation (a C loop on
+            CPU, Triton kernels on CUDA). With both None (default) the
+            fastest correct path is picked: fused on CPU and CUDA (see
+            README 'Backends').
+        state_dtype: None (default: float32 for bf16/fp16 parameters, the
+            parameter's dtype otherwise), torch.float32, or torch.bfloat16
+            to store the moments in bf16 (math still in float32).
 
-    State per parameter: ``step`` (float32 scalar tensor), ``exp_avg``,
-    ``exp_avg_sq`` (float32 for bf16/fp16 parameters, the parameter's dtype
-    otherwise). Complex parameters are updated as pairs of reals.
+    State per parameter: ``step`` (float32 scalar tensor; on the parameter's
+    GPU for CUDA parameters, so that the fused kernels read it without a
+    sync), ``exp_avg``, ``exp_avg_sq`` (in ``state_dtype``). Complex
+    parameters are updated as pairs of reals.
     """
 
     state_keys = ("step", "exp_avg", "exp_avg_sq")

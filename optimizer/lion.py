@@ -73,9 +73,11 @@ class Lion(Optimizer):
         weight_decay: decoupled weight decay coefficient, default 0.0.
         maximize: maximise the objective instead of minimising it.
         foreach: use the multi-tensor implementation; None picks (see AdamW).
-        fused: use the fused CPU kernel (see AdamW); None picks.
+        fused: use the fused kernels (see AdamW); None picks.
+        state_dtype: None, torch.float32 or torch.bfloat16 (see AdamW).
 
-    State per parameter: ``exp_avg`` only (float32 for bf16/fp16 parameters).
+    State per parameter: ``exp_avg`` only (in ``state_dtype``: by default float32
+    for bf16/fp16 parameters, the parameter's dtype otherwise).
     Complex parameters are updated as pairs of reals: the sign is taken of the
     real and the imaginary part separately.
     """
