@@ -95,10 +95,9 @@ def _lerp(a, b, w):
 
 
 @triton.jit
-def _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, step, grad_scale_ptr,
-                    weight_decay, beta2, w1, w2, log2_beta1, log2_beta2, eps,
-                    P: tl.constexpr, S: tl.constexpr, SCALED: tl.constexpr, CORRECT_BIAS: tl.constexpr,
-                    MAXIMIZE: tl.constexpr):
+def _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, bc1, bc2_sqrt, grad_scale_ptr,
+                    weight_decay, beta2, w1, w2, eps,
+                    P: tl.constexpr, S: tl.constexpr, SCALED: tl.constexpr, MAXIMIZE: tl.constexpr):
     """The AdamW update of one block (mask None: a whole block, vector loads)."""
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
@@ -108,12 +107,6 @@ def _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, step, grad_scale
         g = tl.div_rn(g, tl.load(grad_scale_ptr))
     if MAXIMIZE:
         g = -g
-    if CORRECT_BIAS:
-        bc1 = 1 - tl.exp2(step * log2_beta1)                  # 1 - b1^t
-        bc2_sqrt = tl.sqrt_rn(1 - tl.exp2(step * log2_beta2))  # sqrt(1 - b2^t)
-    else:
-        bc1 = 1.0
-        bc2_sqrt = 1.0
 
     p = p * (1 - lr * weight_decay)                           # theta (1 - lr wd)
     m = _lerp(m, g, w1)                                       # m_t = b1 m + (1 - b1) g
@@ -127,8 +120,8 @@ def _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, step, grad_scale
 
 
 @triton.jit
-def _adamw_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr,
-                  weight_decay, beta2, w1, w2, log2_beta1, log2_beta2, eps,
+def _adamw_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr, log_betas,
+                  weight_decay, beta2, w1, w2, eps,
                   P: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, LR_TENSOR: tl.constexpr,
                   SCALED: tl.constexpr, SKIPPABLE: tl.constexpr, CORRECT_BIAS: tl.constexpr,
                   MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr):
@@ -147,12 +140,19 @@ def _adamw_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr
     step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))  # already counted
     numel = tl.load(row + 5)
     lr = tl.load(lr_ptr).to(tl.float32) if LR_TENSOR else lr_value
+    if CORRECT_BIAS:  # in float64: 1 - b2^t in float32 would lose the digits that matter
+        t = step.to(tl.float64)
+        bc1 = (1.0 - tl.exp(t * tl.load(log_betas))).to(tl.float32)                   # 1 - b1^t
+        bc2_sqrt = tl.sqrt_rn((1.0 - tl.exp(t * tl.load(log_betas + 1))).to(tl.float32))  # sqrt(1 - b2^t)
+    else:
+        bc1 = 1.0
+        bc2_sqrt = 1.0
     if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be vectors
-        _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, lr, step, grad_scale_ptr,
-                        weight_decay, beta2, w1, w2, log2_beta1, log2_beta2, eps, P, S, SCALED, CORRECT_BIAS, MAXIMIZE)
+        _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, lr, bc1, bc2_sqrt, grad_scale_ptr,
+                        weight_decay, beta2, w1, w2, eps, P, S, SCALED, MAXIMIZE)
     else:                       # the tensor's last, partial block
-        _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < numel, lr, step, grad_scale_ptr,
-                        weight_decay, beta2, w1, w2, log2_beta1, log2_beta2, eps, P, S, SCALED, CORRECT_BIAS, MAXIMIZE)
+        _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < numel, lr, bc1, bc2_sqrt, grad_scale_ptr,
+                        weight_decay, beta2, w1, w2, eps, P, S, SCALED, MAXIMIZE)
 
 
 @triton.jit
@@ -274,8 +274,17 @@ def _lr_args(lr: float | Tensor, device: torch.device) -> tuple[Tensor | None, f
     return None, float(lr), False
 
 
-def _log2(beta: float) -> float:
-    return math.log2(beta) if beta > 0 else -math.inf
+_LOG_BETAS: dict[tuple[str, int, float, float], Tensor] = {}
+
+
+def _log_betas(beta1: float, beta2: float, device: torch.device) -> Tensor:
+    """(ln beta1, ln beta2) in float64 on ``device``, for the bias corrections in the kernel;
+    made once per device and betas (pinned, non-blocking: no sync)."""
+    key = (device.type, device.index or 0, beta1, beta2)
+    if key not in _LOG_BETAS:
+        values = torch.tensor([math.log(b) if b > 0 else -math.inf for b in (beta1, beta2)], dtype=torch.float64)
+        _LOG_BETAS[key] = values if device.type == "cpu" else values.pin_memory().to(device, non_blocking=True)
+    return _LOG_BETAS[key]
 
 
 # ----- the backends (the signatures of adamw._fused_adamw and lion._fused_lion) ----------
@@ -294,8 +303,8 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
         lr_t, lr_value, lr_tensor = _lr_args(lr, device)
         if n_blocks:
             _adamw_kernel[(n_blocks,)](
-                table, blocks, lr_t, lr_value, grad_scale, found_inf,
-                weight_decay, beta2, 1 - beta1, 1 - beta2, _log2(beta1), _log2(beta2), eps,
+                table, blocks, lr_t, lr_value, grad_scale, found_inf, _log_betas(beta1, beta2, device),
+                weight_decay, beta2, 1 - beta1, 1 - beta2, eps,
                 P=_TL[pdt], S=_TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
                 SKIPPABLE=found_inf is not None, CORRECT_BIAS=correct_bias, MAXIMIZE=maximize, ALIGNED=aligned,
                 num_warps=NUM_WARPS, enable_fp_fusion=True,  # fused multiply-adds, as nvcc compiles torch's

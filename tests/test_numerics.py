@@ -322,3 +322,18 @@ def test_deepcopy_is_independent_and_continues_identically(info):
         assert torch.equal(p, q)
         for k, v in opt.state[p].items():
             assert torch.equal(v, twin.state[q][k]) and v is not twin.state[q][k]
+
+
+def test_bias_corrections_on_the_device_match_the_formula():
+    """The foreach path computes AdamW's bias corrections with tensor ops where the step counts
+    live on a GPU (no sync); the same ops on CPU step tensors against the float64 formula."""
+    from optimizer.adamw import _device_bias_corrections
+
+    steps = [torch.tensor(float(t)) for t in (1, 2, 10, 1000, 100000)]
+    for beta1, beta2 in [(0.9, 0.999), (0.0, 0.5), (0.95, 0.9999)]:
+        bc1, bc2_sqrt = _device_bias_corrections(steps, beta1, beta2)
+        for s, a, b in zip(steps, bc1, bc2_sqrt):
+            t = s.item()
+            torch.testing.assert_close(a.double(), torch.tensor(1 - beta1**t, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(b.double(), torch.tensor((1 - beta2**t) ** 0.5, dtype=torch.float64), rtol=1e-6,
+                                       atol=1e-7)
