@@ -1,28 +1,20 @@
 """What every optimizer of this package shares: argument checks, the two-phase
-step, state precision and checkpoint validation.
+step, checkpoints, and what ``torch.compile`` sees.
 
 An algorithm file (``adamw.py``, ``lion.py``) only says which hyper-parameters
-it has, which state it keeps and how one group is updated; the contract that
+it has, which state it keeps and which backends update it; the contract that
 ``torch.optim`` users rely on lives here once.
 
 Note [two-phase step]
 ~~~~~~~~~~~~~~~~~~~~~
-A step that raises must leave parameters and state exactly as they were. So
-``step()`` first *checks* every group (hyper-parameters, gradients) without
-touching anything, and only then creates missing state and updates. Every error
-we can foresee is raised in the first phase.
-
-Note [state precision]
-~~~~~~~~~~~~~~~~~~~~~~
-The update is computed in float32 or better (``compute_dtype``). Parameters in
-bfloat16/float16 keep their optimizer state in float32 (``state_dtype``);
-float32/float64 and complex parameters keep state in their own dtype, as
-torch.optim does. ``state_dtype=torch.bfloat16`` (an option of each optimizer)
-stores the state of real parameters in bfloat16 to halve its memory: the math
-still runs in float32, and each state value is rounded to bfloat16 once per
-step, to nearest even. A checkpoint restores state in that precision: torch's
-loader would cast it to the parameter dtype, so ``load_state_dict`` re-casts
-from the saved tensors.
+A step that raises must leave parameters, gradients and state exactly as they
+were. So ``step()`` first *checks and plans* every group without changing
+anything (``_prepare``): hyper-parameters, including that the numbers the update
+multiplies by fit its float precision; gradients (layout, shape, dtype, device);
+existing state (keys, shape, dtype, device); which backend takes which tensor,
+which compiles the C loop or imports Triton if needed (Note [backends]). Only
+then does it create missing state and update. Every error we can foresee is
+raised in the first phase, whatever the backend.
 
 Note [GradScaler]
 ~~~~~~~~~~~~~~~~~
@@ -32,58 +24,38 @@ then hands them ``grad_scale`` (divide the gradients by it) and ``found_inf``
 checking on the host itself. The fused GPU kernels use both on the device,
 without a sync; the other backends unscale into temporaries and read
 ``found_inf`` (one sync, as GradScaler's own path would).
+
+Note [torch.compile]
+~~~~~~~~~~~~~~~~~~~~
+``torch.compile(opt.step)``, or a compiled training step that calls it, traces
+``_compiled_step``. It is shaped as torch.optim's steps are, so Dynamo treats it
+as it treats theirs: ``_init_group`` (check, gather, create state) runs once, in
+Python, when Dynamo traces, and Dynamo guards on what it read instead of tracing
+it; the foreach and reference updates are traced into the graph, with the
+learning rate as an input (no recompilation when a scheduler changes it). A step
+with a group that is fused (``fused=True``, or the default, which is fused on CPU
+and CUDA) runs outside the graph, whole, exactly as in eager mode: one graph
+break, as torch keeps its own fused kernels out of tracing. In a traced step the
+checks of Note [two-phase step] run when Dynamo traces, not at every call.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
-import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Optimizer", "compute_dtype", "state_dtype"]
+from . import _dispatch
+from ._tensors import _LOW_PRECISION, STATE_DTYPES, state_dtype, step_device
 
-_LOW_PRECISION = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
-STATE_DTYPES = (None, torch.float32, torch.bfloat16)  # the choices of the state_dtype option
-
-
-def state_dtype(param: Tensor, requested: torch.dtype | None = None) -> torch.dtype:
-    """dtype of the optimizer state for ``param`` (Note [state precision]): ``requested`` (the
-    state_dtype option) for real parameters, else float32 for bf16/fp16, else the parameter's."""
-    if requested is not None and not param.is_complex():
-        return requested
-    return _LOW_PRECISION.get(param.dtype, param.dtype)
-
-
-def compute_dtype(param_dtype: torch.dtype, state: torch.dtype) -> torch.dtype:
-    """dtype of the math: float32 or better, and at least as wide as parameter and state."""
-    return torch.promote_types(torch.promote_types(param_dtype, state), torch.float32)
-
-
-def step_device(param: Tensor) -> torch.device:
-    """Where a step counter lives: on the parameter's accelerator (read by the fused kernels
-    without a sync, as torch.optim's fused/capturable steps), on the CPU otherwise."""
-    return param.device if param.device.type == "cuda" else torch.device("cpu")
-
-
-def check_state_dtype(value: Any) -> None:
-    if value not in STATE_DTYPES:
-        raise ValueError(f"Invalid state_dtype: {value!r} (must be None, torch.float32 or torch.bfloat16)")
-
-
-def amp_grads(grads: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None) -> list[Tensor] | None:
-    """Note [GradScaler] for backends without it in their kernels: None when the step must be
-    skipped, else the gradients divided by ``grad_scale`` (new tensors; the .grad stay as they are)."""
-    if found_inf is not None and float(found_inf) != 0:
-        return None
-    if grad_scale is not None:
-        return [g / grad_scale.to(g.device) for g in grads]
-    return grads
+__all__ = ["Optimizer"]
 
 
 # ---------------------------------------------------------------------------
@@ -112,6 +84,8 @@ def check_lr(lr: Any) -> None:
 
 
 def check_nonnegative(name: str, value: Any) -> None:
+    if isinstance(value, Tensor):
+        raise TypeError(f"Invalid {name}: expected a float, got a tensor ({value!r})")
     v = _as_float(name, value)
     if v is not None and not (math.isfinite(v) and v >= 0.0):
         raise ValueError(f"Invalid {name} value: {name}={v} (must be finite and >= 0)")
@@ -120,6 +94,8 @@ def check_nonnegative(name: str, value: Any) -> None:
 def check_betas(betas: Any) -> None:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
+    if any(isinstance(b, Tensor) for b in betas):
+        raise ValueError(f"Invalid betas: {betas!r}; tensor betas are not supported, pass floats")
     for i, beta in enumerate(betas):
         b = _as_float(f"beta parameter at index {i}", beta)
         if b is not None and not (0.0 <= b < 1.0):
@@ -132,25 +108,66 @@ def check_flag(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be {allowed})")
 
 
+def check_state_dtype(value: Any) -> None:
+    if value not in STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype: {value!r} (must be None, torch.float32 or torch.bfloat16)")
+
+
+def check_backend(group: dict[str, Any]) -> None:
+    check_flag("foreach", group["foreach"], allow_none=True)
+    check_flag("fused", group["fused"], allow_none=True)
+    if group["foreach"] and group["fused"]:
+        raise ValueError("Invalid backend: foreach=True and fused=True; choose one")
+
+
+def check_fits(scalars: dict[str, float | None], params: list[Tensor]) -> None:
+    """The numbers an update multiplies by (``Optimizer._scalars``) must be finite in the
+    precision of its math (float64 only when every parameter is float64), or the step would
+    fail midway or write infinities (torch raises 'value cannot be converted to type float
+    without overflow' after it has already changed some tensors)."""
+    wide = all(p.dtype in (torch.float64, torch.complex128) for p in params)
+    dtype = torch.float64 if wide else torch.float32
+    limit = torch.finfo(dtype).max
+    for name, value in scalars.items():
+        if value is not None and not abs(value) <= limit:
+            raise ValueError(f"Invalid {name} = {value:g}: it does not fit the {dtype} math of the update "
+                             f"(at most {limit:.3g})")
+
+
 _GRAD, _LAYOUT, _SHAPE = operator.attrgetter("grad"), operator.attrgetter("layout"), operator.attrgetter("shape")
 _DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
+
+
+@dataclass
+class _Prepared:
+    """A group checked and planned for this step (Note [two-phase step])."""
+
+    group: dict[str, Any]
+    lists: list[list[Any]]  # params, grads, one list per state key, one per counter key
+    new: dict[Tensor, dict[str, Any]] = field(default_factory=dict)  # state to create
+    routes: dict[str, list[int]] = field(default_factory=dict)
 
 
 class Optimizer(torch.optim.Optimizer):
     """Base of this package's optimizers (a real ``torch.optim.Optimizer``).
 
-    Subclasses set ``state_keys`` (tuple of state names), implement
-    ``_check_group(group)``, ``_init_state(param, state)`` and
-    ``_update_group(group, params, grads)``.
+    Subclasses set ``state_keys`` (the state shaped like the parameter, in the order of
+    the backends' arguments), ``counter_keys`` (scalar state such as AdamW's ``step``)
+    and ``backends`` (Note [backends]), and implement ``_check_group(group)``,
+    ``_new_state(param, group)``, ``_hyper(group)`` (the backends' keyword arguments)
+    and ``_scalars(group)`` (the numbers the update multiplies by, for ``check_fits``).
     """
 
     state_keys: tuple[str, ...] = ()
+    counter_keys: tuple[str, ...] = ()
+    backends: _dispatch.Backends
     _step_supports_amp_scaling = True  # Note [GradScaler]
     # group keys a checkpoint of this algorithm always has; others may be missing (then the
     # defaults fill them), so a torch.optim.AdamW checkpoint loads into our AdamW
     checkpoint_keys: tuple[str, ...] = ("lr", "betas", "weight_decay")
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        self._check_group(dict(defaults))  # hyper-parameters first, as torch.optim checks them
         if isinstance(params, Tensor):
             raise TypeError(
                 "Invalid params: expected an iterable of Tensors or of dicts (parameter groups), "
@@ -161,8 +178,21 @@ class Optimizer(torch.optim.Optimizer):
         params = list(params)
         if len(params) == 0:
             raise ValueError("Invalid params: the parameter list is empty (did the model define any parameters?)")
-        self._check_group(dict(defaults))
         super().__init__(params, defaults)
+
+    # ----- what an algorithm says ----------------------------------------------
+
+    def _check_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _new_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _scalars(self, group: dict[str, Any]) -> dict[str, float | None]:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     # ----- parameter groups ---------------------------------------------------
 
@@ -190,50 +220,93 @@ class Optimizer(torch.optim.Optimizer):
                     "a parameter may appear once only (it would be updated twice)"
                 )
             seen[id(p)] = "the same group"
-        filled = {**self.defaults, **param_group}
-        self._check_group(filled)
+        self._check_group({**self.defaults, **param_group})
         super().add_param_group({**param_group, "params": params})
 
     # ----- the step, Note [two-phase step] ------------------------------------
 
-    def _check_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                      states: list[dict[str, Any]], amp: dict[str, Tensor | None]) -> None:
-        raise NotImplementedError  # pragma: no cover - abstract
-
-    def _gather(self, gi: int, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        """Phase 1: the parameters of ``group`` that have a gradient, checked; changes nothing."""
+    def _prepare(self, gi: int, group: dict[str, Any]) -> _Prepared:
+        """Phase 1 for one group: check everything, plan the update; changes nothing."""
         self._check_group(group)
         params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return _Prepared(group, [[] for _ in range(2 + len(self.state_keys) + len(self.counter_keys))])
         grads = list(map(_GRAD, params))
         # the common case checked with C-level maps (this runs every step), the culprit found after
-        ok = (set(map(_LAYOUT, grads)) <= {torch.strided}
-              and list(map(_SHAPE, grads)) == list(map(_SHAPE, params))
-              and list(map(_DTYPE, grads)) == list(map(_DTYPE, params))
-              and list(map(_DEVICE, grads)) == list(map(_DEVICE, params)))
-        if not ok:
-            for i, p in enumerate(group["params"]):
-                g = p.grad
-                if g is not None and (g.layout != torch.strided or g.shape != p.shape or g.dtype != p.dtype
-                                      or g.device != p.device):
-                    self._bad_grad(gi, i, p, g)
-        return params, grads
+        shapes = list(map(_SHAPE, params))
+        if not (set(map(_LAYOUT, grads)) <= {torch.strided} and list(map(_SHAPE, grads)) == shapes
+                and list(map(_DTYPE, grads)) == list(map(_DTYPE, params))
+                and list(map(_DEVICE, grads)) == list(map(_DEVICE, params))):
+            for p, g in zip(params, grads):
+                if g.layout != torch.strided or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                    self._bad_tensor(gi, group, p, "gradient", g, p.dtype, p.device)
+        new: dict[Tensor, dict[str, Any]] = {}
+        states = []
+        for p in params:
+            state = self.state.get(p)
+            if not state:
+                state = new[p] = self._new_state(p, group)
+            states.append(state)
+        lists: list[list[Any]] = [params, grads]
+        for key in (*self.state_keys, *self.counter_keys):
+            try:
+                lists.append([s[key] for s in states])
+            except KeyError:
+                p = next(p for p, s in zip(params, states) if key not in s)
+                raise RuntimeError(f"{self._where(gi, group, p)} has state {sorted(self.state[p])} without "
+                                   f"{key!r}: was it changed by hand, or loaded from another optimizer?") from None
+        if len(new) < len(params):
+            self._check_states(gi, group, params, lists)
+        check_fits(self._scalars(group), params)
+        routes = _dispatch.route(self.backends, lists, self._hyper(group), foreach=group["foreach"],
+                                 fused=group["fused"])
+        return _Prepared(group, lists, new, routes)
 
-    def _bad_grad(self, gi: int, i: int, p: Tensor, g: Tensor) -> None:
-        name, where = type(self).__name__, f"parameter {i} of group {gi} (shape {tuple(p.shape)})"
-        if g.layout != torch.strided:
+    def _check_states(self, gi: int, group: dict[str, Any], params: list[Tensor], lists: list[list[Any]]) -> None:
+        """Existing state must be what this optimizer would create (a user may have replaced it)."""
+        requested = group.get("state_dtype")
+        pdts = list(map(_DTYPE, params))
+        expected = [requested if requested is not None and not p.is_complex() else _LOW_PRECISION.get(d, d)
+                    for p, d in zip(params, pdts)]
+        shapes, devices = list(map(_SHAPE, params)), list(map(_DEVICE, params))
+        n = len(self.state_keys)
+        for key, values in zip(self.state_keys, lists[2:2 + n]):
+            if not (all(isinstance(v, Tensor) for v in values) and list(map(_SHAPE, values)) == shapes
+                    and list(map(_DTYPE, values)) == expected and list(map(_DEVICE, values)) == devices):
+                for p, v, dtype in zip(params, values, expected):
+                    if not isinstance(v, Tensor):
+                        raise RuntimeError(f"{self._where(gi, group, p)} has state[{key!r}] = {v!r}, not a tensor")
+                    if v.shape != p.shape or v.dtype != dtype or v.device != p.device:
+                        self._bad_tensor(gi, group, p, f"state[{key!r}]", v, dtype, p.device)
+        for key, values in zip(self.counter_keys, lists[2 + n:]):
+            for p, v in zip(params, values):
+                if not (isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point()
+                        and v.device in (torch.device("cpu"), p.device)):
+                    raise RuntimeError(f"{self._where(gi, group, p)} has state[{key!r}] = {v!r}; expected a "
+                                       f"one-element float tensor on the CPU or on {p.device}")
+
+    def _where(self, gi: int, group: dict[str, Any], p: Tensor) -> str:
+        i = next(i for i, q in enumerate(group["params"]) if q is p)
+        return f"{type(self).__name__}: parameter {i} of group {gi} (shape {tuple(p.shape)})"
+
+    def _bad_tensor(self, gi: int, group: dict[str, Any], p: Tensor, what: str, t: Tensor, dtype: torch.dtype,
+                    device: torch.device) -> None:
+        where = self._where(gi, group, p)
+        if t.layout != torch.strided:
             raise RuntimeError(
-                f"{name} does not support sparse gradients ({where} has a {g.layout} gradient); "
-                "use torch.optim.SparseAdam for sparse embeddings, or nn.Embedding(sparse=False)"
+                f"{type(self).__name__} does not support sparse gradients ({where.split(': ', 1)[1]} has a "
+                f"{t.layout} {what}); use torch.optim.SparseAdam for sparse embeddings, or nn.Embedding(sparse=False)"
             )
-        if g.shape != p.shape:
-            raise RuntimeError(f"{name}: {where} has a gradient of shape {tuple(g.shape)}")
-        raise RuntimeError(f"{name}: {where} ({p.dtype} on {p.device}) has a gradient of dtype {g.dtype} on {g.device}")
+        raise RuntimeError(f"{where} has a {what} of shape {tuple(t.shape)}, {t.dtype} on {t.device}; "
+                           f"expected shape {tuple(p.shape)}, {dtype} on {device}")
+
+    def _amp(self) -> dict[str, Tensor | None]:
+        # set by torch.amp.GradScaler.step for the duration of this call (Note [GradScaler])
+        return {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+
+    def _run(self, group: dict[str, Any], lists: list[list[Any]], routes: dict[str, list[int]] | None) -> None:
+        _dispatch.step(self.backends, lists, self._hyper(group), foreach=group["foreach"], fused=group["fused"],
+                       routes=routes, **self._amp())
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -242,43 +315,66 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [self._gather(gi, group) for gi, group in enumerate(self.param_groups)]
-        # set by torch.amp.GradScaler.step for the duration of this call (Note [GradScaler])
-        amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
-        for group, (params, grads) in zip(self.param_groups, work):
-            if not params:
-                continue
-            states = list(map(self.state.__getitem__, params))
-            for p, state in zip(params, states):
-                if not state:
-                    self._init_state(p, state, group)
-            self._update_group(group, params, grads, states, amp)
+        if not torch.compiler.is_compiling():
+            self._step()
+        elif any(g["fused"] or (g["fused"] is None and g["foreach"] is None) for g in self.param_groups):
+            self._step_outside_graph()  # fused, or the default (fused on CPU and CUDA): Note [torch.compile]
+        else:
+            self._compiled_step()
         return loss
+
+    def _step(self) -> None:
+        """The step in eager mode, Note [two-phase step]."""
+        prepared = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]  # phase 1
+        for prep in prepared:  # phase 2
+            if prep.lists[0]:
+                self.state.update(prep.new)
+                self._run(prep.group, prep.lists, prep.routes)
+
+    @torch.compiler.disable  # the fused kernels run outside the graph, as torch's own fused optimizers do
+    def _step_outside_graph(self) -> None:
+        self._step()
+
+    def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], *states: list[Any]) -> None:
+        """Gather a group's parameters with gradients, their gradients and state (created where
+        missing) into the given empty lists: torch.optim's hook for Note [torch.compile]."""
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        prep = self._prepare(gi, group)
+        self.state.update(prep.new)
+        for out, values in zip((params, grads, *states), prep.lists):
+            out.extend(values)
+
+    def _compiled_step(self) -> None:
+        """The step as ``torch.compile`` traces it (Note [torch.compile])."""
+        for group in self.param_groups:
+            lists: list[list[Any]] = [[] for _ in range(2 + len(self.state_keys) + len(self.counter_keys))]
+            self._init_group(group, *lists)
+            if lists[0]:
+                self._run(group, lists, None)
 
     # ----- checkpoints ---------------------------------------------------------
 
-    def _check_state(self, p: Tensor, state: dict[str, Any], where: str) -> None:
+    def _check_saved_state(self, p: Tensor, state: dict[str, Any], where: str) -> None:
         keys = set(state)
-        if keys != set(self.state_keys):
+        expected = {*self.state_keys, *self.counter_keys}
+        if keys != expected:
             raise ValueError(
-                f"Invalid state for {where}: {type(self).__name__} keeps {sorted(self.state_keys)}, "
+                f"Invalid state for {where}: {type(self).__name__} keeps {sorted(expected)}, "
                 f"found {sorted(map(str, keys))} (is it another optimizer's checkpoint?)"
             )
+        for key in self.counter_keys:
+            v = state[key]
+            if not (isinstance(v, (int, float)) or (isinstance(v, Tensor) and v.numel() == 1)):
+                raise ValueError(f"Invalid state[{key!r}] for {where}: {v!r}")
         for key in self.state_keys:
             v = state[key]
-            if key == "step":
-                if not (isinstance(v, (int, float)) or (isinstance(v, Tensor) and v.numel() == 1)):
-                    raise ValueError(f"Invalid state['step'] for {where}: {v!r}")
-            elif not isinstance(v, Tensor) or v.shape != p.shape:
+            if not isinstance(v, Tensor) or v.shape != p.shape:
                 shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
                 raise ValueError(f"Invalid state[{key!r}] for {where}: shape {shape}, expected {tuple(p.shape)}")
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a checkpoint after checking it fits this optimizer; nothing changes if it does not."""
+    def _check_checkpoint(self, saved_groups: list[dict[str, Any]], saved_state: dict[Any, Any]) -> dict[Any, Tensor]:
+        """Check that a checkpoint fits this optimizer; returns its parameter indices -> our parameters."""
         name = type(self).__name__
-        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
-            raise ValueError(f"Invalid state_dict for {name}: expected a dict with 'state' and 'param_groups'")
-        saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"Invalid state_dict for {name}: it has {len(saved_groups)} parameter groups, "
@@ -299,206 +395,62 @@ class Optimizer(torch.optim.Optimizer):
                 )
             self._check_group({**self.defaults, **saved})
             index_to_param.update(zip(saved["params"], group["params"]))
-        for index, state in state_dict["state"].items():
+        for index, state in saved_state.items():
             if index in index_to_param:
-                self._check_state(index_to_param[index], state, f"saved parameter {index}")
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-        # Note [state precision]: re-cast from the saved tensors, not from torch's down-cast copies.
-        group_of = {p: g for g in self.param_groups for p in g["params"]}
+                self._check_saved_state(index_to_param[index], state, f"saved parameter {index}")
+        return index_to_param
+
+    def _restore_state(self, p: Tensor, saved: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+        """A parameter's saved state as this optimizer keeps it: counters as float32 scalars
+        where ``step_device`` says, tensors in ``state_dtype`` (Note [state precision]) and in
+        the parameter's layout (so that the fused kernels take them), always copies."""
+        state: dict[str, Any] = {}
+        for key, value in saved.items():
+            if key in self.counter_keys:
+                state[key] = torch.as_tensor(value, dtype=torch.float32).detach().to(
+                    step_device(p), copy=True).reshape(())
+                continue
+            dtype = state_dtype(p, group.get("state_dtype"))
+            if type(p).__name__ == "DTensor" or type(value).__name__ == "DTensor":
+                state[key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
+            else:
+                state[key] = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(value)
+        return state
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint, as torch.optim does (pre- and post-hooks, ``param_names``, state of
+        non-parameters kept as is), after checking that it fits this optimizer: if it does
+        not, nothing changes. State is restored as Note [state precision] says."""
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(f"Invalid state_dict for {name}: expected a dict with 'state' and 'param_groups'")
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
+        index_to_param = self._check_checkpoint(saved_groups, state_dict["state"])
+        group_of = {index: {**self.defaults, **saved} for saved in saved_groups for index in saved["params"]}
+        state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
         for index, saved in state_dict["state"].items():
             p = index_to_param.get(index)
             if p is None:
-                continue
-            for key, value in saved.items():
-                if key == "step":
-                    self.state[p]["step"] = torch.as_tensor(value, dtype=torch.float32).detach().to(
-                        step_device(p), copy=True).reshape(())
-                else:
-                    dtype = state_dtype(p, group_of[p].get("state_dtype"))
-                    self.state[p][key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
+                state[index] = saved  # not a parameter's: kept as is, as torch.optim does
+            else:
+                state[p] = self._restore_state(p, saved, group_of[index])
+        for group, saved in zip(self.param_groups, saved_groups):
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+        self.__setstate__({"state": state, "param_groups": saved_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
-
-def group_by_device_and_dtype(*tensor_lists: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor]]]:
-    """Split parallel lists into buckets of one (device, dtype of the first list) for foreach ops."""
-    buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
-    for items in zip(*tensor_lists):
-        key = (items[0].device, items[0].dtype)
-        bucket = buckets.setdefault(key, [[] for _ in tensor_lists])
-        for lst, t in zip(bucket, items):
-            lst.append(t)
-    return buckets
-
-
-@dataclass
-class Bucket:
-    """The tensors of one (device, dtype) bucket, as the foreach math sees them."""
-
-    params: list[Tensor]  # in the compute dtype (the parameters themselves when no cast is needed)
-    grads: list[Tensor]  # in the compute dtype, negated when maximising
-    states: list[list[Tensor]]  # each state list, complex ones viewed as real
-    lr: float | Tensor  # a tensor lr moved to the bucket's device and compute dtype (no sync)
-
-
-def foreach_buckets(
-    params: list[Tensor], grads: list[Tensor], *states: list[Tensor], maximize: bool, lr: float | Tensor
-) -> Iterator[Bucket]:
-    """Split parallel lists into :class:`Bucket` s for the ``_foreach`` ops.
-
-    The math runs in ``compute_dtype`` of the parameter and the first state (Note
-    [state precision]). After the caller's loop body has updated a bucket,
-    low-precision parameters and states get the result written back, before the
-    next bucket is handed out.
-    """
-    buckets = group_by_device_and_dtype(params, grads, *states)
-    for (device, _), (b_params, b_grads, *b_states) in buckets.items():
-        b_states = [[as_real(t) for t in lst] for lst in b_states]
-        params_r = [as_real(p) for p in b_params]
-        cdt = compute_dtype(params_r[0].dtype, b_states[0][0].dtype)
-        p32 = params_r if cdt == params_r[0].dtype else [p.to(cdt) for p in params_r]
-        s32 = [lst if lst[0].dtype not in _LOW_PRECISION else [t.to(cdt) for t in lst] for lst in b_states]
-        g32 = [as_real(g).to(cdt) for g in b_grads]
-        if maximize:
-            g32 = torch._foreach_neg(g32)
-        lr_d = lr.to(device=device, dtype=cdt) if isinstance(lr, Tensor) else lr
-        yield Bucket(p32, g32, s32, lr_d)
-        for low, high in [(params_r, p32), *zip(b_states, s32)]:
-            if high is not low:
-                torch._foreach_copy_(low, high)
-
-
-def local(t: Tensor) -> Tensor:
-    """The memory a kernel updates: a DTensor's local shard (FSDP2 parameters, their gradients
-    and states), else ``t`` itself. Element-wise updates need nothing from other ranks."""
-    return t.to_local() if type(t).__name__ == "DTensor" else t
-
-
-_IS_CUDA, _IS_CPU = operator.attrgetter("is_cuda"), operator.attrgetter("is_cpu")
-
-
-def device_types(tensors: list[Tensor]) -> set[str]:
-    """{t.device.type for t in tensors}, without building a device object per tensor (this
-    runs every step: C-level maps over the list in the common all-CUDA or all-CPU cases)."""
-    if all(map(_IS_CUDA, tensors)):
-        return {"cuda"} if tensors else set()
-    if all(map(_IS_CPU, tensors)):
-        return {"cpu"}
-    return {t.device.type for t in tensors}
-
-
-def on_triton_devices(tensors: list[Tensor]) -> list[int]:
-    """Indices of the tensors the fused backends send to the Triton kernels (TRITON_DEVICES)."""
-    types = device_types(tensors)
-    if types <= TRITON_DEVICES:
-        return list(range(len(tensors)))
-    if not types & TRITON_DEVICES:
-        return []
-    return [i for i, t in enumerate(tensors) if t.device.type in TRITON_DEVICES]
-
-
-def pick(lists: list[list[Any]], idx: list[int]) -> list[list[Any]]:
-    """The sub-lists at ``idx`` of parallel lists."""
-    return [[lst[i] for i in idx] for lst in lists]
-
-
-def fused_gpu_first(kernel: str, lists: list[list[Tensor]], hyper: dict[str, Any], grad_scale: Tensor | None,
-                    found_inf: Tensor | None, strict: bool) -> list[list[Tensor]] | None:
-    """The first part of a fused backend: the tensors on TRITON_DEVICES go to the Triton kernel
-    ``kernel`` of _fused_triton (Note [fused GPU]; it applies GradScaler itself). Returns the
-    parallel lists of the others (CPU ones, any the kernel did not take) with their gradients
-    through GradScaler, for the host side; None when nothing is left or the step is skipped."""
-    params = lists[0]
-    rest = list(range(len(params)))
-    gpu = on_triton_devices(params)
-    kernels = load_triton(strict) if gpu else None
-    if kernels is not None:
-        whole = len(gpu) == len(params)  # the common case: no index juggling
-        left = getattr(kernels, kernel)(*(lists if whole else pick(lists, gpu)), **hyper, grad_scale=grad_scale,
-                                        found_inf=found_inf)
-        done = set(gpu) - {gpu[j] for j in left}
-        rest = [i for i in rest if i not in done]
-    if not rest:
-        return None
-    lists = pick(lists, rest)
-    lists[1] = amp_grads(lists[1], grad_scale, found_inf)
-    return None if lists[1] is None else lists  # None: GradScaler found inf/nan, skip the step
-
-
-def as_real(t: Tensor) -> Tensor:
-    """A complex tensor is optimised as its real and imaginary parts (torch.optim's convention)."""
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-_triton: dict[str, Any] = {}
-# device types whose parameters the fused backends send to the Triton kernels; the tests add
-# "cpu" to run them through Triton's interpreter (TRITON_INTERPRET=1)
-TRITON_DEVICES = {"cuda"}
-
-
-def load_triton(strict: bool) -> Any:
-    """The fused GPU kernels (``_fused_triton``, imported on first use: ``import optimizer``
-    needs only torch), or None after one warning where Triton cannot be imported; an
-    explicit ``fused=True`` (``strict``) raises instead."""
-    if "module" not in _triton:
-        try:
-            from . import _fused_triton
-
-            _triton["module"] = _fused_triton
-        except Exception as err:  # noqa: BLE001 - no triton, or one that cannot initialise here
-            _triton["module"], _triton["error"] = None, f"{type(err).__name__}: {err}"
-            if not strict:
-                warnings.warn(
-                    f"optimizer: the fused GPU kernels need Triton, which cannot be imported here "
-                    f"({_triton['error']}); using the foreach path instead (correct, slower). pip install triton",
-                    RuntimeWarning,
-                    stacklevel=5,
-                )
-    if _triton["module"] is None and strict:
-        raise RuntimeError(f"fused=True: the fused GPU kernels need Triton ({_triton['error']}); "
-                           "pip install triton, or pass foreach=True")
-    return _triton["module"]
-
-
-def check_backend(group: dict[str, Any]) -> None:
-    check_flag("foreach", group["foreach"], allow_none=True)
-    check_flag("fused", group["fused"], allow_none=True)
-    if group["foreach"] and group["fused"]:
-        raise ValueError("Invalid backend: foreach=True and fused=True; choose one")
-
-
-def choose_backend(params: list[Tensor], foreach: bool | None, fused: bool | None) -> str:
-    """The backend a step runs: "fused", "foreach" or "reference".
-
-    ``None`` means "choose for me"; the choice is the fastest correct path:
-
-    * CPU and CUDA: the fused path (Note [fused CPU] in _fused_cpu.py, Note
-      [fused GPU] in _fused_triton.py). Measured with ``python -m optimizer
-      bench`` against torch's fused AdamW, see the README, 'Backends'. Without a
-      C compiler, or without Triton, it falls back to foreach with one warning.
-    * CUDA with ``fused=False``: foreach, one kernel launch per operation instead
-      of one per tensor and operation.
-    * elsewhere, or CPU with ``fused=False``: the per-tensor loop, which on the
-      2-core CI machine is as fast as foreach for AdamW and holds temporaries
-      for one tensor at a time rather than for the whole model.
-
-    An explicit ``fused=True`` that cannot be met raises rather than falling back.
-    """
-    if fused and foreach:
-        raise ValueError("Invalid backend: foreach=True and fused=True; choose one")
-    devices = device_types(params)
-    if fused:
-        if devices - {"cpu", "cuda"}:
-            raise RuntimeError(
-                f"fused=True: fused kernels exist for CPU and CUDA parameters (got {sorted(devices)}); "
-                "use foreach=True there"
-            )
-        return "fused"
-    if foreach:
-        return "foreach"
-    if foreach is None and fused is None and devices <= {"cpu", "cuda"}:
-        return "fused"
-    if foreach is None and devices == {"cuda"}:
-        return "foreach"
-    return "reference"
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.defaults.pop("differentiable", None)  # torch.optim adds this option; ours have none
+        for group in self.param_groups:  # an older or torch.optim checkpoint may lack some options
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)

@@ -17,14 +17,22 @@ operation (about 6 for Lion, 9 for AdamW); a fused kernel makes one.
   else ``cc``) for this machine (``-O3 -march=native``: vectorised), and called
   through ``ctypes``: one call per step and dtype, whatever the number of
   tensors. It is compiled on the first step that needs it, once per process
-  (about 0.3 s; the time is logged on the ``optimizer`` logger).
+  (about 0.3 s; the time is logged at INFO on the ``optimizer`` logger), while
+  the step is checked (Note [two-phase step]): a failure cannot leave a step half done.
 * Why not ``torch.compile``: Inductor generates the same loop, but per tensor,
   and each call of a compiled function costs about 37 us of Python; with 26
   large tensors that was 1 ms of a 13 ms step, and the small tensors had to go
   the foreach way. Its first compile also took 8-17 s instead of 0.3 s.
-* Without a working C compiler the compile fails once; we warn once and use
-  the foreach path from then on (``fused=None``), or raise (``fused=True``).
-  Non-contiguous tensors (rare: parameters are contiguous) go the foreach way.
+* Whatever goes wrong (no compiler, ``$CC`` failing or writing nothing, a
+  library that cannot be loaded from a ``noexec`` temporary folder), it goes
+  wrong once: we warn once and use the foreach path from then on
+  (``fused=None``), or raise before anything changed (``fused=True``).
+  ``$CC`` is read as a command line (``CC="ccache gcc"``). A build folder left
+  by a process killed while compiling is removed by the next compile.
+* The loop walks memory, not indices: a tensor goes to it only if its
+  parameter, gradient and states share one dense layout (any: contiguous,
+  channels_last, a transposed parameter with a gradient of the same strides);
+  others go the foreach way, which follows indices.
 
 The C loops use the operations of the references (torch's ``lerp`` formula,
 ``sign`` with sign(0) = sign(nan) = 0, ``sqrt``), in the state's precision, and
@@ -38,6 +46,7 @@ import ctypes
 import itertools
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -49,9 +58,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._base import as_real, local
+from ._tensors import as_real, local
 
-__all__ = ["BLOCK", "Kernel", "available", "run"]
+__all__ = ["BLOCK", "Kernel", "library", "run"]
 
 log = logging.getLogger("optimizer")
 BLOCK = 1 << 14  # elements a thread takes at a time
@@ -189,36 +198,62 @@ _libraries: dict[str, dict[tuple[torch.dtype, torch.dtype], ctypes._CFuncPtr]] =
 _failed: list[str] = []
 _lock = threading.Lock()
 _FLAG_SETS = (["-march=native", "-fopenmp"], ["-fopenmp"], [])  # best first; the last is single-threaded
+_DIR_PREFIX = "clearoptim-build-"
 
 
-def available() -> bool:
-    """False once compiling has failed in this process."""
-    return not _failed
+def _compiler() -> list[str]:
+    """The C compiler's command line: ``$CC`` parsed as a shell would (``CC="ccache gcc"``), else ``cc``."""
+    try:
+        cmd = shlex.split(os.environ.get("CC") or "cc")
+    except ValueError as err:
+        raise RuntimeError(f"CC={os.environ['CC']!r} cannot be parsed ({err})") from err
+    if not cmd or shutil.which(cmd[0]) is None:
+        raise RuntimeError(f"no C compiler: {(cmd or [''])[0]!r} not found (set CC)")
+    return cmd
+
+
+def _remove_stale_build_dirs() -> None:
+    """Build folders of processes that died while compiling (killed: no ``finally`` ran)."""
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        if not name.startswith(_DIR_PREFIX):
+            continue
+        pid = name[len(_DIR_PREFIX):].split("-", 1)[0]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+        except (ValueError, OSError):  # not ours to judge: a malformed name, or another user's process
+            pass
 
 
 def _compile(kernel: Kernel) -> tuple[dict[tuple[torch.dtype, torch.dtype], ctypes._CFuncPtr], str]:
     """Compile ``kernel`` with the system C compiler and load it: (the functions by dtypes, the
-    flags used). Raises RuntimeError if impossible."""
-    cc = os.environ.get("CC") or "cc"
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler: {cc!r} not found (set CC)")
-    with tempfile.TemporaryDirectory(prefix="optimizer-") as tmp:
+    flags used). Raises RuntimeError, whatever went wrong (no compiler, a failed build, a
+    library that cannot be loaded, e.g. from a ``noexec`` temporary folder)."""
+    cc = _compiler()
+    _remove_stale_build_dirs()
+    with tempfile.TemporaryDirectory(prefix=f"{_DIR_PREFIX}{os.getpid()}-") as tmp:
         src, lib_path = os.path.join(tmp, f"{kernel.name}.c"), os.path.join(tmp, f"{kernel.name}.so")
         with open(src, "w") as f:
             f.write(source(kernel))
         errors = []
         for flags in _FLAG_SETS:
-            cmd = [cc, "-O3", "-std=gnu11", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", *flags, src, "-o", lib_path]
+            cmd = [*cc, "-O3", "-std=gnu11", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", *flags, src,
+                   "-o", lib_path]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             except (OSError, subprocess.SubprocessError) as err:
-                raise RuntimeError(f"{cc!r} could not run: {err}") from err
+                raise RuntimeError(f"{shlex.join(cc)!r} could not run: {err}") from err
             if done.returncode == 0:
                 break
             errors.append((done.stderr.strip().splitlines() or ["failed"])[0])
         else:
-            raise RuntimeError(f"{cc!r} failed: {errors[-1]}")
-        lib = ctypes.CDLL(lib_path)  # loaded: the file may go
+            raise RuntimeError(f"{shlex.join(cc)!r} failed: {errors[-1]}")
+        try:
+            lib = ctypes.CDLL(lib_path)  # loaded: the file may go
+        except OSError as err:
+            raise RuntimeError(f"the compiled library cannot be loaded ({err})") from err
     fns = {}
     for dtypes, (ptype, stype, _) in _VARIANTS.items():
         fn = getattr(lib, _function_name(kernel, ptype, stype), None)  # no fp16 variant where C lacks _Float16
@@ -226,12 +261,15 @@ def _compile(kernel: Kernel) -> tuple[dict[tuple[torch.dtype, torch.dtype], ctyp
             fn.restype = None
             fn.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 5, ctypes.c_int, ctypes.c_int]
             fns[dtypes] = fn
+    if not fns:
+        raise RuntimeError(f"the compiled library has none of the {kernel.name} functions")
     return fns, " ".join(flags) or "single-threaded"
 
 
-def _library(kernel: Kernel, *, strict: bool) -> dict[tuple[torch.dtype, torch.dtype], ctypes._CFuncPtr] | None:
-    """The compiled variants of ``kernel``, compiling them now if needed; None (after one
-    warning per process) where that is impossible, or RuntimeError if ``strict`` (``fused=True``)."""
+def library(kernel: Kernel, *, strict: bool) -> dict[tuple[torch.dtype, torch.dtype], ctypes._CFuncPtr] | None:
+    """The compiled variants of ``kernel`` by (parameter dtype, state dtype), compiling them now
+    if needed; None (after one warning per process) where that is impossible, or RuntimeError
+    if ``strict`` (``fused=True``). Called while a step is being checked, before anything changes."""
     fns = _libraries.get(kernel.name)
     if fns is not None:
         return fns
@@ -240,19 +278,18 @@ def _library(kernel: Kernel, *, strict: bool) -> dict[tuple[torch.dtype, torch.d
             start = time.perf_counter()
             try:
                 _libraries[kernel.name], how = _compile(kernel)
-            except RuntimeError as err:
-                _failed.append(str(err))
-                if strict:
-                    raise RuntimeError(f"fused=True: the fused CPU kernels cannot be compiled here ({err})") from err
-                warnings.warn(
-                    f"optimizer: the fused CPU kernels cannot be compiled here ({err}); "
-                    "using the foreach path instead (correct, slower). Install a C compiler to enable them.",
-                    RuntimeWarning,
-                    stacklevel=5,
-                )
-                return None
-            log.warning("optimizer: compiled the fused CPU kernel %s (%s) in %.2f s (once per process)",
-                        kernel.name, how, time.perf_counter() - start)
+            except Exception as err:  # noqa: BLE001 - any failure means: no fused CPU kernels here
+                _failed.append(f"{type(err).__name__}: {err}" if not isinstance(err, RuntimeError) else str(err))
+                if not strict:
+                    warnings.warn(
+                        f"optimizer: the fused CPU kernels cannot be compiled here ({_failed[0]}); "
+                        "using the foreach path instead (correct, slower). Install a C compiler to enable them.",
+                        RuntimeWarning,
+                        stacklevel=6,
+                    )
+            else:
+                log.info("optimizer: compiled the fused CPU kernel %s (%s) in %.2f s (once per process)",
+                         kernel.name, how, time.perf_counter() - start)
         if _failed:
             if strict:
                 raise RuntimeError(f"fused=True: the fused CPU kernels cannot be compiled here ({_failed[0]})")
@@ -261,31 +298,18 @@ def _library(kernel: Kernel, *, strict: bool) -> dict[tuple[torch.dtype, torch.d
 
 
 def run(kernel: Kernel, params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]],
-        scalars: list[float], per_tensor: list[list[float]] | None = None, *, maximize: bool,
-        strict: bool) -> list[int]:
-    """One fused pass of ``kernel`` over the tensors it can take, one call per dtype variant.
+        scalars: list[float], per_tensor: list[list[float]] | None = None, *, maximize: bool) -> None:
+    """One fused pass of ``kernel`` over all the tensors, one call per dtype variant.
 
-    ``states`` holds one list per state of the kernel; ``per_tensor[i]`` the per-tensor
-    values of tensor ``i``. Returns the indices of the tensors left for the foreach path
-    (non-contiguous ones; all of them where nothing can be compiled).
+    ``states`` holds one list per state of the kernel; ``per_tensor[i]`` the per-tensor values of
+    tensor ``i``. The dispatcher (``_dispatch.route``) sends only tensors the kernel takes: on
+    the CPU, a compiled dtype variant, and one dense layout shared by the parameter, its
+    gradient and its states (so that the i-th element in memory is the same element in each).
     """
+    fns = _libraries[kernel.name]
     calls: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
-    rest = []
     for i, p in enumerate(params):
-        tensors = [as_real(local(t)) for t in (p, grads[i], *(s[i] for s in states))]
-        key = (tensors[0].dtype, tensors[2].dtype)
-        if (key not in _VARIANTS or tensors[1].dtype != key[0] or any(t.dtype != key[1] for t in tensors[2:])
-                or not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)):
-            rest.append(i)
-        else:
-            calls.setdefault(key, []).append(i)
-    if not calls:
-        return rest
-    fns = _library(kernel, strict=strict)
-    if fns is None:
-        return list(range(len(params)))
-    for key in [k for k in calls if k not in fns]:  # a compiler without _Float16
-        rest += calls.pop(key)
+        calls.setdefault((as_real(local(p)).dtype, as_real(local(states[0][i])).dtype), []).append(i)
     n_threads = torch.get_num_threads()
     c_scalars = (ctypes.c_double * max(len(scalars), 1))(*scalars)
     for key, idx in calls.items():
@@ -296,5 +320,3 @@ def run(kernel: Kernel, params: list[Tensor], grads: list[Tensor], states: list[
         fns[key](len(idx), (ctypes.c_void_p * len(ptrs))(*ptrs), (ctypes.c_int64 * len(numel))(*numel),
                  (ctypes.c_int64 * len(first))(*first), c_scalars, (ctypes.c_double * max(len(values), 1))(*values),
                  int(maximize), n_threads)
-    return rest
-

@@ -50,14 +50,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._base import local
+from ._tensors import local
 
 __all__ = ["BLOCK", "SUPPORTED", "adamw", "lion"]
 
 BLOCK = 2048
 NUM_WARPS = 4
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-# (parameter dtype, state dtype) pairs the kernels take; the rest go the foreach way
+# (parameter dtype, state dtype) pairs the kernels take (Note [backends]); the rest go the foreach way
 SUPPORTED = {(p, s) for p in _TL for s in (torch.float32, torch.bfloat16)}
 
 
@@ -204,7 +204,7 @@ def _lion_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr,
 # ----- the launch plan: which tensors, in which tables -----------------------------------
 
 Launch = tuple[torch.dtype, torch.dtype, bool, list[int], Tensor, Tensor, int]  # dtypes, aligned, indices, tables
-_PLANS: OrderedDict[tuple, tuple[list[Launch], list[int]]] = OrderedDict()
+_PLANS: OrderedDict[tuple, list[Launch]] = OrderedDict()
 _PLANS_KEPT = 32
 _DTYPE = operator.attrgetter("dtype")
 
@@ -226,20 +226,19 @@ def _tables(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor
 
 
 def _plan(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]], counters: list[Tensor] | None
-          ) -> tuple[list[Launch], list[int]]:
-    """The launches of a step (one per parameter dtype and state dtype, with its tables) and the
-    indices of the tensors no kernel takes (complex, non-contiguous, unsupported dtypes: foreach).
+          ) -> list[Launch]:
+    """The launches of a step: one per parameter dtype, state dtype and alignment, with its
+    tables. The dispatcher (``_dispatch.route``) sends only tensors the kernels take.
 
     This runs every step, so it is cached under a signature that is cheap to compute (C-level
-    maps over the lists): every address, size, contiguity and the dtypes. In a training loop
-    the signature repeats from the second step on and nothing is rebuilt or copied."""
+    maps over the lists): every address, size and the dtypes. In a training loop the signature
+    repeats from the second step on and nothing is rebuilt or copied."""
     lists = [params, grads, *states, *([counters] if counters is not None else [])]
     if params and type(params[0]).__name__ == "DTensor":  # FSDP2: the local shards
         lists = [list(map(local, lst)) for lst in lists]
     signature = tuple(itertools.chain(  # states and counters are ours: new ones have new addresses
         *[map(Tensor.data_ptr, lst) for lst in lists],
         map(Tensor.numel, lists[0]),
-        map(Tensor.is_contiguous, lists[0]), map(Tensor.is_contiguous, lists[1]),
         map(_DTYPE, lists[0]), map(_DTYPE, lists[2]),
     ))
     plan = _PLANS.get(signature)
@@ -247,25 +246,19 @@ def _plan(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]],
         _PLANS.move_to_end(signature)
         return plan
     groups: dict[tuple[torch.dtype, torch.dtype, bool], tuple[list[int], list[list[int]]]] = {}
-    rest = []
     n_ts = 2 + len(states)  # parameter, gradient, states; then the step counter, if any
     for i, ts in enumerate(zip(*lists)):
-        dtypes = (ts[0].dtype, ts[2].dtype)
-        if (dtypes in SUPPORTED and ts[1].dtype == dtypes[0] and all(t.dtype == dtypes[1] for t in ts[3:n_ts])
-                and all(t.is_contiguous() for t in ts)):
-            row = [t.data_ptr() for t in ts]
-            aligned = all(a % 16 == 0 for a in row[:n_ts])  # views at odd offsets: scalar loads
-            idx, rows = groups.setdefault((*dtypes, aligned), ([], []))
-            idx.append(i)
-            rows.append(row + [ts[0].numel()])
-        else:
-            rest.append(i)
+        row = [t.data_ptr() for t in ts]
+        aligned = all(a % 16 == 0 for a in row[:n_ts])  # views at odd offsets: scalar loads
+        idx, rows = groups.setdefault((ts[0].dtype, ts[2].dtype, aligned), ([], []))
+        idx.append(i)
+        rows.append(row + [ts[0].numel()])
     launches = [(pdt, sdt, aligned, idx, *_tables(rows, lists[0][idx[0]].device))
                 for (pdt, sdt, aligned), (idx, rows) in groups.items()]
-    _PLANS[signature] = (launches, rest)
+    _PLANS[signature] = launches
     if len(_PLANS) > _PLANS_KEPT:
         _PLANS.popitem(last=False)
-    return launches, rest
+    return launches
 
 
 def _lr_args(lr: float | Tensor, device: torch.device) -> tuple[Tensor | None, float, bool]:
@@ -292,10 +285,9 @@ def _log_betas(beta1: float, beta2: float, device: torch.device) -> Tensor:
 def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
           state_steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
           weight_decay: float, correct_bias: bool, maximize: bool, grad_scale: Tensor | None = None,
-          found_inf: Tensor | None = None) -> list[int]:
-    """One fused AdamW step over the tensors the kernel takes; returns the indices of the rest
-    (non-contiguous ones, unsupported dtypes), whose steps are left to the caller."""
-    launches, rest = _plan(params, grads, [exp_avgs, exp_avg_sqs], state_steps)
+          found_inf: Tensor | None = None) -> None:
+    """One fused AdamW step (the signature of adamw's backends)."""
+    launches = _plan(params, grads, [exp_avgs, exp_avg_sqs], state_steps)
     for pdt, sdt, aligned, idx, table, blocks, n_blocks in launches:
         device = params[idx[0]].device
         steps = [state_steps[i] for i in idx]
@@ -311,14 +303,13 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
             )
         if found_inf is not None:  # a skipped step is not counted
             torch._foreach_sub_(steps, [found_inf.to(torch.float32)] * len(steps))
-    return rest
 
 
 def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float | Tensor,
          beta1: float, beta2: float, weight_decay: float, maximize: bool, grad_scale: Tensor | None = None,
-         found_inf: Tensor | None = None) -> list[int]:
-    """One fused Lion step over the tensors the kernel takes; returns the indices of the rest."""
-    launches, rest = _plan(params, grads, [exp_avgs], None)
+         found_inf: Tensor | None = None) -> None:
+    """One fused Lion step (the signature of lion's backends)."""
+    launches = _plan(params, grads, [exp_avgs], None)
     for pdt, sdt, aligned, idx, table, blocks, n_blocks in launches:
         device = params[idx[0]].device
         lr_t, lr_value, lr_tensor = _lr_args(lr, device)
@@ -329,4 +320,3 @@ def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, l
                 SKIPPABLE=found_inf is not None, MAXIMIZE=maximize, ALIGNED=aligned,
                 num_warps=NUM_WARPS, enable_fp_fusion=True,  # fused multiply-adds, as nvcc compiles torch's
             )
-    return rest

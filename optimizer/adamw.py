@@ -1,37 +1,30 @@
 """AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
 
-Read top to bottom: the class (checks, state, gathering), the functional entry
-``adamw`` (picks a backend), then the backends, all with one signature:
+Read top to bottom: the class (checks, state), the functional entry ``adamw``,
+then the backends, all with one signature (Note [backends] in _dispatch.py):
 ``_single_tensor_adamw`` is the reference, ``_multi_tensor_adamw`` the foreach
-path, ``_fused_adamw`` the one-pass CPU path (its C update is ``_ADAMW_KERNEL``).
-Swapping backends changes speed, never results beyond rounding.
+path, ``_fused_c_adamw`` the C loop (its update is ``_ADAMW_KERNEL``),
+``_fused_torch_adamw`` torch's own fused CPU kernel; the Triton kernel is in
+_fused_triton.py. Swapping backends changes speed, never results beyond rounding.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import _fused_cpu
-from ._base import (
-    Optimizer,
-    amp_grads,
+from . import _dispatch, _fused_cpu
+from ._base import Optimizer, check_backend, check_betas, check_flag, check_lr, check_nonnegative, check_state_dtype
+from ._tensors import (
     as_real,
-    check_betas,
-    check_backend,
-    check_flag,
-    check_lr,
-    check_nonnegative,
-    check_state_dtype,
-    choose_backend,
     compute_dtype,
     foreach_buckets,
     group_by_device_and_dtype,
-    fused_gpu_first,
-    pick,
+    host_value,
     state_dtype,
     step_device,
 )
@@ -64,7 +57,7 @@ class AdamW(Optimizer):
     This is the paper's Algorithm 2 with the schedule multiplier folded into
     ``lr`` (a scheduler sets it), and it is exactly ``torch.optim.AdamW``.
 
-    Note [eps placement]: the first seed writes the same update as
+    Note [eps placement]: the CMU minllama assignment's ``optimizer.py`` writes the same update as
     ``step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t)`` and
     ``theta -= step_size * m_t / (sqrt(v_t) + eps)``. Multiplying through shows
     that form equals ours with ``eps`` replaced by ``eps * sqrt(1 - beta2^t)``:
@@ -74,9 +67,9 @@ class AdamW(Optimizer):
     and our results equal torch's.
 
     The weight decay is applied first, to the parameter before the Adam step
-    (``theta * (1 - lr * wd)``), as torch.optim does; the first seed applies it
+    (``theta * (1 - lr * wd)``), as torch.optim does; the minllama assignment applies it
     after the Adam step to the updated parameter. The two differ by a term of
-    order ``lr^2 * wd``. The second seed's formula
+    order ``lr^2 * wd``. The Intro2LLM lesson L07's formula
     ``theta - lr * (m_hat / (sqrt(v_hat) + eps) + lambda * theta)`` is ours.
 
     Args:
@@ -105,8 +98,10 @@ class AdamW(Optimizer):
     parameters are updated as pairs of reals.
     """
 
-    state_keys = ("step", "exp_avg", "exp_avg_sq")
+    state_keys = ("exp_avg", "exp_avg_sq")
+    counter_keys = ("step",)
     checkpoint_keys = ("lr", "betas", "eps", "weight_decay")
+    backends: _dispatch.Backends  # set at the end of this file, once the backends are defined
 
     def __init__(
         self,
@@ -138,32 +133,31 @@ class AdamW(Optimizer):
         check_backend(group)
         check_state_dtype(group.get("state_dtype"))
 
-    def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _new_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         dtype = state_dtype(param, group.get("state_dtype"))
-        state["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device(param))
-        state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        return {
+            "step": torch.tensor(0.0, dtype=torch.float32, device=step_device(param)),
+            "exp_avg": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format),
+        }
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                      states: list[dict[str, Any]], amp: dict[str, Tensor | None]) -> None:
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         beta1, beta2 = group["betas"]
-        adamw(
-            params,
-            grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states],
-            foreach=group["foreach"],
-            fused=group["fused"],
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            correct_bias=group["correct_bias"],
-            maximize=group["maximize"],
-            **amp,
-        )
+        return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    correct_bias=group["correct_bias"], maximize=group["maximize"])
+
+    def _scalars(self, group: dict[str, Any]) -> dict[str, float | None]:
+        lr = group["lr"]
+        lr = None if isinstance(lr, Tensor) and lr.device.type != "cpu" else float(lr)  # no sync to check it
+        wd, beta1 = group["weight_decay"], group["betas"][0]
+        return {
+            "learning rate lr": lr,
+            "eps": group["eps"],
+            "weight_decay": wd,
+            "lr * weight_decay": None if lr is None else lr * wd,
+            # the largest step size, lr / (1 - beta1^t) at t = 1
+            "step size lr / (1 - beta1)": None if lr is None or not group["correct_bias"] else lr / (1 - beta1),
+        }
 
 
 def adamw(
@@ -187,24 +181,13 @@ def adamw(
 ) -> None:
     """Functional AdamW: updates ``params``, the moments and ``state_steps`` in place.
 
-    See :class:`AdamW` for the algorithm; ``foreach``/``fused`` choose the backend;
-    ``grad_scale``/``found_inf`` as torch.amp.GradScaler passes them (Note [GradScaler]).
+    See :class:`AdamW` for the algorithm; ``foreach``/``fused`` choose the backend (Note
+    [backends]); ``grad_scale``/``found_inf`` as torch.amp.GradScaler passes them (Note [GradScaler]).
     """
-    backend = choose_backend(params, foreach, fused)
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                  correct_bias=correct_bias, maximize=maximize)
-    if backend == "fused":  # strict: an explicit fused=True never falls back
-        _fused_adamw(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyper, grad_scale=grad_scale,
-                     found_inf=found_inf, strict=bool(fused))
-        return
-    grads = amp_grads(grads, grad_scale, found_inf)
-    if grads is None:  # GradScaler found inf/nan: skip the step
-        return
-    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    if backend == "foreach":
-        _multi_tensor_adamw(*lists, **hyper)
-    else:
-        _single_tensor_adamw(*lists, **hyper)
+    _dispatch.step(_BACKENDS, [params, grads, exp_avgs, exp_avg_sqs, state_steps], hyper, foreach=foreach,
+                   fused=fused, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def _single_tensor_adamw(
@@ -223,7 +206,7 @@ def _single_tensor_adamw(
     maximize: bool,
 ) -> None:
     """The reference: one tensor at a time, one line per equation of :class:`AdamW`."""
-    lr = float(lr)
+    lr = host_value(lr)  # a number (a tensor under torch.compile)
     for param, grad, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         # math in float32 or better (Note [state precision]); .to() is a no-op where no cast is needed
         m_r, v_r, param_r = as_real(m), as_real(v), as_real(param)
@@ -234,21 +217,33 @@ def _single_tensor_adamw(
             g = -g
 
         step_t += 1                                        # t <- t + 1
-        t = step_t.item()
+        t = host_value(step_t)
         p.mul_(1 - lr * weight_decay)                      # theta <- theta * (1 - lr * wd)
         m.lerp_(g, 1 - beta1)                              # m_t = b1 m + (1 - b1) g
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)      # v_t = b2 v + (1 - b2) g^2
         if correct_bias:
-            bias_correction1 = 1 - beta1**t                # m_hat = m_t / (1 - b1^t)
-            bias_correction2 = 1 - beta2**t                # v_hat = v_t / (1 - b2^t)
+            bias_correction1 = _one_minus_pow(beta1, t)   # m_hat = m_t / (1 - b1^t)
+            bias_correction2 = _one_minus_pow(beta2, t)   # v_hat = v_t / (1 - b2^t)
         else:
             bias_correction1 = bias_correction2 = 1.0
         denom = (v.sqrt() / bias_correction2**0.5).add_(eps)  # sqrt(v_hat) + eps
-        p.addcdiv_(m, denom, value=-lr / bias_correction1)          # theta -= lr m_hat / denom
+        step_size = lr / bias_correction1
+        if isinstance(step_size, Tensor):                  # under torch.compile: no tensor value= in addcdiv_
+            p.sub_(m / denom * step_size)
+        else:
+            p.addcdiv_(m, denom, value=-step_size)         # theta -= lr m_hat / denom
 
         for low, high in ((param_r, p), (m_r, m), (v_r, v)):
             if high is not low:                            # low precision: round the result once
                 low.copy_(high)
+
+
+def _one_minus_pow(beta: float, t: float | Tensor) -> float | Tensor:
+    """1 - beta^t. For a tensor t (under torch.compile) as -expm1(t ln beta): ``1 - beta**t``
+    in float32 loses the digits that matter (6e-6 relative at beta = 0.999, t = 1)."""
+    if isinstance(t, Tensor):
+        return -torch.expm1(t * (math.log(beta) if beta > 0 else -math.inf))
+    return 1 - beta**t
 
 
 def _multi_tensor_adamw(
@@ -276,8 +271,8 @@ def _multi_tensor_adamw(
         torch._foreach_mul_(b_v, beta2)
         torch._foreach_addcmul_(b_v, b.grads, b.grads, 1 - beta2)
 
-        if correct_bias and b_steps[0].device.type != "cpu":
-            # step counts on the GPU (they live there for CUDA parameters): no .item(), no sync
+        if correct_bias and (b_steps[0].device.type != "cpu" or torch.compiler.is_compiling()):
+            # step counts on the GPU (they live there for CUDA parameters), or traced: no .item(), no sync
             bc1, bc2_sqrt = _device_bias_corrections(b_steps, beta1, beta2)
         elif correct_bias:
             ts = [s.item() for s in b_steps]
@@ -288,7 +283,7 @@ def _multi_tensor_adamw(
         denom = torch._foreach_sqrt(b_v)
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, eps)
-        if isinstance(b.lr, Tensor) or isinstance(bc1[0], Tensor):
+        if isinstance(b.lr, Tensor) or isinstance(bc1[0], Tensor) or torch.compiler.is_compiling():
             # theta -= m / (denom * bc1 / lr): the tensor lr stays on the device, no sync
             torch._foreach_mul_(denom, bc1)
             torch._foreach_div_(denom, b.lr)
@@ -326,7 +321,7 @@ _ADAMW_KERNEL = _fused_cpu.Kernel(
 )
 
 
-def _fused_adamw(
+def _fused_c_adamw(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -340,46 +335,54 @@ def _fused_adamw(
     weight_decay: float,
     correct_bias: bool,
     maximize: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    strict: bool = False,
 ) -> None:
-    """One pass per element, all tensors at once: a Triton kernel on CUDA (Note [fused GPU]);
-    on CPU torch's fused kernel where our update is torch's (correct_bias, float32/float64
-    state in the parameter's dtype) and the C loop for the others (Note [fused CPU]);
-    foreach for the few tensors none of them takes."""
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                 correct_bias=correct_bias, maximize=maximize)
-    lists = fused_gpu_first("adamw", [params, grads, exp_avgs, exp_avg_sqs, state_steps], hyper, grad_scale,
-                            found_inf, strict)
-    if lists is None:
-        return
+    """The C loop (Note [fused CPU]): one pass per element over all tensors."""
     lr = float(lr)  # read once on the host; the scalars stay float64 until the kernel
-    hyper["lr"] = lr
-    params, grads, exp_avgs, exp_avg_sqs, state_steps = lists
-    torch_same = [i for i, (p, m) in enumerate(zip(params, exp_avgs)) if correct_bias and p.device.type == "cpu"
-                  and as_real(p).dtype in (torch.float32, torch.float64) and as_real(m).dtype == as_real(p).dtype]
-    same_set = set(torch_same)
-    ours = [i for i in range(len(params)) if i not in same_set]
-    # ours first: if its compile fails under fused=True, nothing has changed yet
-    mine = pick(lists, ours)
     per_tensor = []
-    for step in mine[4]:
+    for step in state_steps:
         t = step.item() + 1  # this step's count; the counters move once the kernel has run
         bc1, bc2 = (1 - beta1**t, 1 - beta2**t) if correct_bias else (1.0, 1.0)
         per_tensor.append([-lr / bc1, bc2**0.5])
     scalars = [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps]
-    left = _fused_cpu.run(_ADAMW_KERNEL, mine[0], mine[1], mine[2:4], scalars, per_tensor,
-                          maximize=maximize, strict=strict)
-    left_set = set(left)
-    counted = [step for j, step in enumerate(mine[4]) if j not in left_set]
-    if counted:
-        torch._foreach_add_(counted, 1.0)
-    if left:  # the foreach path counts its own steps
-        _multi_tensor_adamw(*pick(mine, left), **hyper)
-    if torch_same:
-        buckets = group_by_device_and_dtype(*[[as_real(t) for t in lst] for lst in pick(lists, torch_same)])
-        for b_p, b_g, b_m, b_v, b_steps in buckets.values():
-            torch._foreach_add_(b_steps, 1.0)
-            torch._fused_adamw_(b_p, b_g, b_m, b_v, [], b_steps, lr=lr, beta1=beta1, beta2=beta2,
-                                weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=maximize)
+    _fused_cpu.run(_ADAMW_KERNEL, params, grads, [exp_avgs, exp_avg_sqs], scalars, per_tensor, maximize=maximize)
+    torch._foreach_add_(state_steps, 1.0)
+
+
+def _fused_torch_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    correct_bias: bool,
+    maximize: bool,
+) -> None:
+    """torch's own fused CPU kernel, which computes exactly our update where the dispatcher
+    sends it (correct_bias, float32/float64 state of the parameter's dtype): bit-equal to
+    ``torch.optim.AdamW(fused=True)``."""
+    assert correct_bias
+    buckets = group_by_device_and_dtype(*[[as_real(t) for t in lst]
+                                          for lst in (params, grads, exp_avgs, exp_avg_sqs, state_steps)])
+    for b_p, b_g, b_m, b_v, b_steps in buckets.values():
+        torch._foreach_add_(b_steps, 1.0)
+        torch._fused_adamw_(b_p, b_g, b_m, b_v, [], b_steps, lr=float(lr), beta1=beta1, beta2=beta2,
+                            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=maximize)
+
+
+_BACKENDS = _dispatch.Backends(
+    reference=_single_tensor_adamw,
+    foreach=_multi_tensor_adamw,
+    c=_fused_c_adamw,
+    c_kernel=_ADAMW_KERNEL,
+    n_states=2,
+    triton="adamw",
+    torch=_fused_torch_adamw,
+    torch_applies=operator.itemgetter("correct_bias"),
+)
+AdamW.backends = _BACKENDS

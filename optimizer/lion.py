@@ -2,9 +2,10 @@
 Optimization Algorithms", arXiv:2302.06675, Algorithm 2).
 
 Read top to bottom: the class, the functional entry ``lion``, then the
-backends with one signature: ``_single_tensor_lion`` (the reference),
-``_multi_tensor_lion`` (foreach) and ``_fused_lion`` (one pass on CPU; its C
-update is ``_LION_KERNEL``).
+backends with one signature (Note [backends] in _dispatch.py):
+``_single_tensor_lion`` (the reference), ``_multi_tensor_lion`` (foreach) and
+``_fused_c_lion`` (the C loop; its update is ``_LION_KERNEL``); the Triton kernel
+is in _fused_triton.py.
 """
 
 from __future__ import annotations
@@ -14,24 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _fused_cpu
-from ._base import (
-    Optimizer,
-    amp_grads,
-    as_real,
-    check_betas,
-    check_backend,
-    check_flag,
-    check_lr,
-    check_nonnegative,
-    check_state_dtype,
-    choose_backend,
-    compute_dtype,
-    foreach_buckets,
-    fused_gpu_first,
-    pick,
-    state_dtype,
-)
+from . import _dispatch, _fused_cpu
+from ._base import Optimizer, check_backend, check_betas, check_flag, check_lr, check_nonnegative, check_state_dtype
+from ._tensors import as_real, compute_dtype, foreach_buckets, host_value, state_dtype
 
 __all__ = ["Lion", "lion"]
 
@@ -56,15 +42,21 @@ class Lion(Optimizer):
     (0.9) while the momentum that is kept tracks the gradient with ``beta2``
     (0.99), which gives the update a longer memory than its direction.
 
-    What Lion is not (the second seed): "Lion" stands for Evo\ *L*\ ved
-    S\ *i*\ gn M\ *o*\ me\ *n*\ tum, found by program search; it is not
-    "Layer-wise Adaptive Rate". The seed's update
+    What Lion is not (the Intro2LLM lesson L07 says otherwise): "Lion" stands for
+    Evo\ *L*\ ved S\ *i*\ gn M\ *o*\ me\ *n*\ tum, found by program search; it is
+    not "Layer-wise Adaptive Rate". The lesson's update
     ``v = b1 v + (1 - b1) g; theta -= lr sign(v)`` is the special case
     ``beta1 == beta2`` of the paper's (pass ``betas=(b, b)`` to get it).
 
     Because every coordinate moves by exactly ``lr``, the paper advises a
     learning rate 3-10x smaller than AdamW's and a weight decay 3-10x larger,
     keeping ``lr * weight_decay`` about the same.
+
+    A NaN in a gradient makes that coordinate's momentum NaN for good, and
+    ``sign(NaN) = 0``: the coordinate stops moving (but for weight decay) and
+    never recovers, silently (lion-pytorch behaves the same). Skip such steps,
+    e.g. with ``torch.amp.GradScaler``, which our step honours, or check
+    ``torch.isfinite`` of the loss before stepping.
 
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
@@ -83,6 +75,7 @@ class Lion(Optimizer):
     """
 
     state_keys = ("exp_avg",)
+    backends: _dispatch.Backends  # set at the end of this file, once the backends are defined
 
     def __init__(
         self,
@@ -108,26 +101,20 @@ class Lion(Optimizer):
         check_backend(group)
         check_state_dtype(group.get("state_dtype"))
 
-    def _init_state(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _new_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         dtype = state_dtype(param, group.get("state_dtype"))
-        state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        return {"exp_avg": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)}
 
-    def _update_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                      states: list[dict[str, Any]], amp: dict[str, Tensor | None]) -> None:
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         beta1, beta2 = group["betas"]
-        lion(
-            params,
-            grads,
-            [s["exp_avg"] for s in states],
-            foreach=group["foreach"],
-            fused=group.get("fused"),
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
-            **amp,
-        )
+        return dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                    maximize=group["maximize"])
+
+    def _scalars(self, group: dict[str, Any]) -> dict[str, float | None]:
+        lr = group["lr"]
+        lr = None if isinstance(lr, Tensor) and lr.device.type != "cpu" else float(lr)  # no sync to check it
+        wd = group["weight_decay"]
+        return {"learning rate lr": lr, "weight_decay": wd, "lr * weight_decay": None if lr is None else lr * wd}
 
 
 def lion(
@@ -146,20 +133,11 @@ def lion(
     found_inf: Tensor | None = None,
 ) -> None:
     """Functional Lion: updates ``params`` and ``exp_avgs`` in place. See :class:`Lion`;
-    ``grad_scale``/``found_inf`` as torch.amp.GradScaler passes them (Note [GradScaler])."""
-    backend = choose_backend(params, foreach, fused)
+    ``foreach``/``fused`` choose the backend (Note [backends]); ``grad_scale``/``found_inf``
+    as torch.amp.GradScaler passes them (Note [GradScaler])."""
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
-    if backend == "fused":  # strict: an explicit fused=True never falls back
-        _fused_lion(params, grads, exp_avgs, **hyper, grad_scale=grad_scale, found_inf=found_inf,
-                    strict=bool(fused))
-        return
-    grads = amp_grads(grads, grad_scale, found_inf)
-    if grads is None:  # GradScaler found inf/nan: skip the step
-        return
-    if backend == "foreach":
-        _multi_tensor_lion(params, grads, exp_avgs, **hyper)
-    else:
-        _single_tensor_lion(params, grads, exp_avgs, **hyper)
+    _dispatch.step(_BACKENDS, [params, grads, exp_avgs], hyper, foreach=foreach, fused=fused,
+                   grad_scale=grad_scale, found_inf=found_inf)
 
 
 def _single_tensor_lion(
@@ -174,7 +152,7 @@ def _single_tensor_lion(
     maximize: bool,
 ) -> None:
     """The reference: one tensor at a time, one line per equation of :class:`Lion`."""
-    lr = float(lr)
+    lr = host_value(lr)  # a number (a tensor under torch.compile)
     for param, grad, m in zip(params, grads, exp_avgs):
         # math in float32 or better (Note [state precision]); .to() is a no-op where no cast is needed
         m_r, param_r = as_real(m), as_real(param)
@@ -186,7 +164,7 @@ def _single_tensor_lion(
 
         c = m.lerp(g, 1 - beta1)                    # c = b1 m + (1 - b1) g
         p.mul_(1 - lr * weight_decay)               # theta <- theta * (1 - lr * wd)
-        p.add_(torch.sign(c), alpha=-lr)            # theta <- theta - lr sign(c)
+        p.sub_(torch.sign(c).mul_(lr))              # theta <- theta - lr sign(c) (exact product)
         m.lerp_(g, 1 - beta2)                       # m_t = b2 m + (1 - b2) g
 
         for low, high in ((param_r, p), (m_r, m)):
@@ -229,7 +207,7 @@ _LION_KERNEL = _fused_cpu.Kernel(
 )
 
 
-def _fused_lion(
+def _fused_c_lion(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -239,19 +217,19 @@ def _fused_lion(
     beta2: float,
     weight_decay: float,
     maximize: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    strict: bool = False,
 ) -> None:
-    """One pass per element, all tensors at once: a Triton kernel on CUDA (Note [fused GPU]),
-    the C loop on CPU (Note [fused CPU]); foreach for the few tensors neither takes."""
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
-    lists = fused_gpu_first("lion", [params, grads, exp_avgs], hyper, grad_scale, found_inf, strict)
-    if lists is None:
-        return
-    params, grads, exp_avgs = lists
+    """The C loop (Note [fused CPU]): one pass per element over all tensors."""
     lr = float(lr)  # read once on the host; the scalars stay float64 until the kernel
     scalars = [1 - lr * weight_decay, lr, 1 - beta1, 1 - beta2]
-    left = _fused_cpu.run(_LION_KERNEL, params, grads, [exp_avgs], scalars, maximize=maximize, strict=strict)
-    if left:
-        _multi_tensor_lion(*pick([params, grads, exp_avgs], left), **{**hyper, "lr": lr})
+    _fused_cpu.run(_LION_KERNEL, params, grads, [exp_avgs], scalars, maximize=maximize)
+
+
+_BACKENDS = _dispatch.Backends(
+    reference=_single_tensor_lion,
+    foreach=_multi_tensor_lion,
+    c=_fused_c_lion,
+    c_kernel=_LION_KERNEL,
+    n_states=1,
+    triton="lion",
+)
+Lion.backends = _BACKENDS

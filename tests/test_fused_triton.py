@@ -15,7 +15,7 @@ from optim_table import OPTIMIZERS, ids
 
 triton = pytest.importorskip("triton")
 
-from optimizer import _base  # noqa: E402
+from optimizer import _dispatch  # noqa: E402
 from optimizer import _fused_triton as FT  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,11 +26,11 @@ PAIRS = [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
 
 @pytest.fixture(autouse=True)
 def triton_on_this_device():
-    added = DEVICE not in _base.TRITON_DEVICES
-    _base.TRITON_DEVICES.add(DEVICE)
+    added = DEVICE not in _dispatch.TRITON_DEVICES
+    _dispatch.TRITON_DEVICES.add(DEVICE)
     yield
     if added:
-        _base.TRITON_DEVICES.discard(DEVICE)
+        _dispatch.TRITON_DEVICES.discard(DEVICE)
 
 
 def make(shapes, dtype, seed):
@@ -303,8 +303,8 @@ import sys, warnings
 sys.modules["triton"] = None            # a machine without Triton: importing it fails
 import torch
 import optimizer
-from optimizer import Lion, _base
-_base.TRITON_DEVICES.add("cpu")         # send CPU parameters where CUDA ones would go
+from optimizer import Lion, _dispatch
+_dispatch.TRITON_DEVICES.add("cpu")         # send CPU parameters where CUDA ones would go
 p = torch.nn.Parameter(torch.ones(5000)); q = torch.nn.Parameter(torch.ones(5000))
 a, b = Lion([p], lr=0.1), Lion([q], lr=0.1, foreach=False, fused=False)
 with warnings.catch_warnings(record=True) as caught:

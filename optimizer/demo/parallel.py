@@ -113,7 +113,7 @@ def load_full_state(model: torch.nn.Module, opt: torch.optim.Optimizer, model_sd
 
 def local_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of optimizer state this rank holds (a DTensor counts its local shard)."""
-    from .._base import local
+    from .._tensors import local
 
     return sum(local(v).numel() * v.element_size() for s in opt.state.values() for v in s.values()
                if torch.is_tensor(v))

@@ -1,0 +1,258 @@
+"""Which backend updates which tensors: the one module that knows the backends and the
+devices they serve.
+
+Note [backends]
+~~~~~~~~~~~~~~~
+Every algorithm has the same backends, each a function with the algorithm's one
+signature (``_single_tensor_adamw``, ``_multi_tensor_adamw``, ...):
+
+* ``reference``: a loop over tensors, one line per equation: the spec. Takes anything.
+* ``foreach``: ``torch._foreach_*`` ops, one launch per equation for many tensors.
+  Takes anything (any device, layout or dtype).
+* ``c``: one C loop over all tensors of a step (Note [fused CPU]). CPU tensors whose
+  parameter, gradient and states share one dense layout, in a dtype pair it was built for.
+* ``torch``: torch's own fused CPU kernel, where it computes exactly our update
+  (AdamW with ``correct_bias``, float32/float64 parameters and state of the same dtype),
+  under the same layout condition.
+* ``triton``: one Triton launch per group and dtype pair (Note [fused GPU]). CUDA tensors
+  under the same layout condition, fp32/bf16/fp16 parameters with fp32/bf16 state, and
+  step counters on the parameter's GPU.
+
+``foreach`` and ``fused`` (each True, False or None) choose for a whole group
+(:func:`group_backend`): ``fused`` sends each tensor to the first fused kernel that
+takes it (``triton`` on CUDA; ``torch``, then ``c`` on the CPU) and the rest to
+``foreach``. :func:`route` does this for a step, and is phase 1 of the step (Note
+[two-phase step]): everything that can fail does so here, before anything changed
+(compiling the C loop, importing Triton, a ``fused=True`` that cannot be met). Then
+:func:`run` calls each backend on its tensors.
+
+Under ``torch.compile`` (:func:`step`), ``foreach`` and ``reference`` are traced into
+the graph; the fused kernels run outside it, as torch keeps its own fused step out
+of tracing: Dynamo cannot see into a C loop or a Triton launch table.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _fused_cpu
+from ._tensors import amp_grads, as_real, device_types, local, pick, same_dense_layout
+
+__all__ = ["Backends", "TRITON_DEVICES", "group_backend", "load_triton", "route", "run", "step"]
+
+Routes = dict[str, list[int]]  # backend name -> indices into the step's lists
+
+
+@dataclass(frozen=True)
+class Backends:
+    """One algorithm's backends (Note [backends]), all with the algorithm's signature:
+    ``(params, grads, *states, *counters, **hyper)``."""
+
+    reference: Callable[..., None]
+    foreach: Callable[..., None]
+    c: Callable[..., None]  # runs c_kernel through _fused_cpu.run
+    c_kernel: _fused_cpu.Kernel
+    n_states: int  # element-wise state lists after params and grads; counters (AdamW's steps) follow
+    triton: str  # the name of the algorithm's function in _fused_triton
+    torch: Callable[..., None] | None = None  # torch's own fused kernel, where it computes our update
+    torch_applies: Callable[[dict[str, Any]], bool] = lambda hyper: False
+
+
+# device types whose tensors the fused backends send to the Triton kernels; the tests add
+# "cpu" to run them through Triton's interpreter (TRITON_INTERPRET=1)
+TRITON_DEVICES = {"cuda"}
+_triton: dict[str, Any] = {}
+
+
+def load_triton(strict: bool) -> Any:
+    """The fused GPU kernels (``_fused_triton``, imported on first use: ``import optimizer``
+    needs only torch), or None after one warning where Triton cannot be imported; an
+    explicit ``fused=True`` (``strict``) raises instead."""
+    if "module" not in _triton:
+        try:
+            from . import _fused_triton
+
+            _triton["module"] = _fused_triton
+        except Exception as err:  # noqa: BLE001 - no triton, or one that cannot initialise here
+            _triton["module"], _triton["error"] = None, f"{type(err).__name__}: {err}"
+            if not strict:
+                warnings.warn(
+                    f"optimizer: the fused GPU kernels need Triton, which cannot be imported here "
+                    f"({_triton['error']}); using the foreach path instead (correct, slower). pip install triton",
+                    RuntimeWarning,
+                    stacklevel=6,
+                )
+    if _triton["module"] is None and strict:
+        raise RuntimeError(f"fused=True: the fused GPU kernels need Triton ({_triton['error']}); "
+                           "pip install triton, or pass foreach=True")
+    return _triton["module"]
+
+
+def group_backend(devices: set[str], foreach: bool | None, fused: bool | None) -> str:
+    """The backend of a group: "fused", "foreach" or "reference".
+
+    ``None`` means "choose for me"; the choice is the fastest correct path:
+
+    * CPU and CUDA: the fused kernels (measured with ``python -m optimizer bench``
+      against torch's fused AdamW, see the README, 'Backends'). Without a C compiler,
+      or without Triton, they fall back to foreach with one warning.
+    * CUDA with ``fused=False``: foreach, one kernel launch per operation instead
+      of one per tensor and operation.
+    * elsewhere, or CPU with ``fused=False``: the per-tensor loop, which on the
+      2-core CI machine is as fast as foreach for AdamW and holds temporaries
+      for one tensor at a time rather than for the whole model.
+
+    An explicit ``fused=True`` on other devices raises rather than falling back.
+    """
+    if fused and foreach:
+        raise ValueError("Invalid backend: foreach=True and fused=True; choose one")
+    served = {"cpu", "cuda"} | TRITON_DEVICES
+    if fused:
+        if devices - served:
+            raise RuntimeError(
+                "`fused=True` requires all the params to be floating point Tensors of supported devices "
+                f"(cpu, cuda); got parameters on {sorted(devices - served)}: use foreach=True there"
+            )
+        return "fused"
+    if foreach:
+        return "foreach"
+    if foreach is None and fused is None and devices <= served:
+        return "fused"
+    if foreach is None and devices == {"cuda"}:
+        return "foreach"
+    return "reference"
+
+
+_DTYPE, _CONTIGUOUS = operator.attrgetter("dtype"), operator.attrgetter("is_contiguous")
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], *,
+          foreach: bool | None, fused: bool | None) -> Routes:
+    """Phase 1 of a step (Note [backends]): which backend updates which of the tensors.
+    Raises, before anything has changed, where ``fused=True`` cannot be met."""
+    params = lists[0]
+    n = len(params)
+    everything = list(range(n))
+    backend = group_backend(device_types(params), foreach, fused)
+    if backend != "fused" or not n:
+        return {backend: everything}
+    strict = bool(fused)
+    tensors = lists[:2 + backends.n_states]  # parameter, gradient, states (shaped like the parameter)
+    counters = lists[2 + backends.n_states:]  # AdamW's step counts
+    if type(params[0]).__name__ == "DTensor":  # FSDP2: the kernels update the local shards
+        tensors = [list(map(local, lst)) for lst in tensors]
+        counters = [list(map(local, lst)) for lst in counters]
+
+    # one decision per kind of tensor: (device type, parameter dtype, state dtype, layout ok, counters ok)
+    pdts = list(map(_DTYPE, tensors[0]))
+    sdts = list(map(_DTYPE, tensors[2])) if backends.n_states else pdts
+    uniform = (list(map(_DTYPE, tensors[1])) == pdts and all(list(map(_DTYPE, lst)) == sdts for lst in tensors[3:])
+               and all(all(map(_CONTIGUOUS, lst)) for lst in tensors))
+    if uniform:
+        kinds = [(p.device.type, pdt, sdt, True) for p, pdt, sdt in zip(tensors[0], pdts, sdts)]
+    else:
+        kinds = []
+        for ts in zip(*tensors):
+            same = all(t.dtype == ts[0].dtype for t in ts[1:2]) and all(t.dtype == ts[2].dtype for t in ts[3:])
+            kinds.append((ts[0].device.type, ts[0].dtype, ts[2].dtype if len(ts) > 2 else ts[0].dtype,
+                          same and same_dense_layout(tuple(as_real(t) for t in ts))))
+    counters_ok = [all(c.dtype == torch.float32 and c.numel() == 1 and c.device == p.device for c in cs)
+                   for p, *cs in zip(tensors[0], *counters)] if counters else [True] * n
+
+    routes: Routes = {}
+    chosen: dict[tuple[Any, ...], str] = {}
+    for i, kind in enumerate(kinds):
+        key = (*kind, counters_ok[i])
+        if key not in chosen:
+            chosen[key] = _fused_kernel(backends, hyper, *key, strict=strict)
+        routes.setdefault(chosen[key], []).append(i)
+    return routes
+
+
+def _fused_kernel(backends: Backends, hyper: dict[str, Any], device: str, pdt: torch.dtype, sdt: torch.dtype,
+                  layout_ok: bool, counters_ok: bool, *, strict: bool) -> str:
+    """The fused kernel for one kind of tensor, else "foreach"."""
+    if device in TRITON_DEVICES:  # real dtypes only: the launch tables count elements, not reals
+        kernels = load_triton(strict)
+        ok = kernels is not None and (pdt, sdt) in kernels.SUPPORTED and layout_ok and counters_ok
+        return "triton" if ok else "foreach"
+    if device != "cpu":
+        return "foreach"
+    pdt, sdt = _REAL.get(pdt, pdt), _REAL.get(sdt, sdt)  # the CPU kernels see complex tensors as reals
+    if (backends.torch is not None and backends.torch_applies(hyper) and pdt in (torch.float32, torch.float64)
+            and sdt == pdt and layout_ok):
+        return "torch"
+    if layout_ok:
+        fns = _fused_cpu.library(backends.c_kernel, strict=strict)
+        if fns is not None and (pdt, sdt) in fns:
+            return "c"
+    return "foreach"
+
+
+def run(backends: Backends, routes: Routes, lists: list[list[Tensor]], hyper: dict[str, Any], *,
+        grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+    """Phase 2 of a step: each backend updates its tensors. The Triton kernels apply
+    GradScaler's ``grad_scale``/``found_inf`` on the device (Note [fused GPU]); the others
+    get unscaled gradients, or nothing to do when ``found_inf`` is set (Note [GradScaler])."""
+    n = len(lists[0])
+
+    def part(idx: list[int]) -> list[list[Tensor]]:
+        return lists if len(idx) == n else pick(lists, idx)
+
+    if routes.get("triton"):
+        getattr(load_triton(False), backends.triton)(*part(routes["triton"]), **hyper, grad_scale=grad_scale,
+                                                     found_inf=found_inf)
+    host = [(name, idx) for name, idx in routes.items() if name != "triton" and idx]
+    if not host:
+        return
+    if found_inf is not None and float(found_inf) != 0:  # GradScaler found inf/nan: skip the step
+        return
+    for name, idx in host:
+        sub = part(idx)
+        if grad_scale is not None:
+            sub = [sub[0], amp_grads(sub[1], grad_scale, None), *sub[2:]]
+        getattr(backends, name)(*sub, **hyper)
+
+
+def step(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], *, foreach: bool | None,
+         fused: bool | None, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+         routes: Routes | None = None) -> None:
+    """One step of an algorithm over parallel lists: route (unless the caller already did, in
+    its phase 1) and run. Under ``torch.compile``, see :func:`_traced_step`."""
+    if torch.compiler.is_compiling():
+        _traced_step(backends, lists, hyper, foreach=foreach, fused=fused, grad_scale=grad_scale,
+                     found_inf=found_inf)
+        return
+    if routes is None:
+        routes = route(backends, lists, hyper, foreach=foreach, fused=fused)
+    run(backends, routes, lists, hyper, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _traced_step(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], *, foreach: bool | None,
+                 fused: bool | None, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    """What ``torch.compile`` traces: the foreach or reference backend in the graph, the fused
+    kernels outside it (one graph break, as torch's ``fused=True``)."""
+    backend = group_backend({p.device.type for p in lists[0]}, foreach, fused)
+    if backend == "fused":
+        _step_outside_graph(backends, lists, hyper, foreach=foreach, fused=fused, grad_scale=grad_scale,
+                            found_inf=found_inf)
+        return
+    if grad_scale is not None or found_inf is not None:
+        grads = amp_grads(lists[1], grad_scale, found_inf)
+        if grads is None:
+            return
+        lists = [lists[0], grads, *lists[2:]]
+    getattr(backends, backend)(*lists, **hyper)
+
+
+@torch.compiler.disable  # the fused kernels run outside the graph, as torch's own fused optimizers do
+def _step_outside_graph(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], **flags: Any) -> None:
+    step(backends, lists, hyper, **flags)

@@ -1,0 +1,169 @@
+"""Tensor helpers every backend uses: state precision, views, buckets, layouts.
+
+A leaf module: it imports nothing from this package.
+
+Note [state precision]
+~~~~~~~~~~~~~~~~~~~~~~
+The update is computed in float32 or better (``compute_dtype``). Parameters in
+bfloat16/float16 keep their optimizer state in float32 (``state_dtype``);
+float32/float64 and complex parameters keep state in their own dtype, as
+torch.optim does. ``state_dtype=torch.bfloat16`` (an option of each optimizer)
+stores the state of real parameters in bfloat16 to halve its memory: the math
+still runs in float32, and each state value is rounded to bfloat16 once per
+step, to nearest even. A checkpoint restores state in that precision: torch's
+loader would cast it to the parameter dtype, so ``load_state_dict`` casts from
+the saved tensors itself.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_LOW_PRECISION = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
+STATE_DTYPES = (None, torch.float32, torch.bfloat16)  # the choices of the state_dtype option
+
+
+def state_dtype(param: Tensor, requested: torch.dtype | None = None) -> torch.dtype:
+    """dtype of the optimizer state for ``param`` (Note [state precision]): ``requested`` (the
+    state_dtype option) for real parameters, else float32 for bf16/fp16, else the parameter's."""
+    if requested is not None and not param.is_complex():
+        return requested
+    return _LOW_PRECISION.get(param.dtype, param.dtype)
+
+
+def compute_dtype(param_dtype: torch.dtype, state: torch.dtype) -> torch.dtype:
+    """dtype of the math: float32 or better, and at least as wide as parameter and state."""
+    return torch.promote_types(torch.promote_types(param_dtype, state), torch.float32)
+
+
+def step_device(param: Tensor) -> torch.device:
+    """Where a step counter lives: on the parameter's accelerator (read by the fused kernels
+    without a sync, as torch.optim's fused/capturable steps), on the CPU otherwise."""
+    return param.device if param.device.type == "cuda" else torch.device("cpu")
+
+
+def as_real(t: Tensor) -> Tensor:
+    """A complex tensor is optimised as its real and imaginary parts (torch.optim's convention)."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def local(t: Tensor) -> Tensor:
+    """The memory a kernel updates: a DTensor's local shard (FSDP2 parameters, their gradients
+    and states), else ``t`` itself. Element-wise updates need nothing from other ranks."""
+    return t.to_local() if type(t).__name__ == "DTensor" else t
+
+
+def host_value(x: float | Tensor) -> float | Tensor:
+    """A one-element tensor read as a Python number, as the eager references want it; under
+    ``torch.compile`` the tensor itself (reading it would break the graph), as torch.optim does."""
+    if torch.compiler.is_compiling() or not isinstance(x, Tensor):
+        return x
+    return x.item()
+
+
+def pick(lists: list[list[Any]], idx: list[int]) -> list[list[Any]]:
+    """The sub-lists at ``idx`` of parallel lists."""
+    return [[lst[i] for i in idx] for lst in lists]
+
+
+_IS_CUDA, _IS_CPU = operator.attrgetter("is_cuda"), operator.attrgetter("is_cpu")
+
+
+def device_types(tensors: list[Tensor]) -> set[str]:
+    """{t.device.type for t in tensors}, without building a device object per tensor (this
+    runs every step: C-level maps over the list in the common all-CUDA or all-CPU cases)."""
+    if all(map(_IS_CUDA, tensors)):
+        return {"cuda"} if tensors else set()
+    if all(map(_IS_CPU, tensors)):
+        return {"cpu"}
+    return {t.device.type for t in tensors}
+
+
+def dense(t: Tensor) -> bool:
+    """True if ``t``'s elements fill ``t.numel()`` consecutive places of memory from
+    ``t.data_ptr()`` (contiguous, channels_last, a transposed matrix...): a kernel that walks
+    memory then visits each element once."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted((d for d in zip(t.shape, t.stride()) if d[0] != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_dense_layout(tensors: tuple[Tensor, ...]) -> bool:
+    """The tensors share one dense layout: the i-th element in memory is the same element of each."""
+    first = tensors[0]
+    stride = first.stride()
+    return all(t.stride() == stride and t.shape == first.shape for t in tensors[1:]) and dense(first)
+
+
+def amp_grads(grads: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor | None) -> list[Tensor] | None:
+    """Note [GradScaler] for backends without it in their kernels: None when the step must be
+    skipped, else the gradients divided by ``grad_scale`` (new tensors; the .grad stay as they are)."""
+    if found_inf is not None and float(found_inf) != 0:
+        return None
+    if grad_scale is not None:
+        return [g / grad_scale.to(g.device) for g in grads]
+    return grads
+
+
+def group_by_device_and_dtype(*tensor_lists: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor]]]:
+    """Split parallel lists into buckets of one (device, dtype of the first list) for foreach ops."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
+    for items in zip(*tensor_lists):
+        key = (items[0].device, items[0].dtype)
+        bucket = buckets.setdefault(key, [[] for _ in tensor_lists])
+        for lst, t in zip(bucket, items):
+            lst.append(t)
+    return buckets
+
+
+@dataclass
+class Bucket:
+    """The tensors of one (device, dtype) bucket, as the foreach math sees them."""
+
+    params: list[Tensor]  # in the compute dtype (the parameters themselves when no cast is needed)
+    grads: list[Tensor]  # in the compute dtype, negated when maximising
+    states: list[list[Tensor]]  # each state list, complex ones viewed as real
+    lr: float | Tensor  # a tensor lr moved to the bucket's device and compute dtype (no sync)
+
+
+def foreach_buckets(
+    params: list[Tensor], grads: list[Tensor], *states: list[Tensor], maximize: bool, lr: float | Tensor
+) -> Iterator[Bucket]:
+    """Split parallel lists into :class:`Bucket` s for the ``_foreach`` ops.
+
+    The math runs in ``compute_dtype`` of the parameter and the first state (Note
+    [state precision]). After the caller's loop body has updated a bucket,
+    low-precision parameters and states get the result written back, before the
+    next bucket is handed out.
+    """
+    if torch.compiler.is_compiling() and not isinstance(lr, Tensor):
+        # a float lr would be baked into the foreach ops' Scalar arguments (a recompile for each
+        # value a scheduler sets); as a tensor it stays an input of the graph (made by a product:
+        # torch.tensor(lr) would bake it in too)
+        lr = torch.ones((), dtype=torch.float64) * lr
+    buckets = group_by_device_and_dtype(params, grads, *states)
+    for (device, _), (b_params, b_grads, *b_states) in buckets.items():
+        b_states = [[as_real(t) for t in lst] for lst in b_states]
+        params_r = [as_real(p) for p in b_params]
+        cdt = compute_dtype(params_r[0].dtype, b_states[0][0].dtype)
+        p32 = params_r if cdt == params_r[0].dtype else [p.to(cdt) for p in params_r]
+        s32 = [lst if lst[0].dtype not in _LOW_PRECISION else [t.to(cdt) for t in lst] for lst in b_states]
+        g32 = [as_real(g).to(cdt) for g in b_grads]
+        if maximize:
+            g32 = torch._foreach_neg(g32)
+        lr_d = lr.to(device=device, dtype=cdt) if isinstance(lr, Tensor) else lr
+        yield Bucket(p32, g32, s32, lr_d)
+        for low, high in [(params_r, p32), *zip(b_states, s32)]:
+            if high is not low:
+                torch._foreach_copy_(low, high)
