@@ -130,7 +130,7 @@ def group_backend(devices: set[str], foreach: bool | None, fused: bool | None) -
     return "reference"
 
 
-_DTYPE, _CONTIGUOUS = operator.attrgetter("dtype"), operator.attrgetter("is_contiguous")
+_DTYPE = operator.attrgetter("dtype")
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
@@ -155,7 +155,7 @@ def route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], 
     pdts = list(map(_DTYPE, tensors[0]))
     sdts = list(map(_DTYPE, tensors[2])) if backends.n_states else pdts
     uniform = (list(map(_DTYPE, tensors[1])) == pdts and all(list(map(_DTYPE, lst)) == sdts for lst in tensors[3:])
-               and all(all(map(_CONTIGUOUS, lst)) for lst in tensors))
+               and all(all(map(Tensor.is_contiguous, lst)) for lst in tensors))
     if uniform:
         kinds = [(p.device.type, pdt, sdt, True) for p, pdt, sdt in zip(tensors[0], pdts, sdts)]
     else:

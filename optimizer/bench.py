@@ -18,6 +18,7 @@ import importlib
 import json
 import statistics
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -82,8 +83,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Row = tuple[str, str, Any, Callable[[list[torch.nn.Parameter]], Any]]
 
 
-def candidates(device: torch.device, state_dtype: torch.dtype | None) -> list[Row]:
-    """Every implementation worth timing here. ``state_dtype`` is passed to ours."""
+def _compiled(make: Callable[[list[torch.nn.Parameter]], Any]) -> Callable[[list[torch.nn.Parameter]], Any]:
+    """``make``'s optimizer with its step compiled (``torch.compile(opt.step)``)."""
+    def build(ps: list[torch.nn.Parameter]) -> Any:
+        opt = make(ps)
+        return types.SimpleNamespace(step=torch.compile(opt.step), optimizer=opt)
+
+    return build
+
+
+def candidates(device: torch.device, state_dtype: torch.dtype | None, compile: bool = False) -> list[Row]:
+    """Every implementation worth timing here. ``state_dtype`` is passed to ours. With
+    ``compile``, also each of ours and torch's AdamW with ``torch.compile(opt.step)``."""
     ours = torch.float32 if state_dtype is None else state_dtype  # our default: fp32 state for any param dtype
     kw = {} if state_dtype is None else {"state_dtype": state_dtype}
     rows: list[Row] = [
@@ -95,11 +106,15 @@ def candidates(device: torch.device, state_dtype: torch.dtype | None) -> list[Ro
         ("ours Lion default", "lion", ours, lambda ps: Lion(ps, lr=1e-4, **kw)),
         ("ours Lion foreach", "lion", ours, lambda ps: Lion(ps, lr=1e-4, foreach=True, **kw)),
     ]
-    if device.type == "cpu":
+    if device.type == "cpu" or compile:
         rows += [
             ("ours AdamW reference", "adamw", ours, lambda ps: AdamW(ps, lr=1e-3, foreach=False, fused=False, **kw)),
             ("ours Lion reference", "lion", ours, lambda ps: Lion(ps, lr=1e-4, foreach=False, fused=False, **kw)),
         ]
+    if compile:
+        rows.append(("torch AdamW for-loop", "adamw", "param", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False)))
+        rows += [(f"{name} compiled", algorithm, sdt, _compiled(make)) for name, algorithm, sdt, make in rows
+                 if name.startswith(("ours", "torch AdamW"))]
     try:
         import lion_pytorch
 
@@ -141,7 +156,7 @@ def model_shapes(model: str) -> list[tuple[int, ...]]:
 
 
 def run(model: str, device_name: str, reps: int, only: list[str] | None, json_path: str | None,
-        dtype: str = "fp32", state_dtype: str | None = None) -> int:
+        dtype: str = "fp32", state_dtype: str | None = None, compile: bool = False) -> int:
     device = torch.device(device_name)
     shapes = model_shapes(model)
     param_dtype = DTYPES[dtype]
@@ -152,7 +167,8 @@ def run(model: str, device_name: str, reps: int, only: list[str] | None, json_pa
               for s in shapes]
     for p in params:
         p.grad = (torch.randn_like(p) * 1e-3)
-    rows = [r for r in candidates(device, ours_state) if not only or any(o.lower() in r[0].lower() for o in only)]
+    rows = [r for r in candidates(device, ours_state, compile)
+            if not only or any(o.lower() in r[0].lower() for o in only)]
     bw = bandwidth(n, device)
     # interleave where every candidate's state fits at once (the CPU lists), else one at a time
     state_bytes = sum(n * (4 if r[1] == "lion" else 8) for r in rows)
@@ -204,23 +220,27 @@ def run(model: str, device_name: str, reps: int, only: list[str] | None, json_pa
     print(f"{model}: {len(shapes)} tensors, {n / 1e6:.1f} M params, {dtype} params, state {state_dtype or 'default'}, "
           f"{device}, torch {torch.__version__}; measured bandwidth: copy {bw['copy']:.1f} GB/s, in-place "
           f"{bw['inplace']:.1f} GB/s; median of {reps}{', interleaved' if interleave else ''}")
-    head = (f"{'implementation':30s} {'ms/step':>9s} {'B/param':>8s} {'GB/s':>7s} {'of copy':>8s} {'of in-place':>12s} "
-            f"{'/torch fused':>13s} {'/torch foreach':>15s} {'/lion-pytorch':>14s}")
-    print(head)
+    width = max([30, *map(len, medians)])
+    head = (f"{'implementation':{width}s} {'ms/step':>9s} {'B/param':>8s} {'GB/s':>7s} {'of copy':>8s} "
+            f"{'of in-place':>12s} {'/torch fused':>13s} {'/torch foreach':>15s} {'/lion-pytorch':>14s}")
+    print(head + (f" {'/eager':>7s}" if compile else ""))
     out = []
     for name, ms in medians.items():
         gbs = moved[name] * n / ms / 1e6
         ratios = [f"{ms / base[k]:.2f}x" if base[k] else "-" for k in ("fused", "foreach", "lion-pytorch")]
-        print(f"{name:30s} {ms:9.2f} {moved[name]:8d} {gbs:7.1f} {gbs / bw['copy']:8.0%} {gbs / bw['inplace']:12.0%} "
-              f"{ratios[0]:>13s} {ratios[1]:>15s} {ratios[2]:>14s}")
+        eager = medians.get(name.removesuffix(" compiled")) if name.endswith(" compiled") else None
+        print(f"{name:{width}s} {ms:9.2f} {moved[name]:8d} {gbs:7.1f} {gbs / bw['copy']:8.0%} "
+              f"{gbs / bw['inplace']:12.0%} {ratios[0]:>13s} {ratios[1]:>15s} {ratios[2]:>14s}"
+              + (f" {f'{ms / eager:.2f}x' if eager else '-':>7s}" if compile else ""))
         out.append({"name": name, "ms": ms, "bytes_per_param": moved[name], "gb_per_s": gbs,
                     "fraction_of_copy_bandwidth": gbs / bw["copy"],
                     "fraction_of_inplace_bandwidth": gbs / bw["inplace"],
                     "vs_torch_fused": ms / base["fused"] if base["fused"] else None,
                     "vs_torch_foreach": ms / base["foreach"] if base["foreach"] else None,
-                    "vs_lion_pytorch": ms / base["lion-pytorch"] if base["lion-pytorch"] else None})
+                    "vs_lion_pytorch": ms / base["lion-pytorch"] if base["lion-pytorch"] else None,
+                    "vs_eager": ms / eager if eager else None})
     for name, why in failed.items():
-        print(f"{name:30s} {'n/a':>9s}  {why}")
+        print(f"{name:{max(30, len(name))}s} {'n/a':>9s}  {why}")
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"model": model, "tensors": len(shapes), "params": n, "dtype": dtype,

@@ -247,6 +247,9 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=10, metavar="N", help="timed steps per implementation (default 10)")
     p.add_argument("--only", nargs="+", metavar="TEXT", help="only implementations whose name contains TEXT")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each of ours and torch's AdamW with torch.compile(opt.step), with the ratio "
+                   "to the same implementation in eager mode")
     return p
 
 
@@ -261,7 +264,8 @@ def bench(args: argparse.Namespace) -> int:
     if args.reps < 1:
         raise ConfigError(f"Invalid --reps: {args.reps} (must be >= 1)")
     model = args.model or ("gpt2-30m" if device == "cpu" else "llama-1.1b")
-    return run(model, device, args.reps, args.only, args.json, dtype=args.dtype, state_dtype=args.state_dtype)
+    return run(model, device, args.reps, args.only, args.json, dtype=args.dtype, state_dtype=args.state_dtype,
+               compile=args.compile)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ r"""Learning-rate schedules: pure functions of the step, behind one thin
 Layout (top to bottom): the pieces (warmup, decay shapes), the schedules as
 pure functions ``step -> lr``, ``make_schedule`` (checks arguments once and
 returns such a function), the adapter ``ScheduleLR``, ``WarmupCosineScheduler``
-(the second seed's class), and the ``get_scheduler`` factory.
+(the Intro2LLM lesson L07's class), and the ``get_scheduler`` factory.
 
 Note [warmup]
 ~~~~~~~~~~~~~
@@ -23,7 +23,8 @@ Note [end of the schedule]
 Decays run over ``[W, T]`` with ``T = total_steps`` and progress
 ``x = (s - W) / (T - W)``: the floor ``min_lr`` is reached at ``s = T`` and held
 for every later step (no re-rise, no error), as torch's ``CosineAnnealingLR``
-and the second seed's formula do. Steps count in whatever unit the loop calls
+and the Intro2LLM lesson L07's formula do. With ``W == T`` (warmup only) the peak
+is reached at ``s = W`` and the floor one step later. Steps count in whatever unit the loop calls
 ``scheduler.step()`` in: optimizer steps or epochs.
 """
 
@@ -66,10 +67,10 @@ def _warmup(step: int, warmup_steps: int, peak_lr: float) -> float:
 
 
 def _progress(step: int, start: int, end: int) -> float:
-    """Fraction of [start, end] done at ``step``, clipped to [0, 1]."""
-    if step >= end:
-        return 1.0
-    return max(0.0, (step - start) / (end - start))
+    """Fraction of [start, end] done at ``step``, clipped to [0, 1]: 0 at ``start`` (the peak),
+    1 from ``end`` on. A decay of no length (``start == end``) takes one step, as Hugging
+    Face's ``max(1, T - W)`` does: the peak is still reached at ``start``."""
+    return min(1.0, max(0.0, (step - start) / max(1, end - start)))
 
 
 def _cosine_shape(x: float) -> float:
@@ -154,7 +155,11 @@ def exponential(
         if total_steps is None or total_steps <= warmup_steps:  # ruled out by make_schedule
             return peak_lr
         gamma = (min_lr / peak_lr) ** (1.0 / (total_steps - warmup_steps)) if peak_lr > 0 else 1.0
-    return max(min_lr, peak_lr * gamma ** (step - warmup_steps))
+    try:
+        decayed = gamma ** (step - warmup_steps)
+    except OverflowError:  # a step beyond float range (> 1e308): gamma <= 1, so the limit
+        decayed = 0.0 if gamma < 1 else 1.0
+    return max(min_lr, peak_lr * decayed)
 
 
 def inverse_sqrt(
@@ -462,7 +467,7 @@ class ScheduleLR(LRScheduler):
 
 
 class WarmupCosineScheduler(ScheduleLR):
-    r"""Linear warmup, then cosine decay to a floor (the second seed's class).
+    r"""Linear warmup, then cosine decay to a floor (the Intro2LLM lesson L07's class).
 
     For step ``s``, warmup ``W``, total ``T``, peak ``P`` (the group's lr) and
     floor ``F = min_lr`` or ``min_lr_ratio * P`` (default ratio 0.1):
@@ -476,7 +481,7 @@ class WarmupCosineScheduler(ScheduleLR):
     Step 0 is never 0 (Note [warmup]), the peak is reached at ``s = W``, the
     floor at ``s = T`` and held after it (Note [end of the schedule]).
 
-    ``step(step)`` sets the rate for ``step`` (the seed's call);
+    ``step(step)`` sets the rate for ``step`` (the lesson's call);
     ``step()`` advances by one (torch's). ``get_lr(step)`` returns a float.
     """
 

@@ -9,26 +9,9 @@ import pytest
 import torch
 
 from optim_table import OPTIMIZERS, ids
-from test_numerics import tiny_model, train
+from helpers import assert_same_nested, assert_unchanged, snapshot, tiny_model, train
 
 pytestmark = pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
-
-
-def snapshot(opt):
-    params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
-    state = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in opt.state.items()}
-    return params, state
-
-
-def assert_unchanged(opt, snap):
-    params, state = snap
-    for p, q in zip((p for g in opt.param_groups for p in g["params"]), params):
-        assert torch.equal(p.detach(), q)
-    now = {id(p): s for p, s in opt.state.items() if s}
-    assert set(now) == {k for k, v in state.items() if v}
-    for k, s in now.items():
-        for key, v in s.items():
-            assert torch.equal(v, state[k][key])
 
 
 def test_is_a_torch_optimizer(info):
@@ -295,9 +278,9 @@ def test_grad_scaler_unscales_and_skips_infs(info):
     ob.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb)
-    snap = snapshot(oa)
     oa.zero_grad()
     scaler.scale(a(x).sum() * float("inf")).backward()
+    snap = snapshot(oa)
     scaler.step(oa)
     scaler.update()
     assert_unchanged(oa, snap)
@@ -337,10 +320,11 @@ def test_gradscaler_unscales_and_skips_inf_steps(info, backend):
             next(scaled.parameters()).grad[0, 0] = float("inf")
         before = snapshot(opt)
         scaler.step(opt)
+        if step == 2:
+            assert_unchanged(opt, before)
         scaler.update()
         opt.zero_grad()
         if step == 2:
-            assert_unchanged(opt, before)
             assert scaler.get_scale() == 2.0**9
             continue
         torch.nn.functional.cross_entropy(plain(x), y).backward()
@@ -349,3 +333,240 @@ def test_gradscaler_unscales_and_skips_inf_steps(info, backend):
     assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
     for a, b in zip(scaled.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# the rest of the contract pytorch's generic optimizer suite (TestOptimRenewed) checks
+# ---------------------------------------------------------------------------
+
+BACKEND_KWARGS = [dict(foreach=False, fused=False), dict(foreach=True), dict(fused=True), dict()]
+BACKEND_IDS = ["reference", "foreach", "fused", "default"]
+
+
+def test_hyperparameters_are_checked_before_params(info):
+    """As torch.optim: a bad hyper-parameter is named even when params are bad too."""
+    with pytest.raises(ValueError, match="beta parameter at index 0: 1.0"):
+        info.cls(None, betas=(1.0, 0.5))
+
+
+@pytest.mark.parametrize("kwargs", BACKEND_KWARGS, ids=BACKEND_IDS)
+def test_save_load_save_is_the_identity(info, kwargs):
+    """A loaded optimizer's state_dict() is the one it was loaded from (torch adds keys such as
+    'differentiable' on load; none may appear), through torch.save/load with weights_only."""
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    a = info.cls([p], **kwargs)
+    a.step()
+    saved = a.state_dict()
+    b = info.cls([torch.nn.Parameter(p.detach().clone())], **kwargs)
+    b.load_state_dict(roundtrip(saved))
+    assert_same_nested(b.state_dict(), saved)
+    assert_same_nested(roundtrip(b.state_dict()), saved)
+    assert b.defaults == a.defaults
+
+
+@pytest.mark.parametrize("kwargs", BACKEND_KWARGS, ids=BACKEND_IDS)
+def test_state_dict_is_deterministic(info, kwargs):
+    """A twin loaded from a state_dict runs in lockstep, and the state_dicts stay equal (also
+    with a repeated group, whose parameters keep their indices)."""
+    model, twin = tiny_model(), tiny_model()
+    opt = info.cls(model.parameters(), weight_decay=0.1, **kwargs)
+    train(model, opt, 4)
+    twin.load_state_dict(model.state_dict())
+    opt2 = info.cls(twin.parameters(), weight_decay=0.1, **kwargs)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train(model, opt, 4, seed=5)
+    train(twin, opt2, 4, seed=5)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    assert_same_nested(opt.state_dict(), opt2.state_dict())
+    opt2.param_groups.extend(opt2.param_groups)
+    assert_same_nested(opt.state_dict()["param_groups"][-1], opt2.state_dict()["param_groups"][-1])
+
+
+def test_older_state_dicts_load(info):
+    """Options a checkpoint may predate are filled from the defaults; a step count saved as a
+    number becomes our float32 tensor; training continues as the uninterrupted run."""
+    model, twin = tiny_model(), tiny_model()
+    opt = info.cls(model.parameters(), weight_decay=0.1)
+    train(model, opt, 3)
+    old = copy.deepcopy(opt.state_dict())
+    for group in old["param_groups"]:
+        for flag in ("maximize", "foreach", "fused", "state_dtype", "correct_bias"):
+            group.pop(flag, None)
+    for state in old["state"].values():
+        if "step" in state:
+            state["step"] = int(state["step"].item())
+    twin.load_state_dict(model.state_dict())
+    opt2 = info.cls(twin.parameters(), weight_decay=0.1)
+    opt2.load_state_dict(old)
+    assert opt2.param_groups[0]["maximize"] is False and opt2.param_groups[0]["state_dtype"] is None
+    for p in twin.parameters():
+        if "step" in opt2.state[p]:
+            assert opt2.state[p]["step"].dtype == torch.float32 and opt2.state[p]["step"].dim() == 0
+    train(model, opt, 3, seed=9)
+    train(twin, opt2, 3, seed=9)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("named", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["named-named", "named-unnamed", "unnamed-named", "unnamed-unnamed"])
+def test_named_parameters_load_both_ways(info, named):
+    model = tiny_model()
+    opt = info.cls(model.named_parameters() if named[0] else model.parameters())
+    train(model, opt, 2)
+    opt2 = info.cls(model.named_parameters() if named[1] else model.parameters())
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train(model, opt2, 1)
+    names = [n for n, _ in model.named_parameters()]
+    if any(named):
+        assert opt2.state_dict()["param_groups"][0]["param_names"] == names
+    else:
+        assert "param_names" not in opt2.state_dict()["param_groups"][0]
+
+
+def test_named_and_unnamed_parameters_do_not_mix(info):
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="with/without names"):
+        info.cls([("a", a), b])
+    with pytest.raises(ValueError, match="with/without names"):
+        info.cls([{"params": [a]}, {"params": [("b", b)]}])
+
+
+def test_state_dict_and_load_state_dict_hooks(info):
+    model = tiny_model()
+    opt = info.cls(model.parameters(), lr=1e-3)
+    train(model, opt, 1)
+    opt.register_state_dict_pre_hook(lambda o: o.state.__setitem__("note", 1))
+
+    def post(o, sd):
+        sd["seen_note"] = sd["state"].pop("note", None) == 1
+        return sd
+
+    opt.register_state_dict_post_hook(post)
+    sd = opt.state_dict()
+    assert sd["seen_note"] and "note" not in sd["state"]
+    del opt.state["note"]
+
+    # load pre-hooks run first, in order (prepend first), and may return a new dict
+    calls = []
+
+    def set_lr(o, sd):
+        calls.append("set_lr")
+        sd["param_groups"][0]["lr"] = 0.002
+
+    def copy_with_lr(o, sd):
+        calls.append("copy")
+        new = copy.deepcopy(sd)
+        new["param_groups"][0]["lr"] = 0.003
+        return new
+
+    opt.register_load_state_dict_pre_hook(set_lr)
+    opt.register_load_state_dict_pre_hook(copy_with_lr, prepend=True)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("post", o.param_groups[0]["lr"])))
+    opt.load_state_dict(sd)
+    assert calls == ["copy", "set_lr", ("post", 0.002)]
+    assert opt.param_groups[0]["lr"] == 0.002
+
+
+def test_load_checks_the_dict_its_pre_hooks_made(info):
+    """Our checks see the checkpoint after the pre-hooks: a hook may repair a checkpoint, and a
+    checkpoint a hook breaks is refused with nothing changed."""
+    model = tiny_model()
+    opt = info.cls(model.parameters())
+    train(model, opt, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["param_groups"][0]["betas"]
+    with pytest.raises(ValueError, match=r"lacks \['betas'\]"):
+        opt.load_state_dict(sd)
+    handle = opt.register_load_state_dict_pre_hook(lambda o, d: d["param_groups"][0].update(betas=(0.5, 0.6)))
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["betas"] == (0.5, 0.6)
+    handle.remove()
+    snap = snapshot(opt)
+    opt.register_load_state_dict_pre_hook(lambda o, d: d["param_groups"][0].__setitem__("lr", -1.0))
+    with pytest.raises(ValueError, match="lr=-1.0"):
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert_unchanged(opt, snap)
+    assert opt.param_groups[0]["lr"] != -1.0
+
+
+def test_it_prints_like_torch_optimizers(info):
+    opt = info.cls([torch.nn.Parameter(torch.ones(2))], lr=0.5)
+    text = repr(opt)
+    assert text.startswith(f"{info.cls.__name__} (") and "Parameter Group 0" in text and "lr: 0.5" in text
+
+
+@pytest.mark.parametrize("kwargs", BACKEND_KWARGS, ids=BACKEND_IDS)
+def test_zero_gradients_without_weight_decay_change_no_parameter(info, kwargs):
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(()))]
+    before = [p.detach().clone() for p in params]
+    opt = info.cls(params, weight_decay=0.0, **kwargs)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    for p, q in zip(params, before):
+        assert torch.equal(p.detach(), q)
+    assert all(len(opt.state[p]) > 0 for p in params)
+
+
+def test_fused_true_on_meta_parameters_raises_before_anything_changes(info):
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    opt = info.cls(model.parameters(), fused=True)
+    with torch.device("meta"):
+        for p in model.parameters():
+            p.grad = torch.rand_like(p)
+    snap = snapshot(opt)
+    with pytest.raises(RuntimeError, match=r"`fused=True` requires all the params to be floating point Tensors.*meta"):
+        opt.step()
+    assert_unchanged(opt, snap)
+    opt.zero_grad(set_to_none=True)
+    model.to_empty(device="cpu")  # new parameters: the optimizer's meta ones have no gradient now
+    for p in model.parameters():
+        p.grad = torch.rand_like(p)
+    opt.step()
+    assert not opt.state
+
+
+@pytest.mark.parametrize("kwargs", BACKEND_KWARGS, ids=BACKEND_IDS)
+def test_float64_as_the_default_dtype(info, kwargs):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        a, b = tiny_model(), tiny_model()
+        oa = info.cls(a.parameters(), weight_decay=0.1, **kwargs)
+        ob = info.cls(b.parameters(), weight_decay=0.1, foreach=False, fused=False)
+        train(a, oa, 3)
+        train(b, ob, 3)
+    finally:
+        torch.set_default_dtype(previous)
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert x.dtype == torch.float64
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+
+
+def test_deepcopy_copies_every_public_attribute(info):
+    model = tiny_model()
+    opt = info.cls(model.parameters())
+    train(model, opt, 2)
+    public = lambda o: {k for k in o.__dict__ if not k.startswith("_")}  # noqa: E731
+    assert public(copy.deepcopy(opt)) == public(opt)
+
+
+def test_global_step_hooks_run(info):
+    seen = []
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    pre = register_optimizer_step_pre_hook(lambda o, a, k: seen.append(("pre", type(o))))
+    post = register_optimizer_step_post_hook(lambda o, a, k: seen.append(("post", type(o))))
+    try:
+        p = torch.nn.Parameter(torch.ones(2))
+        p.grad = torch.ones(2)
+        info.cls([p]).step()
+    finally:
+        pre.remove()
+        post.remove()
+    assert seen == [("pre", info.cls), ("post", info.cls)]

@@ -232,3 +232,14 @@ def test_bench_takes_a_models_own_parameters_and_dtypes():
     assert f"{n / 1e6:.1f} M params, bf16 params, state bf16" in done.stdout
     lion = next(line for line in done.stdout.splitlines() if line.startswith("ours Lion default"))
     assert lion.split()[4] == "10"  # bytes per parameter: 3 x 2 (p, g, p) + 2 x 2 (m, m)
+
+
+def test_bench_compile_times_compiled_steps_next_to_eager_ones():
+    done = subprocess.run(
+        [sys.executable, "-m", "optimizer", "bench", "--device", "cpu", "--model", "optimizer.demo.llama:Llama",
+         "--reps", "1", "--compile", "--only", "ours Lion reference"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    compiled = next(line for line in done.stdout.splitlines() if line.startswith("ours Lion reference compiled"))
+    assert compiled.split()[-1].endswith("x")  # its ratio to the eager row of the same run

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helpers import tiny_model, train
 from optim_table import OPTIMIZERS, hyper, ids
 
 shape_st = st.lists(st.integers(0, 7), min_size=0, max_size=3).map(tuple)  # 0-dim and empty included
@@ -138,34 +139,6 @@ def test_backend_matches_reference_every_step(info, backend, kwargs, data):
             assert set(ref.state[a]) == set(new.state[b])
             for k, v in ref.state[a].items():
                 torch.testing.assert_close(new.state[b][k], v)
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Embedding(11, 8), torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.GELU(), torch.nn.Linear(16, 11)
-    )
-
-
-def train(model, opt, steps, seed=1, closure=False):
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(steps):
-        x = torch.randint(0, 11, (16,), generator=gen)
-        y = (x * 3 + 1) % 11
-
-        def loss_fn():
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        if closure:
-            losses.append(opt.step(loss_fn).item())
-        else:
-            losses.append(loss_fn().item())
-            opt.step()
-    return losses
 
 
 ADAMW_CONFIGS = [dict(), dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.3), dict(maximize=True, weight_decay=0.0)]
@@ -337,3 +310,22 @@ def test_bias_corrections_on_the_device_match_the_formula():
             torch.testing.assert_close(a.double(), torch.tensor(1 - beta1**t, dtype=torch.float64), rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(b.double(), torch.tensor((1 - beta2**t) ** 0.5, dtype=torch.float64), rtol=1e-6,
                                        atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs", [dict(foreach=False, fused=False), dict(foreach=True), dict(fused=True)],
+                         ids=["reference", "foreach", "fused"])
+def test_a_nan_gradient_freezes_a_lion_coordinate_for_good(kwargs):
+    """What Lion's docstring warns of (lion-pytorch behaves the same): the momentum of that
+    coordinate becomes NaN, sign(NaN) = 0, and the coordinate stops moving; the others go on."""
+    from optimizer import Lion
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = Lion([p], lr=0.1, **kwargs)
+    p.grad = torch.tensor([float("nan"), 1.0, -1.0])
+    opt.step()
+    assert torch.isnan(opt.state[p]["exp_avg"][0])
+    for _ in range(3):
+        p.grad = torch.tensor([1.0, 1.0, -1.0])
+        opt.step()
+    assert p[0].item() == 0.0 and torch.isnan(opt.state[p]["exp_avg"][0])
+    torch.testing.assert_close(p.detach()[1:], torch.tensor([-0.4, 0.4]))

@@ -204,6 +204,27 @@ def test_every_schedule_starts_above_zero_and_peaks_at_end_of_warmup(name):
     assert 0 < lr(0) < lr(6) < lr(7) == 1.0
 
 
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_warmup_as_long_as_the_run_still_reaches_the_peak(name):
+    """warmup_steps == total_steps: the peak at step W (the decay takes one step), as the
+    README promises; it used to stop at W / (W + 1) of the peak and drop to the floor."""
+    if name == "exponential":
+        kw = dict(gamma=0.5, min_lr=0.01)
+    elif name in ("constant", "inverse_sqrt"):
+        kw = {}
+    else:
+        kw = dict(min_lr=0.01)
+    if name == "warmup_stable_decay":
+        kw["decay_steps"] = 0
+    lr = make_schedule(name, peak_lr=1.0, warmup_steps=10, total_steps=10, **kw)
+    assert lr(9) < lr(10) == 1.0
+
+
+def test_exponential_decay_at_astronomical_steps_is_its_floor():
+    assert make_schedule("exponential", gamma=0.5)(10**400) == 0.0
+    assert make_schedule("exponential", gamma=0.5, min_lr=1e-3)(10**400) == 1e-3
+
+
 def test_wsd_decay_shapes_and_ratio():
     for shape in ("linear", "cosine", "1-sqrt"):
         lr = make_schedule("warmup_stable_decay", warmup_steps=0, total_steps=100, decay_type=shape, min_lr=0.0)

@@ -1,0 +1,192 @@
+"""A step that raises changes nothing (Note [two-phase step]), whatever the backend: every
+value that could make a step fail midway is injected into the *last* group of an optimizer
+(so that a step checking as it goes would already have updated the first), and parameters,
+gradients and state must be bit-identical afterwards. Then the C loop's own failure modes
+(Note [fused CPU]): they warn once and fall back, or raise before anything changed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import pytest
+import torch
+
+from helpers import assert_unchanged, snapshot
+from optim_table import OPTIMIZERS, ids
+from optimizer import _fused_cpu
+
+BACKENDS = {"reference": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True),
+            "default": dict()}
+
+
+def two_groups(info, backend, **last_group):
+    """An optimizer with state in two groups, and fresh gradients on every parameter."""
+    torch.manual_seed(0)
+    first = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    last = [torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.randn(2))]
+    opt = info.cls([{"params": first}, {"params": last, **last_group}], weight_decay=0.1, **BACKENDS[backend])
+    for _ in range(2):
+        for p in first + last:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    for p in first + last:
+        p.grad = torch.randn_like(p)
+    return opt, last
+
+
+def _set(group, **values):
+    group.update(values)
+
+
+def _grad_data(p, value):
+    p.grad.data = value  # .data skips the checks of `p.grad = ...`, as a buggy hook or kernel could
+
+
+def _state(opt, p, key, value):
+    opt.state[p][key] = value
+
+
+# name -> (inject(opt, last_params), exception, words of the message, optimizers it applies to)
+INJECTIONS = {
+    "tensor betas": (lambda o, ps: _set(o.param_groups[-1], betas=(0.9, torch.tensor(0.99))), ValueError,
+                     "tensor betas", None),
+    "nan lr": (lambda o, ps: _set(o.param_groups[-1], lr=float("nan")), ValueError, "lr=nan", None),
+    "inf lr": (lambda o, ps: _set(o.param_groups[-1], lr=float("inf")), ValueError, "lr=inf", None),
+    "negative lr": (lambda o, ps: _set(o.param_groups[-1], lr=-1e-3), ValueError, "lr=-0.001", None),
+    "lr beyond float32": (lambda o, ps: _set(o.param_groups[-1], lr=1e39), ValueError, "learning rate lr = 1e+39",
+                          None),
+    "lr * weight_decay beyond float32": (lambda o, ps: _set(o.param_groups[-1], lr=1e37, weight_decay=100.0),
+                                         ValueError, "lr * weight_decay = 1e+39", None),
+    "step size beyond float32": (lambda o, ps: _set(o.param_groups[-1], lr=1e37, betas=(0.99999, 0.999)),
+                                 ValueError, "step size lr / (1 - beta1)", ("AdamW",)),
+    "nan weight_decay": (lambda o, ps: _set(o.param_groups[-1], weight_decay=float("nan")), ValueError,
+                         "weight_decay=nan", None),
+    "tensor weight_decay": (lambda o, ps: _set(o.param_groups[-1], weight_decay=torch.tensor(0.1)), TypeError,
+                            "weight_decay", None),
+    "inf eps": (lambda o, ps: _set(o.param_groups[-1], eps=float("inf")), ValueError, "eps", ("AdamW",)),
+    "bad flag": (lambda o, ps: _set(o.param_groups[-1], maximize="yes"), ValueError, "maximize", None),
+    "gradient dtype": (lambda o, ps: _grad_data(ps[-1], torch.zeros(2, dtype=torch.float64)), RuntimeError,
+                       "gradient of shape (2,), torch.float64", None),
+    "gradient shape": (lambda o, ps: _grad_data(ps[-1], torch.zeros(7)), RuntimeError, "gradient of shape (7,)",
+                       None),
+    "sparse gradient": (lambda o, ps: setattr(ps[-1], "grad", torch.zeros(2).to_sparse()), RuntimeError,
+                        "does not support sparse gradients", None),
+    "state dtype": (lambda o, ps: _state(o, ps[-1], "exp_avg", torch.zeros(2, dtype=torch.float64)), RuntimeError,
+                    "state['exp_avg'] of shape (2,), torch.float64", None),
+    "state shape": (lambda o, ps: _state(o, ps[-1], "exp_avg", torch.zeros(3)), RuntimeError,
+                    "state['exp_avg'] of shape (3,)", None),
+    "state device": (lambda o, ps: _state(o, ps[-1], "exp_avg", torch.zeros(2, device="meta")), RuntimeError,
+                     "on meta", None),
+    "state not a tensor": (lambda o, ps: _state(o, ps[-1], "exp_avg", 0.0), RuntimeError, "not a tensor", None),
+    # (Lion's state has one key: without it, the state is empty, which means: create it)
+    "state key missing": (lambda o, ps: o.state[ps[-1]].pop("exp_avg"), RuntimeError, "without 'exp_avg'",
+                          ("AdamW",)),
+    "step counter": (lambda o, ps: _state(o, ps[-1], "step", torch.zeros(3)), RuntimeError, "state['step']",
+                     ("AdamW",)),
+}
+CASES = [(info, backend, name) for info in OPTIMIZERS for backend in BACKENDS for name, (*_, only) in INJECTIONS.items()
+         if only is None or info.name in only]
+
+
+@pytest.mark.parametrize(("info", "backend", "name"), CASES, ids=[f"{i.name}-{b}-{n}" for i, b, n in CASES])
+def test_a_step_that_raises_changes_nothing(info, backend, name):
+    inject, exc, words, _ = INJECTIONS[name]
+    opt, last = two_groups(info, backend)
+    inject(opt, last)
+    snap = snapshot(opt)
+    with pytest.raises(exc) as err:
+        opt.step()
+    assert words in str(err.value), str(err.value)
+    assert_unchanged(opt, snap)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_fused_true_that_cannot_compile_raises_before_any_group_changed(info, monkeypatch):
+    """The first group runs foreach (AdamW: torch's fused kernel), the last one needs the C
+    loop, whose compile fails: under fused=True the step raises with nothing changed."""
+    opt, last = two_groups(info, "default", fused=True, **({"correct_bias": False} if info.name == "AdamW" else {}))
+    opt.param_groups[0].update(foreach=None if info.name == "AdamW" else True, fused=None if info.name == "AdamW"
+                               else False)
+
+    def no_compiler(kernel):
+        raise RuntimeError("no C compiler: 'cc' not found (set CC)")
+
+    monkeypatch.setattr(_fused_cpu, "_libraries", {})
+    monkeypatch.setattr(_fused_cpu, "_failed", [])
+    monkeypatch.setattr(_fused_cpu, "_compile", no_compiler)
+    snap = snapshot(opt)
+    with pytest.raises(RuntimeError, match="fused=True: the fused CPU kernels cannot be compiled here"):
+        opt.step()
+    assert_unchanged(opt, snap)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_a_library_that_cannot_be_loaded_warns_once_and_falls_back(info, monkeypatch):
+    """A noexec temporary folder makes ctypes.CDLL raise OSError: one warning, then foreach."""
+    def refuse(path):
+        raise OSError(f"{path}: failed to map segment from shared object")
+
+    monkeypatch.setattr(_fused_cpu, "_libraries", {})
+    monkeypatch.setattr(_fused_cpu, "_failed", [])
+    monkeypatch.setattr(_fused_cpu.ctypes, "CDLL", refuse)
+    torch.manual_seed(0)
+    p, q = torch.nn.Parameter(torch.randn(100)), None
+    q = torch.nn.Parameter(p.detach().clone())
+    kw = {"correct_bias": False} if info.name == "AdamW" else {}  # AdamW's default would take torch's kernel
+    a, b = info.cls([p], **kw), info.cls([q], foreach=True, **kw)
+    with pytest.warns(RuntimeWarning, match="cannot be compiled here .*cannot be loaded") as caught:
+        for _ in range(3):
+            p.grad = torch.randn(100)
+            q.grad = p.grad.clone()
+            a.step()
+            b.step()
+    assert len([w for w in caught if "cannot be compiled" in str(w.message)]) == 1
+    assert torch.equal(p, q)
+
+
+def _run(code: str, **env: str) -> str:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+    return done.stdout + done.stderr
+
+
+CHECK = """
+    import warnings, torch
+    from optimizer import Lion, _fused_cpu
+    p = torch.nn.Parameter(torch.ones(40000)); q = torch.nn.Parameter(torch.ones(40000))
+    a, b = Lion([p], lr=0.1), Lion([q], lr=0.1, foreach=False, fused=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            p.grad = torch.linspace(-1, 1, 40000); q.grad = p.grad.clone()
+            a.step(); b.step()
+    print("warnings", len([w for w in caught if "cannot be compiled" in str(w.message)]), "equal", torch.equal(p, q),
+          "compiled", bool(_fused_cpu._libraries))
+"""
+
+
+def test_cc_is_read_as_a_command_line():
+    out = _run(CHECK, CC="cc -Wall")
+    assert "warnings 0 equal True compiled True" in out, out
+
+
+def test_a_compiler_that_writes_nothing_warns_once_and_falls_back():
+    out = _run(CHECK, CC="true")  # exits 0 without writing the library
+    assert "warnings 1 equal True compiled False" in out, out
+
+
+def test_build_folders_of_killed_processes_are_removed():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tmp = tempfile.gettempdir()
+    stale = tempfile.mkdtemp(prefix=f"{_fused_cpu._DIR_PREFIX}{dead.pid}-", dir=tmp)
+    alive = tempfile.mkdtemp(prefix=f"{_fused_cpu._DIR_PREFIX}{os.getpid()}-", dir=tmp)
+    try:
+        _fused_cpu._remove_stale_build_dirs()
+        assert not os.path.exists(stale) and os.path.exists(alive)
+    finally:
+        os.rmdir(alive)
