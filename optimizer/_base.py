@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
-from ._tensors import _LOW_PRECISION, STATE_DTYPES, state_dtype, step_device
+from ._tensors import _LOW_PRECISION, STATE_DTYPES, device_types, state_dtype, step_device
 
 __all__ = ["Optimizer"]
 
@@ -135,7 +135,31 @@ def check_fits(scalars: dict[str, float | None], params: list[Tensor]) -> None:
 
 
 _GRAD, _LAYOUT, _SHAPE = operator.attrgetter("grad"), operator.attrgetter("layout"), operator.attrgetter("shape")
-_DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
+_DTYPE, _DEVICE, _IS_CPU = operator.attrgetter("dtype"), operator.attrgetter("device"), operator.attrgetter("is_cpu")
+
+
+class _Meta:
+    """Shapes, dtypes and devices of a list of parameters, read once per step with C-level maps,
+    to compare the gradients' and states' with."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.shapes = list(map(_SHAPE, params))
+        self.dtypes = list(map(_DTYPE, params))
+        self.types = device_types(params)
+        self._params = params
+        self._devices: list[Any] | None = None
+
+    def same_devices(self, tensors: list[Tensor]) -> bool:
+        if len(self.types) == 1 and device_types(tensors) == self.types:  # one device type: compare indices
+            if self._devices is None:
+                self._devices = list(map(Tensor.get_device, self._params))
+            return list(map(Tensor.get_device, tensors)) == self._devices
+        return list(map(_DEVICE, tensors)) == list(map(_DEVICE, self._params))
+
+    def same(self, tensors: list[Tensor], dtypes: list[torch.dtype] | None = None) -> bool:
+        """Each tensor has its parameter's shape, device and dtype (or ``dtypes``)."""
+        return (list(map(_SHAPE, tensors)) == self.shapes and list(map(_DTYPE, tensors)) == (dtypes or self.dtypes)
+                and self.same_devices(tensors))
 
 
 @dataclass
@@ -233,10 +257,8 @@ class Optimizer(torch.optim.Optimizer):
             return _Prepared(group, [[] for _ in range(2 + len(self.state_keys) + len(self.counter_keys))])
         grads = list(map(_GRAD, params))
         # the common case checked with C-level maps (this runs every step), the culprit found after
-        shapes = list(map(_SHAPE, params))
-        if not (set(map(_LAYOUT, grads)) <= {torch.strided} and list(map(_SHAPE, grads)) == shapes
-                and list(map(_DTYPE, grads)) == list(map(_DTYPE, params))
-                and list(map(_DEVICE, grads)) == list(map(_DEVICE, params))):
+        meta = _Meta(params)
+        if not (set(map(_LAYOUT, grads)) <= {torch.strided} and meta.same(grads)):
             for p, g in zip(params, grads):
                 if g.layout != torch.strided or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                     self._bad_tensor(gi, group, p, "gradient", g, p.dtype, p.device)
@@ -256,34 +278,44 @@ class Optimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{self._where(gi, group, p)} has state {sorted(self.state[p])} without "
                                    f"{key!r}: was it changed by hand, or loaded from another optimizer?") from None
         if len(new) < len(params):
-            self._check_states(gi, group, params, lists)
+            self._check_states(gi, group, params, lists, meta)
         check_fits(self._scalars(group), params)
         routes = _dispatch.route(self.backends, lists, self._hyper(group), foreach=group["foreach"],
                                  fused=group["fused"])
         return _Prepared(group, lists, new, routes)
 
-    def _check_states(self, gi: int, group: dict[str, Any], params: list[Tensor], lists: list[list[Any]]) -> None:
+    def _check_states(self, gi: int, group: dict[str, Any], params: list[Tensor], lists: list[list[Any]],
+                      meta: _Meta) -> None:
         """Existing state must be what this optimizer would create (a user may have replaced it)."""
         requested = group.get("state_dtype")
-        pdts = list(map(_DTYPE, params))
-        expected = [requested if requested is not None and not p.is_complex() else _LOW_PRECISION.get(d, d)
-                    for p, d in zip(params, pdts)]
-        shapes, devices = list(map(_SHAPE, params)), list(map(_DEVICE, params))
+        expected_of = {d: requested if requested is not None and not d.is_complex else _LOW_PRECISION.get(d, d)
+                       for d in set(meta.dtypes)}
+        expected = list(map(expected_of.__getitem__, meta.dtypes))
         n = len(self.state_keys)
         for key, values in zip(self.state_keys, lists[2:2 + n]):
-            if not (all(isinstance(v, Tensor) for v in values) and list(map(_SHAPE, values)) == shapes
-                    and list(map(_DTYPE, values)) == expected and list(map(_DEVICE, values)) == devices):
+            try:
+                ok = meta.same(values, dtypes=expected)
+            except AttributeError:  # not a tensor
+                ok = False
+            if not ok:
                 for p, v, dtype in zip(params, values, expected):
                     if not isinstance(v, Tensor):
                         raise RuntimeError(f"{self._where(gi, group, p)} has state[{key!r}] = {v!r}, not a tensor")
                     if v.shape != p.shape or v.dtype != dtype or v.device != p.device:
                         self._bad_tensor(gi, group, p, f"state[{key!r}]", v, dtype, p.device)
+        cpu = torch.device("cpu")
         for key, values in zip(self.counter_keys, lists[2 + n:]):
-            for p, v in zip(params, values):
-                if not (isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point()
-                        and v.device in (torch.device("cpu"), p.device)):
-                    raise RuntimeError(f"{self._where(gi, group, p)} has state[{key!r}] = {v!r}; expected a "
-                                       f"one-element float tensor on the CPU or on {p.device}")
+            try:  # one-element float tensors, on the CPU or on the parameter's device
+                ok = (set(map(Tensor.numel, values)) == {1} and all(map(Tensor.is_floating_point, values))
+                      and (all(map(_IS_CPU, values)) or meta.same_devices(values)))
+            except TypeError:  # not a tensor
+                ok = False
+            if not ok:
+                for p, v in zip(params, values):
+                    if not (isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point()
+                            and v.device in (cpu, p.device)):
+                        raise RuntimeError(f"{self._where(gi, group, p)} has state[{key!r}] = {v!r}; expected a "
+                                           f"one-element float tensor on the CPU or on {p.device}")
 
     def _where(self, gi: int, group: dict[str, Any], p: Tensor) -> str:
         i = next(i for i, q in enumerate(group["params"]) if q is p)

@@ -151,11 +151,17 @@ def route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], 
         tensors = [list(map(local, lst)) for lst in tensors]
         counters = [list(map(local, lst)) for lst in counters]
 
-    # one decision per kind of tensor: (device type, parameter dtype, state dtype, layout ok, counters ok)
     pdts = list(map(_DTYPE, tensors[0]))
     sdts = list(map(_DTYPE, tensors[2])) if backends.n_states else pdts
     uniform = (list(map(_DTYPE, tensors[1])) == pdts and all(list(map(_DTYPE, lst)) == sdts for lst in tensors[3:])
                and all(all(map(Tensor.is_contiguous, lst)) for lst in tensors))
+    devices = device_types(tensors[0])
+    if uniform and len(devices) == 1 and len(set(pdts)) == 1 and len(set(sdts)) == 1:  # the usual step
+        device = next(iter(devices))
+        counters_ok = device not in TRITON_DEVICES or _counters_on(tensors[0], counters)
+        return {_fused_kernel(backends, hyper, device, pdts[0], sdts[0], True, counters_ok, strict=strict): everything}
+
+    # otherwise one decision per kind of tensor: (device type, dtypes, layout ok, counters ok)
     if uniform:
         kinds = [(p.device.type, pdt, sdt, True) for p, pdt, sdt in zip(tensors[0], pdts, sdts)]
     else:
@@ -164,17 +170,22 @@ def route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], 
             same = all(t.dtype == ts[0].dtype for t in ts[1:2]) and all(t.dtype == ts[2].dtype for t in ts[3:])
             kinds.append((ts[0].device.type, ts[0].dtype, ts[2].dtype if len(ts) > 2 else ts[0].dtype,
                           same and same_dense_layout(tuple(as_real(t) for t in ts))))
-    counters_ok = [all(c.dtype == torch.float32 and c.numel() == 1 and c.device == p.device for c in cs)
-                   for p, *cs in zip(tensors[0], *counters)] if counters else [True] * n
-
+    counters_ok = [_counters_on([p], [[c] for c in cs]) for p, *cs in zip(tensors[0], *counters)]
     routes: Routes = {}
     chosen: dict[tuple[Any, ...], str] = {}
     for i, kind in enumerate(kinds):
-        key = (*kind, counters_ok[i])
+        key = (*kind, not counters or counters_ok[i])
         if key not in chosen:
             chosen[key] = _fused_kernel(backends, hyper, *key, strict=strict)
         routes.setdefault(chosen[key], []).append(i)
     return routes
+
+
+def _counters_on(params: list[Tensor], counters: list[list[Tensor]]) -> bool:
+    """The step counters are float32 scalars on their parameter's device (the Triton kernel reads them there)."""
+    devices = list(map(operator.attrgetter("device"), params))
+    return all(set(map(_DTYPE, lst)) <= {torch.float32} and set(map(Tensor.numel, lst)) <= {1}
+               and list(map(operator.attrgetter("device"), lst)) == devices for lst in counters)
 
 
 def _fused_kernel(backends: Backends, hyper: dict[str, Any], device: str, pdt: torch.dtype, sdt: torch.dtype,

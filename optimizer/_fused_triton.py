@@ -40,9 +40,11 @@ interpreter (``TRITON_INTERPRET=1``, CPU tensors) and on a GPU for real.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import operator
+from typing import Any
 from collections import OrderedDict
 
 import torch
@@ -227,8 +229,8 @@ def _tables(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor
 
 def _plan(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]], counters: list[Tensor] | None
           ) -> list[Launch]:
-    """The launches of a step: one per parameter dtype, state dtype and alignment, with its
-    tables. The dispatcher (``_dispatch.route``) sends only tensors the kernels take.
+    """The launches of a step: one per device, parameter dtype, state dtype and alignment, with
+    its tables. The dispatcher (``_dispatch.route``) sends only tensors the kernels take.
 
     This runs every step, so it is cached under a signature that is cheap to compute (C-level
     maps over the lists): every address, size and the dtypes. In a training loop the signature
@@ -239,22 +241,22 @@ def _plan(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]],
     signature = tuple(itertools.chain(  # states and counters are ours: new ones have new addresses
         *[map(Tensor.data_ptr, lst) for lst in lists],
         map(Tensor.numel, lists[0]),
-        map(_DTYPE, lists[0]), map(_DTYPE, lists[2]),
+        map(_DTYPE, lists[0]), map(_DTYPE, lists[2]), map(operator.attrgetter("device"), lists[0]),
     ))
     plan = _PLANS.get(signature)
     if plan is not None:
         _PLANS.move_to_end(signature)
         return plan
-    groups: dict[tuple[torch.dtype, torch.dtype, bool], tuple[list[int], list[list[int]]]] = {}
+    groups: dict[tuple[torch.device, torch.dtype, torch.dtype, bool], tuple[list[int], list[list[int]]]] = {}
     n_ts = 2 + len(states)  # parameter, gradient, states; then the step counter, if any
     for i, ts in enumerate(zip(*lists)):
         row = [t.data_ptr() for t in ts]
         aligned = all(a % 16 == 0 for a in row[:n_ts])  # views at odd offsets: scalar loads
-        idx, rows = groups.setdefault((ts[0].dtype, ts[2].dtype, aligned), ([], []))
+        idx, rows = groups.setdefault((ts[0].device, ts[0].dtype, ts[2].dtype, aligned), ([], []))
         idx.append(i)
         rows.append(row + [ts[0].numel()])
-    launches = [(pdt, sdt, aligned, idx, *_tables(rows, lists[0][idx[0]].device))
-                for (pdt, sdt, aligned), (idx, rows) in groups.items()]
+    launches = [(pdt, sdt, aligned, idx, *_tables(rows, device))
+                for (device, pdt, sdt, aligned), (idx, rows) in groups.items()]
     _PLANS[signature] = launches
     if len(_PLANS) > _PLANS_KEPT:
         _PLANS.popitem(last=False)
@@ -265,6 +267,19 @@ def _lr_args(lr: float | Tensor, device: torch.device) -> tuple[Tensor | None, f
     if isinstance(lr, Tensor):
         return lr.to(device=device, dtype=torch.float32), 0.0, True
     return None, float(lr), False
+
+
+def _amp_args(grad_scale: Tensor | None, found_inf: Tensor | None, device: torch.device
+              ) -> tuple[Tensor | None, Tensor | None]:
+    """GradScaler's scale and flag where the launch reads them (no copy where they already are)."""
+    return tuple(None if t is None else t.to(device, non_blocking=True) for t in (grad_scale, found_inf))
+
+
+def _on(device: torch.device) -> Any:
+    """Launch on ``device``'s GPU (Triton launches on the current one)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 _LOG_BETAS: dict[tuple[str, int, float, float], Tensor] = {}
@@ -280,7 +295,7 @@ def _log_betas(beta1: float, beta2: float, device: torch.device) -> Tensor:
     return _LOG_BETAS[key]
 
 
-# ----- the backends (the signatures of adamw._fused_adamw and lion._fused_lion) ----------
+# ----- the backends (the signatures of adamw's and lion's backends, Note [backends]) --------
 
 def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
           state_steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
@@ -293,16 +308,18 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
         steps = [state_steps[i] for i in idx]
         torch._foreach_add_(steps, 1.0)
         lr_t, lr_value, lr_tensor = _lr_args(lr, device)
+        scale, inf = _amp_args(grad_scale, found_inf, device)
         if n_blocks:
-            _adamw_kernel[(n_blocks,)](
-                table, blocks, lr_t, lr_value, grad_scale, found_inf, _log_betas(beta1, beta2, device),
-                weight_decay, beta2, 1 - beta1, 1 - beta2, eps,
-                P=_TL[pdt], S=_TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
-                SKIPPABLE=found_inf is not None, CORRECT_BIAS=correct_bias, MAXIMIZE=maximize, ALIGNED=aligned,
-                num_warps=NUM_WARPS, enable_fp_fusion=True,  # fused multiply-adds, as nvcc compiles torch's
-            )
-        if found_inf is not None:  # a skipped step is not counted
-            torch._foreach_sub_(steps, [found_inf.to(torch.float32)] * len(steps))
+            with _on(device):
+                _adamw_kernel[(n_blocks,)](
+                    table, blocks, lr_t, lr_value, scale, inf, _log_betas(beta1, beta2, device),
+                    weight_decay, beta2, 1 - beta1, 1 - beta2, eps,
+                    P=_TL[pdt], S=_TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
+                    SKIPPABLE=found_inf is not None, CORRECT_BIAS=correct_bias, MAXIMIZE=maximize, ALIGNED=aligned,
+                    num_warps=NUM_WARPS, enable_fp_fusion=True,  # fused multiply-adds, as nvcc compiles torch's
+                )
+        if inf is not None:  # a skipped step is not counted
+            torch._foreach_sub_(steps, [inf.to(torch.float32)] * len(steps))
 
 
 def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float | Tensor,
@@ -313,10 +330,12 @@ def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, l
     for pdt, sdt, aligned, idx, table, blocks, n_blocks in launches:
         device = params[idx[0]].device
         lr_t, lr_value, lr_tensor = _lr_args(lr, device)
+        scale, inf = _amp_args(grad_scale, found_inf, device)
         if n_blocks:
-            _lion_kernel[(n_blocks,)](
-                table, blocks, lr_t, lr_value, grad_scale, found_inf, weight_decay, 1 - beta1, 1 - beta2,
-                P=_TL[pdt], S=_TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
-                SKIPPABLE=found_inf is not None, MAXIMIZE=maximize, ALIGNED=aligned,
-                num_warps=NUM_WARPS, enable_fp_fusion=True,  # fused multiply-adds, as nvcc compiles torch's
-            )
+            with _on(device):
+                _lion_kernel[(n_blocks,)](
+                    table, blocks, lr_t, lr_value, scale, inf, weight_decay, 1 - beta1, 1 - beta2,
+                    P=_TL[pdt], S=_TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
+                    SKIPPABLE=found_inf is not None, MAXIMIZE=maximize, ALIGNED=aligned,
+                    num_warps=NUM_WARPS, enable_fp_fusion=True,  # fused multiply-adds, as nvcc compiles torch's
+                )

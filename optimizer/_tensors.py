@@ -73,6 +73,7 @@ def pick(lists: list[list[Any]], idx: list[int]) -> list[list[Any]]:
 
 
 _IS_CUDA, _IS_CPU = operator.attrgetter("is_cuda"), operator.attrgetter("is_cpu")
+_DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
 
 
 def device_types(tensors: list[Tensor]) -> set[str]:
@@ -118,6 +119,10 @@ def amp_grads(grads: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor 
 
 def group_by_device_and_dtype(*tensor_lists: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor]]]:
     """Split parallel lists into buckets of one (device, dtype of the first list) for foreach ops."""
+    first = tensor_lists[0]
+    if (first and not torch.compiler.is_compiling()  # (Dynamo cannot trace the C-level maps)
+            and len(set(map(_DTYPE, first))) == 1 and len(set(map(_DEVICE, first))) == 1):  # the usual case
+        return {(first[0].device, first[0].dtype): [list(lst) for lst in tensor_lists]}
     buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
     for items in zip(*tensor_lists):
         key = (items[0].device, items[0].dtype)

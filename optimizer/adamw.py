@@ -367,8 +367,10 @@ def _fused_torch_adamw(
     sends it (correct_bias, float32/float64 state of the parameter's dtype): bit-equal to
     ``torch.optim.AdamW(fused=True)``."""
     assert correct_bias
-    buckets = group_by_device_and_dtype(*[[as_real(t) for t in lst]
-                                          for lst in (params, grads, exp_avgs, exp_avg_sqs, state_steps)])
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    if any(map(Tensor.is_complex, params)):
+        lists = tuple([as_real(t) for t in lst] for lst in lists)
+    buckets = group_by_device_and_dtype(*lists)
     for b_p, b_g, b_m, b_v, b_steps in buckets.values():
         torch._foreach_add_(b_steps, 1.0)
         torch._fused_adamw_(b_p, b_g, b_m, b_v, [], b_steps, lr=float(lr), beta1=beta1, beta2=beta2,
