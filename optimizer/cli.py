@@ -12,7 +12,11 @@ import sys
 from typing import Any
 
 from .factory import OPTIMIZERS, ConfigError, load_config
-from .scheduler import SCHEDULES, make_schedule
+from . import timm_schedules
+from .hf_schedules import NAMES as _HF_NAMES
+from .scheduler import SCHEDULES, HFScheduleLR, TimmScheduleLR, make_schedule
+
+HF_CURVES = tuple(n for n in _HF_NAMES if n not in ("reduce_lr_on_plateau", "greedy"))  # the ones with a curve
 
 PROG = "python -m optimizer"
 
@@ -151,16 +155,25 @@ def demo(args: argparse.Namespace) -> int:
 
 def _plot_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("plot-schedule", help="draw a learning-rate schedule (PNG, or text without -o)",
-                       description="Draw a schedule of the family. Without -o, print a text rendering and the key values.")
-    p.add_argument("name", choices=sorted(SCHEDULES), metavar="NAME", help=f"one of {sorted(SCHEDULES)}")
-    p.add_argument("--warmup-steps", type=int, default=100, metavar="N", help="default 100")
-    p.add_argument("--total-steps", type=int, default=1000, metavar="N", help="default 1000")
+                       description="Draw a schedule, ours or as Hugging Face's or timm's get_scheduler would give it. "
+                       "Without -o, print a text rendering and the key values.")
+    p.add_argument("name", metavar="NAME",
+                   help=f"ours: {sorted(SCHEDULES)}; with --like transformers: {sorted(HF_CURVES)}; "
+                   f"with --like timm: {sorted(timm_schedules.NAMES)}")
+    p.add_argument("--like", choices=["ours", "transformers", "timm"], default="ours",
+                   help="whose conventions: ours (default; warmup (s+1)/(W+1)), transformers' (warmup s/W) or "
+                   "timm's (warmup over the start of the curve, --total-steps is one cycle)")
+    p.add_argument("--warmup-steps", type=int, default=100, metavar="N",
+                   help="default 100 (transformers: num_warmup_steps; timm: warmup_t)")
+    p.add_argument("--total-steps", type=int, default=1000, metavar="N",
+                   help="default 1000 (transformers: num_training_steps; timm: t_initial)")
     p.add_argument("--peak-lr", type=float, default=1e-3, metavar="LR", help="default 1e-3")
     floor = p.add_mutually_exclusive_group()
     floor.add_argument("--min-lr", type=float, metavar="LR", help="absolute floor (default 0)")
     floor.add_argument("--min-lr-ratio", type=float, metavar="R", help="floor as a fraction of the peak")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a schedule option, e.g. num_cycles=3, power=2, decay_type=cosine")
+                   help="a schedule option by its own library's name, e.g. num_cycles=3, power=2, "
+                   "decay_type=cosine, min_lr_rate=0.1 (transformers), lr_min=1e-5 (timm)")
     p.add_argument("-o", "--output", metavar="PNG", help="write a picture here instead of printing")
     return p
 
@@ -178,22 +191,47 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def plot_schedule(args: argparse.Namespace) -> int:
-    kwargs: dict[str, Any] = dict(_option(s) for s in args.set)
-    kwargs.update(peak_lr=args.peak_lr, warmup_steps=args.warmup_steps, total_steps=args.total_steps)
-    if args.min_lr_ratio is not None:
-        if not 0 <= args.min_lr_ratio <= 1:
-            raise ConfigError(f"Invalid --min-lr-ratio: {args.min_lr_ratio} (must be in [0, 1])")
-        kwargs["min_lr"] = args.min_lr_ratio * args.peak_lr
-    elif args.min_lr is not None:
-        kwargs["min_lr"] = args.min_lr
-    if "min_lr" in kwargs and args.name in ("constant", "inverse_sqrt"):
-        raise ConfigError(f"Invalid --min-lr: schedule {args.name!r} has no floor")
-    fn = make_schedule(args.name, **kwargs)
+    options: dict[str, Any] = dict(_option(s) for s in args.set)
+    w, t, peak = args.warmup_steps, args.total_steps, args.peak_lr
+    if args.like != "ours" and (args.min_lr is not None or args.min_lr_ratio is not None):
+        flag = "--min-lr" if args.min_lr is not None else "--min-lr-ratio"
+        raise ConfigError(f"Invalid {flag}: with --like {args.like}, give the floor by the library's own keyword, "
+                          "e.g. --set min_lr_rate=0.1 (transformers) or --set lr_min=1e-5 (timm)")
+    if args.like == "transformers":
+        if args.name not in HF_CURVES:
+            raise ConfigError(f"Invalid NAME: {args.name!r}; with --like transformers one of {sorted(HF_CURVES)}")
+        sched = HFScheduleLR(None, args.name, w, t, peak_lr=peak, **options)
+        label = "as transformers' get_scheduler"
+    elif args.like == "timm":
+        if args.name not in timm_schedules.NAMES:
+            raise ConfigError(f"Invalid NAME: {args.name!r}; with --like timm one of {sorted(timm_schedules.NAMES)}")
+        steps_kw = {"t_initial": t} if args.name in ("cosine", "tanh", "poly", "wsd") else {}
+        sched = TimmScheduleLR(None, args.name, peak_lr=peak, warmup_t=w, **steps_kw, **options)
+        label = "as timm's scheduler"
+    else:
+        if args.name not in SCHEDULES:
+            raise ConfigError(f"Invalid NAME: {args.name!r}; one of {sorted(SCHEDULES)} (or use --like)")
+        kwargs = dict(options, peak_lr=peak, warmup_steps=w, total_steps=t)
+        if args.min_lr_ratio is not None:
+            if not 0 <= args.min_lr_ratio <= 1:
+                raise ConfigError(f"Invalid --min-lr-ratio: {args.min_lr_ratio} (must be in [0, 1])")
+            kwargs["min_lr"] = args.min_lr_ratio * peak
+        elif args.min_lr is not None:
+            kwargs["min_lr"] = args.min_lr
+        if "min_lr" in kwargs and args.name in ("constant", "inverse_sqrt"):
+            flag = "--min-lr-ratio" if args.min_lr_ratio is not None else "--min-lr"
+            raise ConfigError(f"Invalid {flag}: schedule {args.name!r} has no floor")
+        sched = make_schedule(args.name, **kwargs)
+        label = "ours"
+
+    def fn(step: int) -> float:
+        return sched(step) if callable(sched) else sched.get_lr(step)
+
     last = max(args.total_steps, args.warmup_steps) + max(1, args.total_steps // 10)
     steps = list(range(last + 1))
     lrs = [fn(s) for s in steps]
     w, t = args.warmup_steps, args.total_steps
-    keys = f"lr(0) = {fn(0):.4g}   lr({w}) end of warmup = {fn(w):.4g}   lr({t}) end = {fn(t):.4g}"
+    keys = f"{label}: lr(0) = {fn(0):.4g}   lr({w}) end of warmup = {fn(w):.4g}   lr({t}) end = {fn(t):.4g}"
     if args.output:
         import matplotlib
 

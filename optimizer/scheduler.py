@@ -4,7 +4,9 @@ r"""Learning-rate schedules: pure functions of the step, behind one thin
 Layout (top to bottom): the pieces (warmup, decay shapes), the schedules as
 pure functions ``step -> lr``, ``make_schedule`` (checks arguments once and
 returns such a function), the adapter ``ScheduleLR``, ``WarmupCosineScheduler``
-(the Intro2LLM lesson L07's class), and the ``get_scheduler`` factory.
+(the Intro2LLM lesson L07's class), the same adapter around Hugging Face's and
+timm's curves (``HFScheduleLR``, ``TimmScheduleLR``), and the ``get_scheduler``
+factory (Note [whose curve]).
 
 Note [warmup]
 ~~~~~~~~~~~~~
@@ -15,8 +17,18 @@ With ``W = warmup_steps`` and peak ``P``, warmup is the straight line
 so step 0 already trains (lr = P / (W + 1), never 0: a zero first update is a
 wasted step), the rate rises strictly, and it reaches ``P`` at ``s = W``, the
 end of warmup, where the decay starts from ``P``. Hugging Face's schedules use
-``P * s / W`` instead, which spends step 0 at lr 0; this is the one place we
-deliberately differ from them.
+``P * s / W`` instead, which spends step 0 at lr 0; this is the one place our
+own schedules deliberately differ from theirs.
+
+Note [whose curve]
+~~~~~~~~~~~~~~~~~~
+``get_scheduler`` serves users of three libraries, and its keywords say whose
+conventions they expect: called as transformers' ``get_scheduler`` is
+(``num_warmup_steps`` / ``num_training_steps``) it gives Hugging Face's curves
+(``hf_schedules.py``, :class:`HFScheduleLR`); with the keywords of timm's scheduler
+classes (``t_initial``, ``decay_t``) timm's (``timm_schedules.py``,
+:class:`TimmScheduleLR`); with ours (``warmup_steps`` / ``total_steps``) ours. A user
+who moves a training script here keeps the learning rate of every step.
 
 Note [end of the schedule]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -30,6 +42,7 @@ is reached at ``s = W`` and the floor one step later. Steps count in whatever un
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -38,11 +51,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+from . import hf_schedules, timm_schedules
+from ._greedy import GreedyLR
 
 __all__ = [
     "SCHEDULES",
+    "HFScheduleLR",
     "ScheduleLR",
+    "TimmScheduleLR",
     "WarmupCosineScheduler",
     "constant",
     "cosine",
@@ -217,25 +235,6 @@ _NAME_ALIASES = {
     "wsd": "warmup_stable_decay",
 }
 
-# keyword names Hugging Face / timm / torch users type, mapped to ours
-_KEY_ALIASES = {
-    "num_warmup_steps": "warmup_steps",
-    "warmup_t": "warmup_steps",
-    "warmup_epochs": "warmup_steps",
-    "num_training_steps": "total_steps",
-    "t_initial": "total_steps",
-    "num_epochs": "total_steps",
-    "T_max": "total_steps",
-    "lr_min": "min_lr",
-    "eta_min": "min_lr",
-    "lr_end": "min_lr",
-    "min_lr_rate": "min_lr_ratio",
-    "cycle_limit": "num_cycles",
-    "decay_rate": "gamma",
-    "num_decay_steps": "decay_steps",
-}
-
-
 def _parameters(fn: Callable[..., float]) -> dict[str, inspect.Parameter]:
     return dict(list(inspect.signature(fn).parameters.items())[1:])
 
@@ -344,8 +343,11 @@ class ScheduleLR(LRScheduler):
     A real ``torch.optim.lr_scheduler.LRScheduler``: ``get_last_lr()``,
     ``state_dict()`` (plain numbers and strings only, loads with
     ``weights_only=True``) and ``load_state_dict()``; it never patches
-    ``optimizer.step``.
+    ``optimizer.step``. :class:`HFScheduleLR` and :class:`TimmScheduleLR` are the
+    same adapter around Hugging Face's and timm's curves.
     """
+
+    like = "ours"  # whose conventions the curves follow (Note [warmup])
 
     def __init__(
         self,
@@ -360,14 +362,24 @@ class ScheduleLR(LRScheduler):
         last_epoch: int = -1,
         **options: Any,
     ) -> None:
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"Invalid optimizer: expected a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         if min_lr is not None and min_lr_ratio is not None:
             raise ValueError(
                 f"Give min_lr or min_lr_ratio, not both (got min_lr={min_lr}, min_lr_ratio={min_lr_ratio})"
             )
         if min_lr_ratio is not None:
             _check_number("min_lr_ratio", min_lr_ratio, high=1.0)
+        self.schedule = _canonical_name(schedule)
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_lr = min_lr
+        self.min_lr_ratio = min_lr_ratio
+        self.options = dict(options)
+        self._start(optimizer, peak_lr, last_epoch)
+
+    def _start(self, optimizer: torch.optim.Optimizer | None, peak_lr: float, last_epoch: int) -> None:
+        """What every convention shares: the groups' peaks (``initial_lr``), the curves, step 0."""
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Invalid optimizer: expected a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         if not isinstance(last_epoch, int) or isinstance(last_epoch, bool) or last_epoch < -1:
             raise ValueError(f"Invalid last_epoch: {last_epoch!r} (must be an integer >= -1)")
         self.optimizer = optimizer
@@ -385,12 +397,6 @@ class ScheduleLR(LRScheduler):
                         "optimizer's state loaded first (or build the scheduler with last_epoch=-1 and load its state_dict)"
                     )
             self.base_lrs = [_plain(g["initial_lr"]) for g in optimizer.param_groups]
-        self.schedule = _canonical_name(schedule)
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-        self.min_lr = min_lr
-        self.min_lr_ratio = min_lr_ratio
-        self.options = dict(options)
         self._build()
         self.last_epoch = last_epoch
         self._step_count = 0
@@ -433,7 +439,9 @@ class ScheduleLR(LRScheduler):
         _check_int("step", step)
         self._step_count += 1
         self.last_epoch = step
-        lrs = [fn(step) for fn in self._fns]
+        self._set([fn(step) for fn in self._fns])
+
+    def _set(self, lrs: list[float]) -> None:
         if self.optimizer is not None:
             for group, lr in zip(self.optimizer.param_groups, lrs):
                 if isinstance(group["lr"], Tensor):
@@ -442,11 +450,14 @@ class ScheduleLR(LRScheduler):
                     group["lr"] = lr
         self._last_lr = lrs
 
+    # what a state_dict must hold to rebuild the curves, besides last_epoch and base_lrs
+    _state_keys: tuple[str, ...] = ("schedule", "warmup_steps", "total_steps", "options")
+
     def state_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "_fns")}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        required = {"schedule", "base_lrs", "last_epoch", "warmup_steps", "total_steps", "options"}
+        required = {"base_lrs", "last_epoch", *self._state_keys}
         missing = sorted(required - set(state_dict))
         if missing:
             raise ValueError(f"Invalid state_dict for {type(self).__name__}: missing {missing}")
@@ -456,9 +467,10 @@ class ScheduleLR(LRScheduler):
                 f"the optimizer has {len(self.base_lrs)} parameter groups"
             )
         previous = dict(self.__dict__)
-        self.__dict__.update({k: v for k, v in state_dict.items() if k not in ("optimizer", "_fns")})
-        self.schedule = _canonical_name(self.schedule)
+        self.__dict__.update({k: v for k, v in state_dict.items() if k not in ("optimizer", "_fns", "like")})
         try:
+            if type(self) is ScheduleLR:
+                self.schedule = _canonical_name(self.schedule)
             self._build()
         except ValueError:
             self.__dict__.clear()
@@ -504,6 +516,86 @@ class WarmupCosineScheduler(ScheduleLR):
         )
 
 
+class HFScheduleLR(ScheduleLR):
+    """Hugging Face's schedule ``name`` (``optimizer.hf_schedules``): what transformers'
+    ``get_scheduler(name, optimizer, num_warmup_steps, num_training_steps,
+    scheduler_specific_kwargs)`` gives, as the same adapter as :class:`ScheduleLR`. Each
+    group's rate is its initial lr times transformers' multiplier, from step 0 (set on
+    construction) on: ``step()`` advances one step, as ``LambdaLR``'s does."""
+
+    like = "transformers"
+    _state_keys = ("schedule", "num_warmup_steps", "num_training_steps", "options", "lr_init")
+
+    def __init__(self, optimizer: torch.optim.Optimizer | None, name: str, num_warmup_steps: int | None = None,
+                 num_training_steps: int | None = None, *, peak_lr: float = 1.0, last_epoch: int = -1,
+                 **scheduler_specific_kwargs: Any) -> None:
+        self.schedule = name
+        self.num_warmup_steps = num_warmup_steps
+        self.num_training_steps = num_training_steps
+        self.options = dict(scheduler_specific_kwargs)
+        # transformers reads the optimizer's default lr (polynomial's lr_init, min_lr as a rate)
+        self.lr_init = _plain(optimizer.defaults["lr"]) if optimizer is not None else _plain(peak_lr)
+        self._start(optimizer, peak_lr, last_epoch)
+
+    def _build(self) -> None:
+        factor = hf_schedules.make(self.schedule, lr_init=self.lr_init, num_warmup_steps=self.num_warmup_steps,
+                                   num_training_steps=self.num_training_steps, **self.options)
+        self._fns = [functools.partial(_scaled, factor, base) for base in self.base_lrs]
+
+
+def _scaled(factor: Callable[[int], float], base: float, step: int) -> float:
+    return base * factor(step)
+
+
+class TimmScheduleLR(ScheduleLR):
+    """timm's schedule ``name`` (``optimizer.timm_schedules``): what timm's scheduler class
+    (``CosineLRScheduler(optimizer, t_initial, ...)`` and the others) sets, as the same
+    adapter as :class:`ScheduleLR`, with timm's calls: ``step(epoch)`` sets the rate of
+    ``epoch`` and ``step_update(num_updates)`` that of an update count, whichever
+    ``t_in_epochs`` says drives it (the other does nothing). A group's ``lr_scale``
+    multiplies its rate, as in timm. On construction the rate is ``warmup_lr_init`` with a
+    warmup, else the group's lr, as timm sets it; ``step()`` with no argument advances one."""
+
+    like = "timm"
+    _state_keys = ("schedule", "options", "t_in_epochs")
+
+    def __init__(self, optimizer: torch.optim.Optimizer | None, name: str, *, t_in_epochs: bool = True,
+                 initialize: bool = True, peak_lr: float = 1.0, **kwargs: Any) -> None:
+        if not initialize and optimizer is not None:
+            missing = [i for i, g in enumerate(optimizer.param_groups) if "initial_lr" not in g]
+            if missing:
+                raise KeyError(f"initial_lr missing from param_groups[{missing[0]}] (initialize=False)")
+        self.schedule = name
+        self.t_in_epochs = bool(t_in_epochs)
+        self.options = dict(kwargs)
+        self._start(optimizer, peak_lr, -1)
+
+    def _build(self) -> None:
+        self._fns = [timm_schedules.make(self.schedule, base, **self.options) for base in self.base_lrs]
+
+    def step(self, epoch: int | None = None, metric: Any = None) -> None:  # type: ignore[override]
+        """timm's ``step(epoch)``: the rate of ``epoch`` if ``t_in_epochs``; on construction (and
+        ``step()`` before any other call), timm's initial rate."""
+        if self._step_count == 0 and epoch is None:  # construction: timm sets the initial rate
+            self._step_count = 1
+            self.last_epoch = 0
+            warm = self.options.get("warmup_t", 0)
+            self._set([self.options.get("warmup_lr_init", 0.0) if warm else base for base in self.base_lrs])
+            return
+        if self.t_in_epochs:
+            super().step(epoch)
+
+    def step_update(self, num_updates: int, metric: Any = None) -> None:
+        """timm's ``step_update(num_updates)``: the rate of that update count unless ``t_in_epochs``."""
+        if not self.t_in_epochs:
+            super().step(num_updates)
+
+    def _set(self, lrs: list[float]) -> None:
+        if self.optimizer is not None:
+            lrs = [lr * g["lr_scale"] if "lr_scale" in g else lr for g, lr in zip(self.optimizer.param_groups, lrs)]
+        super()._set(lrs)
+
+
 def _canonical_name(name: Any) -> str:
     name = getattr(name, "value", name)  # an Enum such as Hugging Face's SchedulerType
     key = _NAME_ALIASES.get(name, name) if isinstance(name, str) else name
@@ -513,40 +605,65 @@ def _canonical_name(name: Any) -> str:
     return key
 
 
+# Note [whose curve]: which keywords make get_scheduler follow whose conventions
+_OUR_STEPS = ("warmup_steps", "total_steps")
+_TIMM_STEPS = ("t_initial", "decay_t")
+_TORCH_KEYWORDS = ("T_max", "eta_min", "T_0", "T_mult", "step_size", "milestones", "gamma")
+
+
 def get_scheduler(
-    name: str,
+    name: Any,
     optimizer: torch.optim.Optimizer | None,
     num_warmup_steps: int | None = None,
     num_training_steps: int | None = None,
     scheduler_specific_kwargs: dict[str, Any] | None = None,
     **kwargs: Any,
-) -> ScheduleLR:
-    """Build a scheduler by name, as Hugging Face's ``get_scheduler`` is called.
+) -> LRScheduler | ReduceLROnPlateau:
+    """Build a scheduler by name; the keywords say whose curve you get (Note [whose curve]).
 
-    Names: those of :data:`SCHEDULES` and the Hugging Face / timm spellings
-    (``constant_with_warmup``, ``cosine_with_min_lr``, ``poly``, ``wsd``, ...).
-    Keywords: ours (``warmup_steps``, ``total_steps``, ``min_lr``,
-    ``min_lr_ratio``, and each schedule's own) or theirs (``num_warmup_steps``,
-    ``num_training_steps``, ``t_initial``, ``warmup_t``, ``lr_min``,
-    ``eta_min``, ``lr_end``, ``min_lr_rate``, ``cycle_limit``, ``decay_rate``,
-    ``num_decay_steps``, ``num_stable_steps``). Floors default to 0, as theirs do.
+    * Called as transformers' ``get_scheduler`` is (a name of its ``SchedulerType``,
+      ``num_warmup_steps``, ``num_training_steps``, the schedule's own keywords in
+      ``scheduler_specific_kwargs`` or as keyword arguments): **Hugging Face's** curve, step
+      0 included (``optimizer.hf_schedules``); ``reduce_lr_on_plateau`` is torch's
+      ``ReduceLROnPlateau``, as in transformers.
+    * With the keywords of timm's scheduler classes (``t_initial``, or ``decay_t`` for
+      ``step``/``multistep``; ``warmup_t``, ``lr_min``, ``cycle_limit``, ...) and timm's names
+      (``cosine``, ``tanh``, ``poly``, ``step``, ``multistep``, ``wsd``): **timm's** curve
+      (``optimizer.timm_schedules``).
+    * With ours (``warmup_steps``, ``total_steps``, ``min_lr``, ``min_lr_ratio``, and each
+      schedule's own): **ours** (:data:`SCHEDULES`, Note [warmup]), as :class:`ScheduleLR`.
+      A name only we have (``exponential``) is ours too.
     """
-    schedule = _canonical_name(name)
-    given: dict[str, Any] = {}
-    if num_warmup_steps is not None:
-        given["warmup_steps"] = num_warmup_steps
-    if num_training_steps is not None:
-        given["total_steps"] = num_training_steps
-    for key, value in {**(scheduler_specific_kwargs or {}), **kwargs}.items():
-        ours = _KEY_ALIASES.get(key, key)
-        if ours in given:
-            raise ValueError(f"Invalid arguments: {key!r} repeats {ours!r}")
-        given[ours] = value
-    stable = given.pop("num_stable_steps", None)
-    if stable is not None and "total_steps" not in given:  # Hugging Face's WSD: W + stable + decay
-        given["total_steps"] = given.get("warmup_steps", 0) + stable + given.get("decay_steps", 0)
-    allowed = set(_parameters(SCHEDULES[schedule])) | {"min_lr_ratio", "last_epoch"}
-    unknown = sorted(set(given) - allowed)
-    if unknown:
-        raise ValueError(f"Invalid argument {unknown[0]!r} for schedule {schedule!r}; it takes {sorted(allowed)}")
-    return ScheduleLR(optimizer, schedule, **given)
+    name = getattr(name, "value", name)  # an Enum such as Hugging Face's SchedulerType
+    given = {**(scheduler_specific_kwargs or {}), **kwargs}
+    last_epoch = given.pop("last_epoch", -1)
+    torch_keys = sorted(k for k in given if k in _TORCH_KEYWORDS and k != "gamma")
+    if torch_keys:
+        raise ValueError(f"Invalid argument {torch_keys[0]!r}: that is a torch.optim.lr_scheduler keyword; use "
+                         "torch's scheduler itself, or this function's keywords (Hugging Face's, timm's or ours)")
+    hf = num_warmup_steps is not None or num_training_steps is not None
+    timm = any(k in given for k in _TIMM_STEPS)
+    ours = any(k in given for k in _OUR_STEPS) or (
+        not hf and not timm and isinstance(name, str) and name not in hf_schedules.NAMES)
+    if hf + timm + ours > 1:
+        kinds = [k for k, on in (("Hugging Face's (num_warmup_steps, num_training_steps)", hf),
+                                 ("timm's (t_initial, decay_t)", timm), ("ours (warmup_steps, total_steps)", ours))
+                 if on]
+        raise ValueError(f"Invalid arguments: they mix the step counts of {' and '.join(kinds)}; use one convention")
+    if timm:
+        return TimmScheduleLR(optimizer, name, **given)
+    if ours:
+        return ScheduleLR(optimizer, name, last_epoch=last_epoch, **given)
+    if name not in hf_schedules.NAMES:
+        raise ValueError(f"Invalid schedule name: {name!r}; Hugging Face's are {sorted(hf_schedules.NAMES)}, "
+                         f"timm's (with t_initial) {sorted(timm_schedules.NAMES)}, ours (with warmup_steps / "
+                         f"total_steps) {sorted(SCHEDULES)}")
+    if name == "reduce_lr_on_plateau":
+        if optimizer is None:
+            raise ValueError("Invalid optimizer: reduce_lr_on_plateau follows a metric and needs the optimizer")
+        return ReduceLROnPlateau(optimizer, **given)
+    if name == "greedy":
+        if optimizer is None:
+            raise ValueError("Invalid optimizer: greedy follows a metric and needs the optimizer")
+        return GreedyLR(optimizer, **given)
+    return HFScheduleLR(optimizer, name, num_warmup_steps, num_training_steps, last_epoch=last_epoch, **given)

@@ -219,3 +219,20 @@ def test_create_optimizer_takes_named_parameters():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     opt = create_optimizer(model.named_parameters(), "adamw", weight_decay=0.1, no_decay=["0.weight"])
     assert [(g["group"], len(g["params"])) for g in opt.param_groups] == [("no_decay", 4)]  # 1-D, or named
+
+
+@pytest.mark.parametrize(("like", "name", "expected"), [
+    ("transformers", "cosine", "as transformers' get_scheduler: lr(0) = 0   lr(10) end of warmup = 1   lr(100) end = 0"),
+    ("timm", "cosine", "as timm's scheduler: lr(0) = 0   lr(10) end of warmup = 0.9755"),
+    ("ours", "cosine", "ours: lr(0) = 0.09091   lr(10) end of warmup = 1   lr(100) end = 0"),
+])
+def test_plot_schedule_says_whose_convention_it_drew(capsys, like, name, expected):
+    assert cli.main(["plot-schedule", name, "--like", like, "--warmup-steps", "10", "--total-steps", "100",
+                     "--peak-lr", "1"]) == 0
+    assert expected in capsys.readouterr().out
+
+
+def test_plot_schedule_refuses_a_name_of_another_convention(capsys):
+    assert cli.main(["plot-schedule", "tanh"]) == 2
+    assert "Invalid NAME: 'tanh'" in capsys.readouterr().err
+    assert cli.main(["plot-schedule", "tanh", "--like", "timm"]) == 0

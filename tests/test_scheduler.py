@@ -235,28 +235,16 @@ def test_wsd_decay_shapes_and_ratio():
 
 # --- the factory -------------------------------------------------------------
 
-def test_get_scheduler_accepts_hugging_face_calls():
-    opt = opt_with(lr=1.0)
-    s = get_scheduler("linear", opt, num_warmup_steps=4, num_training_steps=40)
-    assert isinstance(s, torch.optim.lr_scheduler.LRScheduler)
-    assert s.get_lr(40) == 0.0 and s.get_lr(22) == pytest.approx(0.5)
-    s = get_scheduler("cosine_with_min_lr", opt_with(lr=1.0), num_warmup_steps=0, num_training_steps=10,
-                      scheduler_specific_kwargs={"min_lr_rate": 0.1})
+def test_get_scheduler_with_our_keywords_gives_our_family():
+    """warmup_steps / total_steps (our spellings) give our curves (Note [warmup]); Hugging
+    Face's and timm's keywords give theirs (tests/test_schedule_conventions.py)."""
+    s = get_scheduler("linear", opt_with(lr=1.0), warmup_steps=4, total_steps=40)
+    assert isinstance(s, torch.optim.lr_scheduler.LRScheduler) and s.like == "ours"
+    assert s.get_lr(0) == pytest.approx(1 / 5) and s.get_lr(40) == 0.0 and s.get_lr(22) == pytest.approx(0.5)
+    s = get_scheduler("cosine_with_min_lr", opt_with(lr=1.0), warmup_steps=0, total_steps=10, min_lr_ratio=0.1)
     assert s.get_lr(10) == pytest.approx(0.1)
-    s = get_scheduler("constant_with_warmup", opt_with(), num_warmup_steps=3, num_training_steps=10)
-    assert s.get_lr(100) == pytest.approx(P)
-    s = get_scheduler("warmup_stable_decay", opt_with(lr=1.0), num_warmup_steps=2,
-                      scheduler_specific_kwargs={"num_stable_steps": 5, "num_decay_steps": 3, "decay_type": "linear"})
-    assert s.total_steps == 10 and s.get_lr(7) == 1.0 and s.get_lr(10) == 0.0
-
-
-def test_get_scheduler_accepts_timm_and_torch_keywords():
-    s = get_scheduler("cosine", opt_with(lr=1.0), t_initial=20, warmup_t=2, lr_min=0.05)
-    assert s.get_lr(20) == pytest.approx(0.05)
-    s = get_scheduler("poly", opt_with(lr=1.0), num_epochs=10, power=2.0)
-    assert s.get_lr(5) == pytest.approx(0.25)
-    s = get_scheduler("cosine", opt_with(lr=1.0), T_max=10, eta_min=0.0)
-    assert s.get_lr(5) == pytest.approx(0.5)
+    s = get_scheduler("wsd", opt_with(lr=1.0), warmup_steps=2, total_steps=10, decay_steps=3, decay_type="linear")
+    assert s.get_lr(7) == 1.0 and s.get_lr(10) == 0.0
 
 
 def test_get_scheduler_accepts_an_enum_name_and_keeps_state_plain():
@@ -273,8 +261,12 @@ def test_get_scheduler_accepts_an_enum_name_and_keeps_state_plain():
 def test_get_scheduler_rejects_unknown_names_and_keywords_with_the_valid_list():
     with pytest.raises(ValueError, match=r"Invalid schedule name: 'cosin'; valid names are \[.*'cosine'.*'wsd'"):
         get_scheduler("cosin", opt_with())
+    with pytest.raises(ValueError, match=r"Invalid schedule name: 'cosin'; Hugging Face's are \[.*'cosine'"):
+        get_scheduler("cosin", opt_with(), num_warmup_steps=1, num_training_steps=10)
     with pytest.raises(ValueError, match=r"Invalid argument 'power' for schedule 'cosine'; it takes"):
-        get_scheduler("cosine", opt_with(), num_training_steps=10, power=2)
+        get_scheduler("cosine", opt_with(), total_steps=10, power=2)
+    with pytest.raises(ValueError, match=r"Invalid argument 'power' for Hugging Face's 'cosine'; it takes"):
+        get_scheduler("cosine", opt_with(), num_warmup_steps=0, num_training_steps=10, power=2)
 
 
 # --- errors --------------------------------------------------------------------
