@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import operator
 from collections import defaultdict
 from collections.abc import Iterable
@@ -53,7 +54,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
-from ._tensors import _LOW_PRECISION, STATE_DTYPES, device_types, state_dtype, step_device
+from ._tensors import _LOW_PRECISION, STATE_DTYPES, Meta, state_dtype, step_device
 
 __all__ = ["Optimizer"]
 
@@ -70,9 +71,15 @@ def _as_float(name: str, value: Any) -> float | None:
         if value.device.type != "cpu":
             return None
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (NumPy's scalars are Real)
         raise TypeError(f"Invalid {name}: expected a number, got {value!r} ({type(value).__name__})")
     return float(value)
+
+
+def plain(value: Any) -> Any:
+    """A hyper-parameter as the backends take it: a NumPy scalar as a float; floats, ints and
+    tensors as they are (under torch.compile a float stays the graph's input)."""
+    return value if isinstance(value, (float, int, Tensor)) else float(value)
 
 
 def check_lr(lr: Any) -> None:
@@ -136,30 +143,6 @@ def check_fits(scalars: dict[str, float | None], params: list[Tensor]) -> None:
 
 _GRAD, _LAYOUT, _SHAPE = operator.attrgetter("grad"), operator.attrgetter("layout"), operator.attrgetter("shape")
 _DTYPE, _DEVICE, _IS_CPU = operator.attrgetter("dtype"), operator.attrgetter("device"), operator.attrgetter("is_cpu")
-
-
-class _Meta:
-    """Shapes, dtypes and devices of a list of parameters, read once per step with C-level maps,
-    to compare the gradients' and states' with."""
-
-    def __init__(self, params: list[Tensor]) -> None:
-        self.shapes = list(map(_SHAPE, params))
-        self.dtypes = list(map(_DTYPE, params))
-        self.types = device_types(params)
-        self._params = params
-        self._devices: list[Any] | None = None
-
-    def same_devices(self, tensors: list[Tensor]) -> bool:
-        if len(self.types) == 1 and device_types(tensors) == self.types:  # one device type: compare indices
-            if self._devices is None:
-                self._devices = list(map(Tensor.get_device, self._params))
-            return list(map(Tensor.get_device, tensors)) == self._devices
-        return list(map(_DEVICE, tensors)) == list(map(_DEVICE, self._params))
-
-    def same(self, tensors: list[Tensor], dtypes: list[torch.dtype] | None = None) -> bool:
-        """Each tensor has its parameter's shape, device and dtype (or ``dtypes``)."""
-        return (list(map(_SHAPE, tensors)) == self.shapes and list(map(_DTYPE, tensors)) == (dtypes or self.dtypes)
-                and self.same_devices(tensors))
 
 
 @dataclass
@@ -257,7 +240,11 @@ class Optimizer(torch.optim.Optimizer):
             return _Prepared(group, [[] for _ in range(2 + len(self.state_keys) + len(self.counter_keys))])
         grads = list(map(_GRAD, params))
         # the common case checked with C-level maps (this runs every step), the culprit found after
-        meta = _Meta(params)
+        meta = Meta(params)
+        bad = meta.bad_dtype()
+        if bad is not None:
+            raise RuntimeError(f"{self._where(gi, group, params[bad])} is {params[bad].dtype}: "
+                               f"{type(self).__name__} updates float16, bfloat16, float32, float64 and complex parameters")
         if not (set(map(_LAYOUT, grads)) <= {torch.strided} and meta.same(grads)):
             for p, g in zip(params, grads):
                 if g.layout != torch.strided or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
@@ -285,7 +272,7 @@ class Optimizer(torch.optim.Optimizer):
         return _Prepared(group, lists, new, routes)
 
     def _check_states(self, gi: int, group: dict[str, Any], params: list[Tensor], lists: list[list[Any]],
-                      meta: _Meta) -> None:
+                      meta: Meta) -> None:
         """Existing state must be what this optimizer would create (a user may have replaced it)."""
         requested = group.get("state_dtype")
         expected_of = {d: requested if requested is not None and not d.is_complex else _LOW_PRECISION.get(d, d)
@@ -333,12 +320,19 @@ class Optimizer(torch.optim.Optimizer):
                            f"expected shape {tuple(p.shape)}, {dtype} on {device}")
 
     def _amp(self) -> dict[str, Tensor | None]:
-        # set by torch.amp.GradScaler.step for the duration of this call (Note [GradScaler])
-        return {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+        """``grad_scale`` and ``found_inf``, set by torch.amp.GradScaler.step for the duration of
+        this call (Note [GradScaler]), checked: one-element float tensors, or None."""
+        amp = {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+        for name, value in amp.items():
+            if value is not None and not (isinstance(value, Tensor) and value.numel() == 1
+                                          and value.is_floating_point()):
+                raise ValueError(f"Invalid {name}: {value!r} (GradScaler sets a one-element float tensor)")
+        return amp
 
-    def _run(self, group: dict[str, Any], lists: list[list[Any]], routes: dict[str, list[int]] | None) -> None:
+    def _run(self, group: dict[str, Any], lists: list[list[Any]], routes: dict[str, list[int]] | None,
+             amp: dict[str, Tensor | None]) -> None:
         _dispatch.step(self.backends, lists, self._hyper(group), foreach=group["foreach"], fused=group["fused"],
-                       routes=routes, **self._amp())
+                       routes=routes, **amp)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -349,19 +343,22 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         if not torch.compiler.is_compiling():
             self._step()
-        elif any(g["fused"] or (g["fused"] is None and g["foreach"] is None) for g in self.param_groups):
-            self._step_outside_graph()  # fused, or the default (fused on CPU and CUDA): Note [torch.compile]
+        elif (any(g["fused"] or (g["fused"] is None and g["foreach"] is None) for g in self.param_groups)
+              or getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None):
+            # fused, or the default (fused on CPU and CUDA), or GradScaler's flag to read: Note [torch.compile]
+            self._step_outside_graph()
         else:
             self._compiled_step()
         return loss
 
     def _step(self) -> None:
         """The step in eager mode, Note [two-phase step]."""
-        prepared = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]  # phase 1
+        amp = self._amp()  # phase 1
+        prepared = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
         for prep in prepared:  # phase 2
             if prep.lists[0]:
                 self.state.update(prep.new)
-                self._run(prep.group, prep.lists, prep.routes)
+                self._run(prep.group, prep.lists, prep.routes, amp)
 
     @torch.compiler.disable  # the fused kernels run outside the graph, as torch's own fused optimizers do
     def _step_outside_graph(self) -> None:
@@ -371,6 +368,9 @@ class Optimizer(torch.optim.Optimizer):
         """Gather a group's parameters with gradients, their gradients and state (created where
         missing) into the given empty lists: torch.optim's hook for Note [torch.compile]."""
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        if gi == 0:  # check the other groups before the first one creates state (Note [two-phase step])
+            for i, other in enumerate(self.param_groups[1:], 1):
+                self._prepare(i, other)
         prep = self._prepare(gi, group)
         self.state.update(prep.new)
         for out, values in zip((params, grads, *states), prep.lists):
@@ -382,7 +382,7 @@ class Optimizer(torch.optim.Optimizer):
             lists: list[list[Any]] = [[] for _ in range(2 + len(self.state_keys) + len(self.counter_keys))]
             self._init_group(group, *lists)
             if lists[0]:
-                self._run(group, lists, None)
+                self._run(group, lists, None, {"grad_scale": None, "found_inf": None})
 
     # ----- checkpoints ---------------------------------------------------------
 
@@ -424,6 +424,11 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"Invalid state_dict for {name}: param_groups[{gi}] has {len(saved['params'])} "
                     f"parameters, this optimizer's group {gi} has {len(group['params'])}"
+                )
+            if saved.get("decoupled_weight_decay") is False and saved.get("weight_decay"):
+                raise ValueError(
+                    f"Invalid state_dict for {name}: param_groups[{gi}] has decoupled_weight_decay=False "
+                    "(torch.optim.Adam's L2 penalty, not decoupled weight decay): it is another optimizer's checkpoint"
                 )
             self._check_group({**self.defaults, **saved})
             index_to_param.update(zip(saved["params"], group["params"]))

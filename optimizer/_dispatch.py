@@ -43,9 +43,9 @@ import torch
 from torch import Tensor
 
 from . import _fused_cpu
-from ._tensors import amp_grads, as_real, device_types, local, pick, same_dense_layout
+from ._tensors import PARAM_DTYPES, Meta, amp_grads, as_real, device_types, local, pick, same_dense_layout
 
-__all__ = ["Backends", "TRITON_DEVICES", "group_backend", "load_triton", "route", "run", "step"]
+__all__ = ["Backends", "TRITON_DEVICES", "check_lists", "group_backend", "load_triton", "route", "run", "step"]
 
 Routes = dict[str, list[int]]  # backend name -> indices into the step's lists
 
@@ -55,6 +55,7 @@ class Backends:
     """One algorithm's backends (Note [backends]), all with the algorithm's signature:
     ``(params, grads, *states, *counters, **hyper)``."""
 
+    names: tuple[str, ...]  # of the parallel lists, as the functional entry calls them
     reference: Callable[..., None]
     foreach: Callable[..., None]
     c: Callable[..., None]  # runs c_kernel through _fused_cpu.run
@@ -242,9 +243,43 @@ def step(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], *
         _traced_step(backends, lists, hyper, foreach=foreach, fused=fused, grad_scale=grad_scale,
                      found_inf=found_inf)
         return
-    if routes is None:
+    if routes is None:  # the functional entry: its phase 1 here
+        check_lists(backends, lists)
         routes = route(backends, lists, hyper, foreach=foreach, fused=fused)
     run(backends, routes, lists, hyper, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def check_lists(backends: Backends, lists: list[list[Tensor]]) -> None:
+    """Phase 1 of the functional entries (``adamw()``, ``lion()``): the lists fit each other
+    (lengths; gradients and states of each parameter's shape and device; dtypes the kernels
+    can take), so that no backend fails midway or reads past a tensor. The optimizer classes
+    check all this, and more, before they call a backend."""
+    params = lists[0]
+    for name, lst in zip(backends.names, lists):
+        if len(lst) != len(params):
+            raise ValueError(f"Invalid {name}: {len(lst)} tensors for {len(params)} params")
+    meta = Meta(params)
+    bad = meta.bad_dtype()
+    if bad is not None:
+        raise ValueError(f"Invalid params[{bad}]: dtype {params[bad].dtype} (float16, bfloat16, float32, float64 "
+                         "or complex)")
+    n = 2 + backends.n_states
+    for name, lst in zip(backends.names[1:n], lists[1:n]):
+        dtypes = meta.dtypes if name == backends.names[1] else list(map(_DTYPE, lst))
+        ok = all(isinstance(t, Tensor) and t.layout == torch.strided for t in lst) and meta.same(lst, dtypes=dtypes)
+        ok = ok and all(d in PARAM_DTYPES and d.is_complex == p.is_complex for d, p in zip(dtypes, meta.dtypes))
+        if not ok:
+            for i, (p, t) in enumerate(zip(params, lst)):
+                if not (isinstance(t, Tensor) and t.layout == torch.strided and t.shape == p.shape
+                        and t.device == p.device and (t.dtype == p.dtype if name == backends.names[1] else
+                                                      t.dtype in PARAM_DTYPES and t.dtype.is_complex == p.is_complex())):
+                    got = f"{t.layout} {t.dtype} of shape {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else repr(t)
+                    raise ValueError(f"Invalid {name}[{i}]: {got}, for a parameter {p.dtype} of shape "
+                                     f"{tuple(p.shape)} on {p.device}")
+    for name, lst in zip(backends.names[n:], lists[n:]):
+        for i, t in enumerate(lst):
+            if not (isinstance(t, Tensor) and t.numel() == 1 and t.is_floating_point()):
+                raise ValueError(f"Invalid {name}[{i}]: {t!r} (a one-element float tensor)")
 
 
 def _traced_step(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], *, foreach: bool | None,

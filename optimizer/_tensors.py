@@ -73,7 +73,7 @@ def pick(lists: list[list[Any]], idx: list[int]) -> list[list[Any]]:
 
 
 _IS_CUDA, _IS_CPU = operator.attrgetter("is_cuda"), operator.attrgetter("is_cpu")
-_DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
+_DTYPE, _DEVICE, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("device"), operator.attrgetter("shape")
 
 
 def device_types(tensors: list[Tensor]) -> set[str]:
@@ -84,6 +84,41 @@ def device_types(tensors: list[Tensor]) -> set[str]:
     if all(map(_IS_CPU, tensors)):
         return {"cpu"}
     return {t.device.type for t in tensors}
+
+
+# parameter dtypes the optimizers update (complex ones as pairs of reals); not integers or float8
+PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex32, torch.complex64,
+                torch.complex128)
+
+
+class Meta:
+    """Shapes, dtypes and devices of a list of parameters, read once per step with C-level maps,
+    to compare the gradients' and states' with."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.shapes = list(map(_SHAPE, params))
+        self.dtypes = list(map(_DTYPE, params))
+        self.types = device_types(params)
+        self._params = params
+        self._devices: list[Any] | None = None
+
+    def same_devices(self, tensors: list[Tensor]) -> bool:
+        if len(self.types) == 1 and device_types(tensors) == self.types:  # one device type: compare indices
+            if self._devices is None:
+                self._devices = list(map(Tensor.get_device, self._params))
+            return list(map(Tensor.get_device, tensors)) == self._devices
+        return list(map(_DEVICE, tensors)) == list(map(_DEVICE, self._params))
+
+    def same(self, tensors: list[Tensor], dtypes: list[torch.dtype] | None = None) -> bool:
+        """Each tensor has its parameter's shape, device and dtype (or ``dtypes``)."""
+        return (list(map(_SHAPE, tensors)) == self.shapes and list(map(_DTYPE, tensors)) == (dtypes or self.dtypes)
+                and self.same_devices(tensors))
+
+    def bad_dtype(self) -> int | None:
+        """The index of the first parameter of a dtype the optimizers do not update, if any."""
+        if set(self.dtypes) <= set(PARAM_DTYPES):
+            return None
+        return next(i for i, d in enumerate(self.dtypes) if d not in PARAM_DTYPES)
 
 
 def dense(t: Tensor) -> bool:
@@ -113,7 +148,7 @@ def amp_grads(grads: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor 
     if found_inf is not None and float(found_inf) != 0:
         return None
     if grad_scale is not None:
-        return [g / grad_scale.to(g.device) for g in grads]
+        return [g / grad_scale.to(g.device).reshape(()) for g in grads]
     return grads
 
 
@@ -134,41 +169,62 @@ def group_by_device_and_dtype(*tensor_lists: list[Tensor]) -> dict[tuple[torch.d
 
 @dataclass
 class Bucket:
-    """The tensors of one (device, dtype) bucket, as the foreach math sees them."""
+    """The tensors of one bucket (device, parameter dtype, state dtypes), as the foreach math sees them."""
 
     params: list[Tensor]  # in the compute dtype (the parameters themselves when no cast is needed)
     grads: list[Tensor]  # in the compute dtype, negated when maximising
-    states: list[list[Tensor]]  # each state list, complex ones viewed as real
-    lr: float | Tensor  # a tensor lr moved to the bucket's device and compute dtype (no sync)
+    states: list[list[Tensor]]  # each state list in the compute dtype, complex ones viewed as real
+    counters: list[Tensor]  # the step counters (AdamW), as they are
+    lr: float | Tensor  # a tensor lr moved to the bucket's device and compute dtype, 0-dim (no sync)
 
 
 def foreach_buckets(
-    params: list[Tensor], grads: list[Tensor], *states: list[Tensor], maximize: bool, lr: float | Tensor
+    params: list[Tensor], grads: list[Tensor], *states: list[Tensor], counters: list[Tensor] | None = None,
+    maximize: bool, lr: float | Tensor,
 ) -> Iterator[Bucket]:
     """Split parallel lists into :class:`Bucket` s for the ``_foreach`` ops.
 
-    The math runs in ``compute_dtype`` of the parameter and the first state (Note
-    [state precision]). After the caller's loop body has updated a bucket,
-    low-precision parameters and states get the result written back, before the
-    next bucket is handed out.
+    The math runs in ``compute_dtype`` of the parameter and its states (Note [state
+    precision]). After the caller's loop body has updated a bucket, parameters and
+    states computed in another dtype get the result written back, before the next
+    bucket is handed out.
     """
     if torch.compiler.is_compiling() and not isinstance(lr, Tensor):
         # a float lr would be baked into the foreach ops' Scalar arguments (a recompile for each
         # value a scheduler sets); as a tensor it stays an input of the graph (made by a product:
         # torch.tensor(lr) would bake it in too)
         lr = torch.ones((), dtype=torch.float64) * lr
-    buckets = group_by_device_and_dtype(params, grads, *states)
-    for (device, _), (b_params, b_grads, *b_states) in buckets.items():
+    lists = [params, grads, *states, *([counters] if counters is not None else [])]
+    for b_params, b_grads, *rest in _buckets(lists, len(states)):
+        b_states, b_counters = rest[:len(states)], (rest[len(states)] if counters is not None else [])
         b_states = [[as_real(t) for t in lst] for lst in b_states]
         params_r = [as_real(p) for p in b_params]
-        cdt = compute_dtype(params_r[0].dtype, b_states[0][0].dtype)
+        cdt = compute_dtype(params_r[0].dtype, params_r[0].dtype)  # float32 or better
+        for lst in b_states:
+            cdt = compute_dtype(cdt, lst[0].dtype)
         p32 = params_r if cdt == params_r[0].dtype else [p.to(cdt) for p in params_r]
-        s32 = [lst if lst[0].dtype not in _LOW_PRECISION else [t.to(cdt) for t in lst] for lst in b_states]
+        s32 = [lst if lst[0].dtype == cdt else [t.to(cdt) for t in lst] for lst in b_states]
         g32 = [as_real(g).to(cdt) for g in b_grads]
         if maximize:
             g32 = torch._foreach_neg(g32)
-        lr_d = lr.to(device=device, dtype=cdt) if isinstance(lr, Tensor) else lr
-        yield Bucket(p32, g32, s32, lr_d)
+        device = b_params[0].device
+        lr_d = lr.to(device=device, dtype=cdt).reshape(()) if isinstance(lr, Tensor) else lr
+        yield Bucket(p32, g32, s32, b_counters, lr_d)
         for low, high in [(params_r, p32), *zip(b_states, s32)]:
             if high is not low:
                 torch._foreach_copy_(low, high)
+
+
+def _buckets(lists: list[list[Tensor]], n_states: int) -> list[list[list[Tensor]]]:
+    """Parallel sub-lists of one device, parameter dtype and state dtypes each."""
+    keyed = lists[:2 + n_states]
+    if not torch.compiler.is_compiling() and all(  # the usual case: one bucket (C-level maps)
+            len(set(map(_DTYPE, lst))) <= 1 for lst in keyed) and len(set(map(_DEVICE, lists[0]))) <= 1:
+        return [[list(lst) for lst in lists]] if lists[0] else []
+    buckets: dict[tuple[Any, ...], list[list[Tensor]]] = {}
+    for items in zip(*lists):
+        key = (items[0].device, *(t.dtype for t in items[:2 + n_states]))
+        bucket = buckets.setdefault(key, [[] for _ in lists])
+        for lst, t in zip(bucket, items):
+            lst.append(t)
+    return list(buckets.values())

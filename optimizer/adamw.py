@@ -18,7 +18,16 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _fused_cpu
-from ._base import Optimizer, check_backend, check_betas, check_flag, check_lr, check_nonnegative, check_state_dtype
+from ._base import (
+    Optimizer,
+    check_backend,
+    check_betas,
+    check_flag,
+    check_lr,
+    check_nonnegative,
+    check_state_dtype,
+    plain,
+)
 from ._tensors import (
     as_real,
     compute_dtype,
@@ -142,9 +151,10 @@ class AdamW(Optimizer):
         }
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
-        beta1, beta2 = group["betas"]
-        return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                    correct_bias=group["correct_bias"], maximize=group["maximize"])
+        beta1, beta2 = map(plain, group["betas"])
+        return dict(lr=plain(group["lr"]), beta1=beta1, beta2=beta2, eps=plain(group["eps"]),
+                    weight_decay=plain(group["weight_decay"]), correct_bias=group["correct_bias"],
+                    maximize=group["maximize"])
 
     def _scalars(self, group: dict[str, Any]) -> dict[str, float | None]:
         lr = group["lr"]
@@ -262,8 +272,8 @@ def _multi_tensor_adamw(
     maximize: bool,
 ) -> None:
     """The same update with torch._foreach ops, one bucket per (device, dtype)."""
-    for b in foreach_buckets(params, grads, exp_avgs, exp_avg_sqs, state_steps, maximize=maximize, lr=lr):
-        b_m, b_v, b_steps = b.states
+    for b in foreach_buckets(params, grads, exp_avgs, exp_avg_sqs, counters=state_steps, maximize=maximize, lr=lr):
+        (b_m, b_v), b_steps = b.states, b.counters
         torch._foreach_add_(b_steps, 1.0)
         if weight_decay != 0:
             torch._foreach_mul_(b.params, 1 - b.lr * weight_decay)
@@ -378,6 +388,7 @@ def _fused_torch_adamw(
 
 
 _BACKENDS = _dispatch.Backends(
+    names=("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps"),
     reference=_single_tensor_adamw,
     foreach=_multi_tensor_adamw,
     c=_fused_c_adamw,

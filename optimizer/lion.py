@@ -16,7 +16,16 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _fused_cpu
-from ._base import Optimizer, check_backend, check_betas, check_flag, check_lr, check_nonnegative, check_state_dtype
+from ._base import (
+    Optimizer,
+    check_backend,
+    check_betas,
+    check_flag,
+    check_lr,
+    check_nonnegative,
+    check_state_dtype,
+    plain,
+)
 from ._tensors import as_real, compute_dtype, foreach_buckets, host_value, state_dtype
 
 __all__ = ["Lion", "lion"]
@@ -106,8 +115,8 @@ class Lion(Optimizer):
         return {"exp_avg": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)}
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
-        beta1, beta2 = group["betas"]
-        return dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+        beta1, beta2 = map(plain, group["betas"])
+        return dict(lr=plain(group["lr"]), beta1=beta1, beta2=beta2, weight_decay=plain(group["weight_decay"]),
                     maximize=group["maximize"])
 
     def _scalars(self, group: dict[str, Any]) -> dict[str, float | None]:
@@ -225,6 +234,7 @@ def _fused_c_lion(
 
 
 _BACKENDS = _dispatch.Backends(
+    names=("params", "grads", "exp_avgs"),
     reference=_single_tensor_lion,
     foreach=_multi_tensor_lion,
     c=_fused_c_lion,

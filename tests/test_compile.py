@@ -102,3 +102,44 @@ def test_compiled_lion_follows_a_changing_lr():
         seen.append(p[0].item())
         opt.param_groups[0]["lr"] *= 0.5
     assert seen == pytest.approx([-0.1, -0.595, -0.830125, -0.9447484], rel=1e-6)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_a_compiled_step_that_fails_creates_no_state(info):
+    """Dynamo runs the checks when it traces: every group is checked before the first one
+    creates state."""
+    torch._dynamo.reset()
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = info.cls([{"params": [a]}, {"params": [b]}], foreach=True)
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    opt.state[b] = {k: torch.zeros(5) for k in info.cls.state_keys}  # the last group's state, set by hand, wrong
+    opt.state[b].update({k: torch.zeros(()) for k in info.cls.counter_keys})
+    with pytest.raises(Exception, match=r"state\['exp_avg'\] of shape \(5,\)"):
+        torch.compile(opt.step)()
+    assert not opt.state[a] and torch.equal(a.detach(), torch.ones(3))
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_compiled_steps_under_gradscaler_run_outside_the_graph(info):
+    """GradScaler's flag must be read to skip a step: such a step runs whole outside the
+    graph, as in eager mode, rather than in fragments; the skipped step changes nothing."""
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        opt = info.cls(model.parameters(), foreach=True)
+        if compiled:
+            opt.step = torch.compile(opt.step)  # GradScaler.step calls it with grad_scale and found_inf set
+        scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+        xs = torch.randn(4, 3, 4, generator=torch.Generator().manual_seed(1))
+        for i, x in enumerate(xs):
+            opt.zero_grad()
+            scaler.scale(model(x).square().sum() * (float("inf") if i == 1 else 1.0)).backward()
+            scaler.step(opt)
+            scaler.update()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert counters["stats"]["calls_captured"] == 0
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -570,3 +570,32 @@ def test_global_step_hooks_run(info):
         pre.remove()
         post.remove()
     assert seen == [("pre", info.cls), ("post", info.cls)]
+
+
+def test_a_torch_adam_checkpoint_with_l2_decay_is_refused(info):
+    """torch.optim.Adam's weight decay is an L2 penalty (decoupled_weight_decay=False): loading
+    it as decoupled decay would change the experiment silently."""
+    p = torch.nn.Parameter(torch.ones(3))
+    adam = torch.optim.Adam([p], weight_decay=0.1)
+    p.grad = torch.ones(3)
+    adam.step()
+    opt = info.cls([torch.nn.Parameter(torch.ones(3))])
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False"):
+        opt.load_state_dict(adam.state_dict())
+
+
+@pytest.mark.parametrize("kwargs", BACKEND_KWARGS, ids=BACKEND_IDS)
+def test_gradscaler_values_of_one_element_any_shape(info, kwargs):
+    """GradScaler's grad_scale / found_inf may be (1,)-shaped (torch's own fused kernels take
+    them so): a 0-dim parameter after a larger one is updated as with 0-dim ones."""
+    runs = []
+    for shape in ((), (1,)):
+        params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(()))]
+        opt = info.cls(params, **kwargs)
+        for p in params:
+            p.grad = torch.full_like(p, 4.0)
+        opt.grad_scale, opt.found_inf = torch.full(shape, 2.0), torch.zeros(shape)
+        opt.step()
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b) and a.shape == b.shape

@@ -46,6 +46,11 @@ def _grad_data(p, value):
     p.grad.data = value  # .data skips the checks of `p.grad = ...`, as a buggy hook or kernel could
 
 
+def _retype(p, dtype):
+    p.requires_grad_(False)  # (integer tensors cannot require gradients)
+    p.data = torch.zeros(p.shape, dtype=dtype)
+
+
 def _state(opt, p, key, value):
     opt.state[p][key] = value
 
@@ -87,6 +92,11 @@ INJECTIONS = {
                           ("AdamW",)),
     "step counter": (lambda o, ps: _state(o, ps[-1], "step", torch.zeros(3)), RuntimeError, "state['step']",
                      ("AdamW",)),
+    "integer parameter": (lambda o, ps: _retype(ps[-1], torch.int64), RuntimeError, "is torch.int64", None),
+    "float8 parameter": (lambda o, ps: _retype(ps[-1], torch.float8_e4m3fn), RuntimeError, "is torch.float8_e4m3fn",
+                         None),
+    "grad_scale of two values": (lambda o, ps: setattr(o, "grad_scale", torch.ones(2)), ValueError,
+                                 "Invalid grad_scale", None),
 }
 CASES = [(info, backend, name) for info in OPTIMIZERS for backend in BACKENDS for name, (*_, only) in INJECTIONS.items()
          if only is None or info.name in only]
@@ -190,3 +200,38 @@ def test_build_folders_of_killed_processes_are_removed():
         assert not os.path.exists(stale) and os.path.exists(alive)
     finally:
         os.rmdir(alive)
+
+
+FUNCTIONAL_MISFITS = {
+    "a state shorter than its parameter": (lambda p, g, s: (p, g, [s[0][:10]]), "exp_avgs[0]"),
+    "a gradient shorter than its parameter": (lambda p, g, s: (p, [g[0][:2]], s), "grads[0]"),
+    "a gradient of another dtype": (lambda p, g, s: (p, [g[0].double()], s), "grads[0]"),
+    "a state on another device": (lambda p, g, s: (p, g, [torch.zeros(p[0].shape, device="meta")]), "exp_avgs[0]"),
+    "a missing state": (lambda p, g, s: (p, g, []), "exp_avgs: 0 tensors"),
+    "integer parameters": (lambda p, g, s: ([p[0].long()], [g[0].long()], s), "params[0]"),
+}
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("misfit", list(FUNCTIONAL_MISFITS))
+def test_the_functional_entries_check_their_lists_before_writing(backend, misfit):
+    """optimizer.lion.lion / optimizer.adamw.adamw called with lists that do not fit: a
+    ValueError naming the list and index, nothing written (the fused kernels walk raw
+    memory: a short state would be read and written past its end)."""
+    from optimizer.adamw import adamw
+    from optimizer.lion import lion
+
+    make, words = FUNCTIONAL_MISFITS[misfit]
+    params, grads, states = make([torch.ones(1 << 15)], [torch.full((1 << 15,), 0.5)], [torch.zeros(1 << 15)])
+    before = [t.clone() for t in params + grads + states]
+    with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        lion(params, grads, states, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.1, **BACKENDS[backend])
+    for a, b in zip(params + grads + states, before):
+        assert a.device.type == "meta" or torch.equal(a, b)
+    steps = [torch.zeros(())]
+    with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        adamw(params, grads, states, [torch.zeros(1 << 15)] * len(states), steps * len(params), lr=0.1, beta1=0.9,
+              beta2=0.99, eps=1e-8, weight_decay=0.1, **BACKENDS[backend])
+    assert steps[0].item() == 0
+    for a, b in zip(params + grads + states, before):
+        assert a.device.type == "meta" or torch.equal(a, b)

@@ -116,7 +116,7 @@ def test_backend_matches_reference_every_step(info, backend, kwargs, data):
     cfg = draw_config(data, info)
     tensor_lr = data.draw(st.booleans(), label="tensor_lr")
     seed = data.draw(st.integers(0, 2**16), label="seed")
-    cfg["state_dtype"] = data.draw(st.sampled_from([None, torch.bfloat16]), label="state_dtype")
+    cfg["state_dtype"] = data.draw(st.sampled_from([None, torch.bfloat16, torch.float32]), label="state_dtype")
     ref_params = make_params(shapes, dtype, seed)
     new_params = [torch.nn.Parameter(p.detach().clone()) for p in ref_params]
 
@@ -329,3 +329,43 @@ def test_a_nan_gradient_freezes_a_lion_coordinate_for_good(kwargs):
         opt.step()
     assert p[0].item() == 0.0 and torch.isnan(opt.state[p]["exp_avg"][0])
     torch.testing.assert_close(p.detach()[1:], torch.tensor([-0.4, 0.4]))
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+@pytest.mark.parametrize("kwargs", [dict(foreach=False, fused=False), dict(foreach=True), dict(fused=True), dict()],
+                         ids=["reference", "foreach", "fused", "default"])
+def test_float64_parameters_with_float32_state(info, kwargs):
+    """state_dtype=torch.float32 for float64 parameters: math in float64, state rounded to
+    float32 once per step, on every backend as on the reference (foreach mixed the two)."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    b = torch.nn.Parameter(a.detach().clone())
+    oa = info.cls([a], lr=1e-2, weight_decay=0.1, state_dtype=torch.float32, **kwargs)
+    ob = info.cls([b], lr=1e-2, weight_decay=0.1, state_dtype=torch.float32, foreach=False, fused=False)
+    for _ in range(3):
+        g = torch.randn(5, 3, dtype=torch.float64)
+        a.grad, b.grad = g, g.clone()
+        oa.step()
+        ob.step()
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for k in info.state_tensor_keys:
+        assert oa.state[a][k].dtype == torch.float32
+        torch.testing.assert_close(oa.state[a][k], ob.state[b][k])
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+@pytest.mark.parametrize("kwargs", [dict(foreach=False, fused=False), dict(foreach=True), dict(fused=True)],
+                         ids=["reference", "foreach", "fused"])
+def test_numpy_scalars_and_one_element_lr_tensors_are_numbers(info, kwargs):
+    np = pytest.importorskip("numpy")
+    runs = []
+    for lr in (1e-2, np.float32(1e-2), torch.tensor([1e-2])):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(6))
+        opt = info.cls([p], lr=lr, weight_decay=np.float32(0.1), **kwargs)
+        for _ in range(3):
+            p.grad = torch.linspace(-1, 1, 6)
+            opt.step()
+        runs.append(p.detach())
+    for r in runs[1:]:
+        torch.testing.assert_close(r, runs[0])
