@@ -1,5 +1,7 @@
-"""What every optimizer of this package shares: argument checks, the two-phase
-step, checkpoints, and what ``torch.compile`` sees.
+"""What every optimizer of this package shares: the two-phase step, checkpoints,
+and what ``torch.compile`` sees (argument checks are in ``_checks.py``, tensor and
+dtype helpers in ``_tensors.py``, the backends in ``_dispatch.py``). About 430
+lines: the ``torch.optim.Optimizer`` contract is one class.
 
 An algorithm file (``adamw.py``, ``lion.py``) only says which hyper-parameters
 it has, which state it keeps and which backends update it; the contract that
@@ -42,8 +44,6 @@ checks of Note [two-phase step] run when Dynamo traces, not at every call.
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 import operator
 from collections import defaultdict
 from collections.abc import Iterable
@@ -54,91 +54,10 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
-from ._tensors import _LOW_PRECISION, STATE_DTYPES, Meta, state_dtype, step_device
+from ._checks import check_fits
+from ._tensors import _LOW_PRECISION, Meta, state_dtype, step_device
 
 __all__ = ["Optimizer"]
-
-
-# ---------------------------------------------------------------------------
-# argument checks: each error names the argument and the value
-# ---------------------------------------------------------------------------
-
-def _as_float(name: str, value: Any) -> float | None:
-    """``value`` as a float, or None for a one-element tensor on an accelerator (reading it would sync)."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Invalid {name}: a tensor {name} must hold one value, got shape {tuple(value.shape)}")
-        if value.device.type != "cpu":
-            return None
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (NumPy's scalars are Real)
-        raise TypeError(f"Invalid {name}: expected a number, got {value!r} ({type(value).__name__})")
-    return float(value)
-
-
-def plain(value: Any) -> Any:
-    """A hyper-parameter as the backends take it: a NumPy scalar as a float; floats, ints and
-    tensors as they are (under torch.compile a float stays the graph's input)."""
-    return value if isinstance(value, (float, int, Tensor)) else float(value)
-
-
-def check_lr(lr: Any) -> None:
-    if isinstance(lr, Tensor) and not (lr.is_floating_point()):
-        raise ValueError(f"Invalid learning rate: a tensor lr must be floating point, got dtype {lr.dtype}")
-    value = _as_float("learning rate", lr)
-    if value is not None and not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"Invalid learning rate: lr={value} (must be finite and >= 0)")
-
-
-def check_nonnegative(name: str, value: Any) -> None:
-    if isinstance(value, Tensor):
-        raise TypeError(f"Invalid {name}: expected a float, got a tensor ({value!r})")
-    v = _as_float(name, value)
-    if v is not None and not (math.isfinite(v) and v >= 0.0):
-        raise ValueError(f"Invalid {name} value: {name}={v} (must be finite and >= 0)")
-
-
-def check_betas(betas: Any) -> None:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
-    if any(isinstance(b, Tensor) for b in betas):
-        raise ValueError(f"Invalid betas: {betas!r}; tensor betas are not supported, pass floats")
-    for i, beta in enumerate(betas):
-        b = _as_float(f"beta parameter at index {i}", beta)
-        if b is not None and not (0.0 <= b < 1.0):
-            raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1))")
-
-
-def check_flag(name: str, value: Any, allow_none: bool = False) -> None:
-    if not (isinstance(value, bool) or (allow_none and value is None)):
-        allowed = "True, False or None" if allow_none else "True or False"
-        raise ValueError(f"Invalid {name}: {value!r} (must be {allowed})")
-
-
-def check_state_dtype(value: Any) -> None:
-    if value not in STATE_DTYPES:
-        raise ValueError(f"Invalid state_dtype: {value!r} (must be None, torch.float32 or torch.bfloat16)")
-
-
-def check_backend(group: dict[str, Any]) -> None:
-    check_flag("foreach", group["foreach"], allow_none=True)
-    check_flag("fused", group["fused"], allow_none=True)
-    if group["foreach"] and group["fused"]:
-        raise ValueError("Invalid backend: foreach=True and fused=True; choose one")
-
-
-def check_fits(scalars: dict[str, float | None], params: list[Tensor]) -> None:
-    """The numbers an update multiplies by (``Optimizer._scalars``) must be finite in the
-    precision of its math (float64 only when every parameter is float64), or the step would
-    fail midway or write infinities (torch raises 'value cannot be converted to type float
-    without overflow' after it has already changed some tensors)."""
-    wide = all(p.dtype in (torch.float64, torch.complex128) for p in params)
-    dtype = torch.float64 if wide else torch.float32
-    limit = torch.finfo(dtype).max
-    for name, value in scalars.items():
-        if value is not None and not abs(value) <= limit:
-            raise ValueError(f"Invalid {name} = {value:g}: it does not fit the {dtype} math of the update "
-                             f"(at most {limit:.3g})")
 
 
 _GRAD, _LAYOUT, _SHAPE = operator.attrgetter("grad"), operator.attrgetter("layout"), operator.attrgetter("shape")
@@ -264,12 +183,27 @@ class Optimizer(torch.optim.Optimizer):
                 p = next(p for p, s in zip(params, states) if key not in s)
                 raise RuntimeError(f"{self._where(gi, group, p)} has state {sorted(self.state[p])} without "
                                    f"{key!r}: was it changed by hand, or loaded from another optimizer?") from None
-        if len(new) < len(params):
+        if len(new) < len(params) and not self._checked_before(gi, lists, meta):
             self._check_states(gi, group, params, lists, meta)
+            self._checked[gi] = (meta.shapes, meta.dtypes, meta.device_indices(), lists[:1] + lists[2:])
         check_fits(self._scalars(group), params)
         routes = _dispatch.route(self.backends, lists, self._hyper(group), foreach=group["foreach"],
                                  fused=group["fused"])
         return _Prepared(group, lists, new, routes)
+
+    def _checked_before(self, gi: int, lists: list[list[Any]], meta: Meta) -> bool:
+        """The same parameters (same shapes, dtypes, devices) with the same state tensors as
+        at this group's last check: nothing to check again. State replaced by any of torch's
+        ways (``load_state_dict``, assigning ``opt.state[p]`` or one of its entries) is new
+        objects, so it is checked; a tensor changed in place (``.data =``, ``resize_``) is not."""
+        checked = getattr(self, "_checked", None)
+        if checked is None:
+            self._checked: dict[int, tuple[Any, ...]] = {}
+            return False
+        last = checked.get(gi)
+        if last is None or last[0] != meta.shapes or last[1] != meta.dtypes or last[2] != meta.device_indices():
+            return False
+        return all(len(a) == len(b) and all(map(operator.is_, a, b)) for a, b in zip(last[3], lists[:1] + lists[2:]))
 
     def _check_states(self, gi: int, group: dict[str, Any], params: list[Tensor], lists: list[list[Any]],
                       meta: Meta) -> None:
@@ -456,6 +390,7 @@ class Optimizer(torch.optim.Optimizer):
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._checked = {}  # (the old state tensors are not kept alive)
         """Load a checkpoint, as torch.optim does (pre- and post-hooks, ``param_names``, state of
         non-parameters kept as is), after checking that it fits this optimizer: if it does
         not, nothing changes. State is restored as Note [state precision] says."""

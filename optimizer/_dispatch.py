@@ -29,6 +29,33 @@ takes it (``triton`` on CUDA; ``torch``, then ``c`` on the CPU) and the rest to
 Under ``torch.compile`` (:func:`step`), ``foreach`` and ``reference`` are traced into
 the graph; the fused kernels run outside it, as torch keeps its own fused step out
 of tracing: Dynamo cannot see into a C loop or a Triton launch table.
+
+Note [step counters]
+~~~~~~~~~~~~~~~~~~~~
+AdamW's per-parameter step counts move in one place, :func:`count`: +1 for every
+tensor of the step before any backend runs (so each backend reads ``t``, this
+step's number, as torch's fused kernels do; CPU counters in one C call, where
+``torch._foreach_add_`` would spend microseconds on each), and back by GradScaler's ``found_inf``
+where the Triton kernels skipped the step on the device. A step skipped on the host
+(``found_inf`` read there) counts nothing.
+
+Note [update formulas]
+~~~~~~~~~~~~~~~~~~~~~~
+Each update is written in four places; each is tied to the reference at every step
+of a multi-step run by a test, and the reference to a float64 transcription of the
+paper (``tests/optim_table.py``) by ``test_reference_matches_float64_formula``:
+
+=========  =================================================  =========================================
+backend    where                                              test (tests/...)
+=========  =================================================  =========================================
+reference  ``_single_tensor_<algo>`` in adamw.py, lion.py      test_numerics: reference_matches_float64_formula
+foreach    ``_multi_tensor_<algo>`` beside it                  test_numerics: backend_matches_reference_every_step
+c          ``_<ALGO>_KERNEL.body`` beside it (C, the loop in   test_fused_cpu: fused_matches_reference_every_step...
+           csrc/fused_loop.c)                                  test_c_source: compiles with -Werror
+torch      ``torch._fused_adamw_`` (AdamW, ``correct_bias``)   test_fused_cpu: adamw_fused_default_is_torchs_kernel...
+triton     ``_adamw_kernel``, ``_lion_kernel`` in              test_fused_triton: kernel_matches_reference_every_step
+           _fused_triton.py                                    (Triton's interpreter on CPU; CUDA where present)
+=========  =================================================  =========================================
 """
 
 from __future__ import annotations
@@ -45,7 +72,7 @@ from torch import Tensor
 from . import _fused_cpu
 from ._tensors import PARAM_DTYPES, Meta, amp_grads, as_real, device_types, local, pick, same_dense_layout
 
-__all__ = ["Backends", "TRITON_DEVICES", "check_lists", "group_backend", "load_triton", "route", "run", "step"]
+__all__ = ["Backends", "TRITON_DEVICES", "check_lists", "count", "group_backend", "load_triton", "route", "run", "step"]
 
 Routes = dict[str, list[int]]  # backend name -> indices into the step's lists
 
@@ -201,6 +228,7 @@ def _fused_kernel(backends: Backends, hyper: dict[str, Any], device: str, pdt: t
     pdt, sdt = _REAL.get(pdt, pdt), _REAL.get(sdt, sdt)  # the CPU kernels see complex tensors as reals
     if (backends.torch is not None and backends.torch_applies(hyper) and pdt in (torch.float32, torch.float64)
             and sdt == pdt and layout_ok):
+        _fused_cpu.library(backends.c_kernel, strict=False, warn=False)  # for its step counting (count)
         return "torch"
     if layout_ok:
         fns = _fused_cpu.library(backends.c_kernel, strict=strict)
@@ -219,19 +247,40 @@ def run(backends: Backends, routes: Routes, lists: list[list[Tensor]], hyper: di
     def part(idx: list[int]) -> list[list[Tensor]]:
         return lists if len(idx) == n else pick(lists, idx)
 
+    host = [(name, idx) for name, idx in routes.items() if name != "triton" and idx]
+    if found_inf is not None and host:  # read on the host (one sync, as GradScaler's own path)
+        if float(found_inf) != 0:  # inf/nan in the gradients: skip the step, count nothing
+            return
+        found_inf = None
+    counters = lists[2 + backends.n_states:]
+    count(backends, counters)
     if routes.get("triton"):
         getattr(load_triton(False), backends.triton)(*part(routes["triton"]), **hyper, grad_scale=grad_scale,
                                                      found_inf=found_inf)
-    host = [(name, idx) for name, idx in routes.items() if name != "triton" and idx]
-    if not host:
-        return
-    if found_inf is not None and float(found_inf) != 0:  # GradScaler found inf/nan: skip the step
-        return
+        if found_inf is not None:  # the kernels skipped on the device: take the count back there
+            count(backends, counters, found_inf)
     for name, idx in host:
         sub = part(idx)
         if grad_scale is not None:
             sub = [sub[0], amp_grads(sub[1], grad_scale, None), *sub[2:]]
         getattr(backends, name)(*sub, **hyper)
+
+
+def count(backends: Backends, counters: list[list[Tensor]], skipped: Tensor | None = None) -> None:
+    """The one place where step counters move (Note [step counters]): +1 before the backends
+    run (CPU counters in one C call where the C loop is built), or back by GradScaler's
+    ``found_inf`` (1 where the fused kernels skipped the step on the device; read there, no sync)."""
+    for steps in counters:
+        if skipped is None:
+            if torch.compiler.is_compiling() or not _fused_cpu.count(backends.c_kernel, steps):
+                torch._foreach_add_(steps, 1.0)
+        else:
+            by_device: dict[torch.device, list[Tensor]] = {}
+            for s in steps:
+                by_device.setdefault(s.device, []).append(s)
+            for device, group in by_device.items():
+                flag = skipped.to(device=device, dtype=torch.float32, non_blocking=True)
+                torch._foreach_sub_(group, [flag] * len(group))
 
 
 def step(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], *, foreach: bool | None,
@@ -296,6 +345,7 @@ def _traced_step(backends: Backends, lists: list[list[Tensor]], hyper: dict[str,
         if grads is None:
             return
         lists = [lists[0], grads, *lists[2:]]
+    count(backends, lists[2 + backends.n_states:])
     getattr(backends, backend)(*lists, **hyper)
 
 

@@ -43,9 +43,11 @@ tested against the references at every step.
 from __future__ import annotations
 
 import ctypes
+import operator
 import itertools
 import logging
 import os
+import pathlib
 import shlex
 import shutil
 import subprocess
@@ -53,7 +55,9 @@ import tempfile
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -88,114 +92,52 @@ _VARIANTS: dict[tuple[torch.dtype, torch.dtype], tuple[str, str, str]] = {
        for p in (torch.float32, torch.bfloat16, torch.float16) for s in (torch.float32, torch.bfloat16)},
 }
 
-_PRELUDE = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <math.h>
-
-/* Compiled with -ffp-contract=off: every operation rounds as the reference's torch ops do;
-   a fused multiply-add only where torch's vectorised CPU kernels use one (lerp). */
-#if defined(__FP_FAST_FMA) && defined(__FP_FAST_FMAF)
-#define FMA(a, b, c) _Generic((a), float: fmaf, default: fma)(a, b, c)
-#else
-#define FMA(a, b, c) ((a) * (b) + (c))   /* no fast fma here: a call per element would be slow */
-#endif
-/* torch's lerp: start + w (end - start) for |w| < 0.5, else end + (w - 1)(end - start) */
-#define LERP(a, b, w) ((w) < 0.5 ? FMA((w), (b) - (a), (a)) : FMA((w) - 1, (b) - (a), (b)))
-#define SIGN(x) ((T)(((x) > 0) - ((x) < 0)))   /* torch.sign: 0 at 0 and at nan */
-#define SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x)
-
-static inline float load_float(float x) { return x; }
-static inline float store_float(float x) { return x; }
-static inline double load_double(double x) { return x; }
-static inline double store_double(double x) { return x; }
-
-typedef uint16_t bf16;   /* the upper half of a float32 */
-static inline float load_bf16(bf16 x) {
-    union { uint32_t u; float f; } v; v.u = (uint32_t)x << 16; return v.f;
-}
-static inline bf16 store_bf16(float x) {   /* round to nearest even, nan stays nan */
-    union { uint32_t u; float f; } v; v.f = x;
-    return x != x ? (bf16)0x7fc0 : (bf16)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
-}
-
-#ifdef __FLT16_MAX__
-#define HAVE_F16 1
-typedef _Float16 f16;
-static inline float load_f16(f16 x) { return (float)x; }
-static inline f16 store_f16(float x) { return (f16)x; }
-#endif
-
-/* the tensor holding block b: first[t] <= b < first[t + 1], first[] the running block counts */
-static inline int64_t tensor_of(int64_t b, const int64_t *first, int64_t n_tensors) {
-    int64_t lo = 0, hi = n_tensors - 1;
-    while (lo < hi) { int64_t mid = (lo + hi + 1) / 2; if (first[mid] <= b) lo = mid; else hi = mid - 1; }
-    return lo;
-}
-"""
-
-# One function per kernel and dtype variant. ptrs holds, per tensor, the parameter, the
-# gradient and the states; first[] the running count of blocks (n_tensors + 1 entries).
-_LOOP = r"""
-{guard_open}
-void {fn}(int64_t n_tensors, void *const *ptrs, const int64_t *numel, const int64_t *first,
-         const double *scalars, const double *per_tensor, int maximize, int n_threads) {{
-    typedef {ctype} T;
-{scalar_decls}
-    #pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t b = 0; b < first[n_tensors]; b++) {{
-        const int64_t t = tensor_of(b, first, n_tensors), lo = (b - first[t]) * BLOCK;
-        const int64_t hi = lo + BLOCK < numel[t] ? lo + BLOCK : numel[t];
-        void *const *tp = ptrs + t * {n_ptrs};
-        {ptype} *restrict P = ({ptype} *)tp[0];
-        const {ptype} *restrict G = (const {ptype} *)tp[1];
-{state_ptrs}
-{per_tensor_decls}
-        for (int64_t i = lo; i < hi; i++) {{
-            T p = load_{ptype}(P[i]);
-            T g = load_{ptype}(G[i]);
-            if (maximize) g = -g;
-{state_loads}
-{body}
-            P[i] = store_{ptype}(p);
-{state_stores}
-        }}
-    }}
-}}
-{guard_close}
-"""
+_CSRC = pathlib.Path(__file__).with_name("csrc")  # shipped as package data
 
 
 def _function_name(kernel: Kernel, ptype: str, stype: str) -> str:
     return f"{kernel.name}_{ptype}_{stype}"
 
 
+def _macro(name: str, lines: list[str]) -> str:
+    """``#define name`` spanning ``lines`` (continued with backslashes), or empty."""
+    if not lines:
+        return f"#define {name}\n"
+    width = max(map(len, lines))
+    padded = [f"    {line:{width}s} \\" for line in lines[:-1]] + [f"    {lines[-1]}"]
+    return f"#define {name} \\\n" + "\n".join(padded) + "\n"
+
+
 def source(kernel: Kernel) -> str:
-    """The C translation unit for ``kernel``: one function per dtype variant."""
-    parts = [f"#define BLOCK {BLOCK}\n", _PRELUDE]
-    for ptype, stype, ctype in _VARIANTS.values():
-        ind = " " * 8
-        parts.append(_LOOP.format(
-            guard_open="#ifdef HAVE_F16" if ptype == "f16" else "",
-            guard_close="#endif" if ptype == "f16" else "",
-            fn=_function_name(kernel, ptype, stype),
-            ctype=ctype,
-            ptype=ptype,
-            n_ptrs=2 + len(kernel.states),
-            scalar_decls="\n".join(f"    const T {s} = (T)scalars[{j}];" for j, s in enumerate(kernel.scalars)),
-            state_ptrs="\n".join(f"{ind}{stype} *restrict S_{s} = ({stype} *)tp[{2 + j}];"
-                                  for j, s in enumerate(kernel.states)),
-            per_tensor_decls="\n".join(f"{ind}const T {s} = (T)per_tensor[t * {len(kernel.per_tensor)} + {j}];"
-                                       for j, s in enumerate(kernel.per_tensor)),
-            state_loads="\n".join(f"{ind}    T {s} = load_{stype}(S_{s}[i]);" for s in kernel.states),
-            body="\n".join(f"{ind}    {line.strip()}" for line in kernel.body.strip().splitlines()),
-            state_stores="\n".join(f"{ind}    S_{s}[i] = store_{stype}({s});" for s in kernel.states),
-        ))
+    """The C translation unit for ``kernel``: csrc/fused_prelude.h, the kernel's own macros, and
+    csrc/fused_loop.c once per dtype variant (one function each). Compiled as it is printed."""
+    loop = (_CSRC / "fused_loop.c").read_text()
+    n = len(kernel.per_tensor)
+    parts = [
+        f"/* generated by optimizer._fused_cpu.source for the kernel {kernel.name!r} */\n#define BLOCK {BLOCK}\n",
+        (_CSRC / "fused_prelude.h").read_text(),
+        f"\n/* the {kernel.name} kernel (written beside its Python reference) */\n",
+        _macro("KERNEL_SCALARS", [f"const T {s} = (T)scalars[{j}];" for j, s in enumerate(kernel.scalars)]),
+        _macro("KERNEL_STATES", [f"STYPE *restrict S_{s} = (STYPE *)tp[{2 + j}];" for j, s in enumerate(kernel.states)]),
+        _macro("KERNEL_PER_TENSOR", [f"const T {s} = (T)per_tensor[t * {n} + {j}];" for j, s in enumerate(kernel.per_tensor)]),
+        _macro("KERNEL_LOAD", [f"T {s} = CAT(load_, STYPE)(S_{s}[i]);" for s in kernel.states]),
+        _macro("KERNEL_BODY", [line.strip() for line in kernel.body.strip().splitlines()]),
+        _macro("KERNEL_STORE", [f"S_{s}[i] = CAT(store_, STYPE)({s});" for s in kernel.states]),
+    ]
+    body_only = loop[loop.index("*/") + 2:].lstrip("\n")  # the loop's header comment once, at the first variant
+    for index, (ptype, stype, ctype) in enumerate(_VARIANTS.values()):
+        defines = {"FN": _function_name(kernel, ptype, stype), "T": ctype, "PTYPE": ptype, "STYPE": stype,
+                   "N_PTRS": 2 + len(kernel.states)}
+        parts += [f"\n/* parameters {ptype}, states {stype}, computed in {ctype} */\n",
+                  "#ifdef HAVE_F16\n" if ptype == "f16" else "",
+                  "".join(f"#define {name} {value}\n" for name, value in defines.items()), loop if index == 0 else body_only,
+                  "".join(f"#undef {name}\n" for name in defines), "#endif\n" if ptype == "f16" else ""]
     return "".join(parts)
 
 
 _libraries: dict[str, dict[tuple[torch.dtype, torch.dtype], ctypes._CFuncPtr]] = {}
 _failed: list[str] = []
+_warned: list[bool] = []
 _lock = threading.Lock()
 _FLAG_SETS = (["-march=native", "-fopenmp"], ["-fopenmp"], [])  # best first; the last is single-threaded
 _DIR_PREFIX = "clearoptim-build-"
@@ -263,13 +205,19 @@ def _compile(kernel: Kernel) -> tuple[dict[tuple[torch.dtype, torch.dtype], ctyp
             fns[dtypes] = fn
     if not fns:
         raise RuntimeError(f"the compiled library has none of the {kernel.name} functions")
+    for dtype, ctype in ((torch.float32, "float"), (torch.float64, "double")):
+        fn = getattr(lib, f"count_steps_{ctype}")
+        fn.restype, fn.argtypes = None, [ctypes.c_int64, ctypes.c_void_p]
+        fns[("count", dtype)] = fn
     return fns, " ".join(flags) or "single-threaded"
 
 
-def library(kernel: Kernel, *, strict: bool) -> dict[tuple[torch.dtype, torch.dtype], ctypes._CFuncPtr] | None:
-    """The compiled variants of ``kernel`` by (parameter dtype, state dtype), compiling them now
-    if needed; None (after one warning per process) where that is impossible, or RuntimeError
-    if ``strict`` (``fused=True``). Called while a step is being checked, before anything changes."""
+def library(kernel: Kernel, *, strict: bool, warn: bool = True
+            ) -> dict[tuple[Any, torch.dtype], ctypes._CFuncPtr] | None:
+    """The compiled variants of ``kernel`` by (parameter dtype, state dtype), and its step
+    counters' functions by ("count", dtype), compiling them now if needed; None where that is
+    impossible (with one warning per process, if ``warn``), or RuntimeError if ``strict``
+    (``fused=True``). Called while a step is being checked, before anything changes."""
     fns = _libraries.get(kernel.name)
     if fns is not None:
         return fns
@@ -280,43 +228,92 @@ def library(kernel: Kernel, *, strict: bool) -> dict[tuple[torch.dtype, torch.dt
                 _libraries[kernel.name], how = _compile(kernel)
             except Exception as err:  # noqa: BLE001 - any failure means: no fused CPU kernels here
                 _failed.append(f"{type(err).__name__}: {err}" if not isinstance(err, RuntimeError) else str(err))
-                if not strict:
-                    warnings.warn(
-                        f"optimizer: the fused CPU kernels cannot be compiled here ({_failed[0]}); "
-                        "using the foreach path instead (correct, slower). Install a C compiler to enable them.",
-                        RuntimeWarning,
-                        stacklevel=6,
-                    )
             else:
                 log.info("optimizer: compiled the fused CPU kernel %s (%s) in %.2f s (once per process)",
                          kernel.name, how, time.perf_counter() - start)
         if _failed:
             if strict:
                 raise RuntimeError(f"fused=True: the fused CPU kernels cannot be compiled here ({_failed[0]})")
+            if warn and not _warned:
+                _warned.append(True)
+                warnings.warn(
+                    f"optimizer: the fused CPU kernels cannot be compiled here ({_failed[0]}); "
+                    "using the foreach path instead (correct, slower). Install a C compiler to enable them.",
+                    RuntimeWarning,
+                    stacklevel=6,
+                )
             return None
         return _libraries[kernel.name]
 
 
-def run(kernel: Kernel, params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]],
-        scalars: list[float], per_tensor: list[list[float]] | None = None, *, maximize: bool) -> None:
-    """One fused pass of ``kernel`` over all the tensors, one call per dtype variant.
+# launch plans of recent steps (Note [fused CPU]: "the host work of a step")
+_PLANS: OrderedDict[tuple, list[tuple[ctypes._CFuncPtr, list[int] | None, int, Any, Any, Any]]] = OrderedDict()
+_PLANS_KEPT = 32
+_DTYPE, _DEVICE_TYPE = operator.attrgetter("dtype"), operator.attrgetter("device.type")
 
-    ``states`` holds one list per state of the kernel; ``per_tensor[i]`` the per-tensor values of
-    tensor ``i``. The dispatcher (``_dispatch.route``) sends only tensors the kernel takes: on
-    the CPU, a compiled dtype variant, and one dense layout shared by the parameter, its
-    gradient and its states (so that the i-th element in memory is the same element in each).
-    """
+
+def _plan(kernel: Kernel, lists: list[list[Tensor]]) -> list[tuple[ctypes._CFuncPtr, list[int] | None, int, Any, Any, Any]]:
+    """The calls of a step: per dtype variant, (function, the tensors' indices or None for all,
+    their count, and the pointer, size and block-count arrays the function reads). Cached under
+    a signature read with C-level maps (every address and size, the dtypes): from the second
+    step of a training loop on, nothing is rebuilt (gradients that are new tensors each step
+    make a new signature only if their addresses change)."""
+    if lists[0] and type(lists[0][0]).__name__ == "DTensor":  # FSDP2: the local shards
+        lists = [list(map(local, lst)) for lst in lists]
+    signature = (kernel.name, *itertools.chain(*[map(Tensor.data_ptr, lst) for lst in lists],
+                                               map(Tensor.numel, lists[0]), map(_DTYPE, lists[0]),
+                                               map(_DTYPE, lists[2])))
+    plan = _PLANS.get(signature)
+    if plan is not None:
+        _PLANS.move_to_end(signature)
+        return plan
     fns = _libraries[kernel.name]
     calls: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
-    for i, p in enumerate(params):
-        calls.setdefault((as_real(local(p)).dtype, as_real(local(states[0][i])).dtype), []).append(i)
+    for i, (p, s) in enumerate(zip(lists[0], lists[2])):
+        calls.setdefault((as_real(p).dtype, as_real(s).dtype), []).append(i)
+    plan = []
+    for key, idx in calls.items():
+        ptrs = [t.data_ptr() for i in idx for t in (lst[i] for lst in lists)]
+        numel = [as_real(lists[0][i]).numel() for i in idx]
+        first = [0, *itertools.accumulate(-(-n // BLOCK) for n in numel)]
+        plan.append((fns[key], None if len(calls) == 1 else idx, len(idx), (ctypes.c_void_p * len(ptrs))(*ptrs),
+                     (ctypes.c_int64 * len(numel))(*numel), (ctypes.c_int64 * len(first))(*first)))
+    _PLANS[signature] = plan
+    if len(_PLANS) > _PLANS_KEPT:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def count(kernel: Kernel, steps: list[Tensor]) -> bool:
+    """Add one to every step counter in one C call, where they are CPU float32 or float64
+    tensors and ``kernel``'s library is loaded (``torch._foreach_add_`` on CPU scalars costs
+    a few microseconds each). False, having changed nothing, where it does not apply."""
+    fns = _libraries.get(kernel.name)
+    if not steps or type(steps[0]).__name__ == "DTensor":
+        return False
+    dtypes = set(map(_DTYPE, steps))
+    fn = fns.get(("count", next(iter(dtypes)))) if fns is not None and len(dtypes) == 1 else None
+    if fn is None or set(map(_DEVICE_TYPE, steps)) != {"cpu"}:
+        return False
+    ptrs = list(map(Tensor.data_ptr, steps))
+    fn(len(ptrs), (ctypes.c_void_p * len(ptrs))(*ptrs))
+    return True
+
+
+def run(kernel: Kernel, params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]],
+        scalars: list[float], per_tensor: Tensor | None = None, *, maximize: bool) -> None:
+    """One fused pass of ``kernel`` over all the tensors, one call per dtype variant.
+
+    ``states`` holds one list per state of the kernel; row ``i`` of ``per_tensor`` (float64, one
+    column per value of ``kernel.per_tensor``) the values of tensor ``i``. The dispatcher
+    (``_dispatch.route``) sends only tensors the kernel takes: on the CPU, a compiled dtype
+    variant, and one dense layout shared by the parameter, its gradient and its states (so
+    that the i-th element in memory is the same element in each).
+    """
     n_threads = torch.get_num_threads()
     c_scalars = (ctypes.c_double * max(len(scalars), 1))(*scalars)
-    for key, idx in calls.items():
-        ptrs = [local(t).data_ptr() for i in idx for t in (params[i], grads[i], *(s[i] for s in states))]
-        numel = [as_real(local(params[i])).numel() for i in idx]
-        first = [0, *itertools.accumulate(-(-n // BLOCK) for n in numel)]
-        values = [x for i in idx for x in per_tensor[i]] if per_tensor is not None else []
-        fns[key](len(idx), (ctypes.c_void_p * len(ptrs))(*ptrs), (ctypes.c_int64 * len(numel))(*numel),
-                 (ctypes.c_int64 * len(first))(*first), c_scalars, (ctypes.c_double * max(len(values), 1))(*values),
-                 int(maximize), n_threads)
+    for fn, idx, n, ptrs, numel, first in _plan(kernel, [params, grads, *states]):
+        values = None
+        if per_tensor is not None:
+            values = (per_tensor if idx is None else per_tensor[idx]).contiguous()
+        fn(n, ptrs, numel, first, c_scalars, None if values is None else values.data_ptr(), int(maximize), n_threads)

@@ -305,8 +305,6 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
     launches = _plan(params, grads, [exp_avgs, exp_avg_sqs], state_steps)
     for pdt, sdt, aligned, idx, table, blocks, n_blocks in launches:
         device = params[idx[0]].device
-        steps = [state_steps[i] for i in idx]
-        torch._foreach_add_(steps, 1.0)
         lr_t, lr_value, lr_tensor = _lr_args(lr, device)
         scale, inf = _amp_args(grad_scale, found_inf, device)
         if n_blocks:
@@ -318,8 +316,6 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
                     SKIPPABLE=found_inf is not None, CORRECT_BIAS=correct_bias, MAXIMIZE=maximize, ALIGNED=aligned,
                     num_warps=NUM_WARPS, enable_fp_fusion=True,  # fused multiply-adds, as nvcc compiles torch's
                 )
-        if inf is not None:  # a skipped step is not counted
-            torch._foreach_sub_(steps, [inf.to(torch.float32)] * len(steps))
 
 
 def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float | Tensor,

@@ -102,11 +102,16 @@ class Meta:
         self._params = params
         self._devices: list[Any] | None = None
 
+    def device_indices(self) -> list[Any]:
+        """Each parameter's device (its index where all are of one device type), read once."""
+        if self._devices is None:
+            self._devices = (list(map(Tensor.get_device, self._params)) if len(self.types) == 1
+                             else list(map(_DEVICE, self._params)))
+        return self._devices
+
     def same_devices(self, tensors: list[Tensor]) -> bool:
         if len(self.types) == 1 and device_types(tensors) == self.types:  # one device type: compare indices
-            if self._devices is None:
-                self._devices = list(map(Tensor.get_device, self._params))
-            return list(map(Tensor.get_device, tensors)) == self._devices
+            return list(map(Tensor.get_device, tensors)) == self.device_indices()
         return list(map(_DEVICE, tensors)) == list(map(_DEVICE, self._params))
 
     def same(self, tensors: list[Tensor], dtypes: list[torch.dtype] | None = None) -> bool:

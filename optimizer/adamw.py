@@ -6,6 +6,9 @@ then the backends, all with one signature (Note [backends] in _dispatch.py):
 path, ``_fused_c_adamw`` the C loop (its update is ``_ADAMW_KERNEL``),
 ``_fused_torch_adamw`` torch's own fused CPU kernel; the Triton kernel is in
 _fused_triton.py. Swapping backends changes speed, never results beyond rounding.
+
+(About 400 lines, on purpose: the one algorithm, its math and every CPU form of its
+update side by side, so that a reader compares them on one screen.)
 """
 
 from __future__ import annotations
@@ -18,16 +21,8 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _fused_cpu
-from ._base import (
-    Optimizer,
-    check_backend,
-    check_betas,
-    check_flag,
-    check_lr,
-    check_nonnegative,
-    check_state_dtype,
-    plain,
-)
+from ._base import Optimizer
+from ._checks import check_backend, check_betas, check_flag, check_lr, check_nonnegative, check_state_dtype, plain
 from ._tensors import (
     as_real,
     compute_dtype,
@@ -226,8 +221,7 @@ def _single_tensor_adamw(
         if maximize:
             g = -g
 
-        step_t += 1                                        # t <- t + 1
-        t = host_value(step_t)
+        t = host_value(step_t)                             # t, already counted (Note [step counters])
         p.mul_(1 - lr * weight_decay)                      # theta <- theta * (1 - lr * wd)
         m.lerp_(g, 1 - beta1)                              # m_t = b1 m + (1 - b1) g
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)      # v_t = b2 v + (1 - b2) g^2
@@ -274,7 +268,6 @@ def _multi_tensor_adamw(
     """The same update with torch._foreach ops, one bucket per (device, dtype)."""
     for b in foreach_buckets(params, grads, exp_avgs, exp_avg_sqs, counters=state_steps, maximize=maximize, lr=lr):
         (b_m, b_v), b_steps = b.states, b.counters
-        torch._foreach_add_(b_steps, 1.0)
         if weight_decay != 0:
             torch._foreach_mul_(b.params, 1 - b.lr * weight_decay)
         torch._foreach_lerp_(b_m, b.grads, 1 - beta1)
@@ -348,14 +341,21 @@ def _fused_c_adamw(
 ) -> None:
     """The C loop (Note [fused CPU]): one pass per element over all tensors."""
     lr = float(lr)  # read once on the host; the scalars stay float64 until the kernel
-    per_tensor = []
-    for step in state_steps:
-        t = step.item() + 1  # this step's count; the counters move once the kernel has run
-        bc1, bc2 = (1 - beta1**t, 1 - beta2**t) if correct_bias else (1.0, 1.0)
-        per_tensor.append([-lr / bc1, bc2**0.5])
     scalars = [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps]
+    if correct_bias:  # per tensor: -lr / (1 - b1^t), sqrt(1 - b2^t), t already counted (Note [step counters])
+        t = _stack(state_steps)
+        per_tensor = torch.stack([-lr / (1 - torch.pow(beta1, t)), (1 - torch.pow(beta2, t)).sqrt()], dim=1)
+    else:
+        per_tensor = torch.tensor([[-lr, 1.0]], dtype=torch.float64).expand(len(params), 2)
     _fused_cpu.run(_ADAMW_KERNEL, params, grads, [exp_avgs, exp_avg_sqs], scalars, per_tensor, maximize=maximize)
-    torch._foreach_add_(state_steps, 1.0)
+
+
+def _stack(steps: list[Tensor]) -> Tensor:
+    """The step counts as one float64 vector (one op for any number of counters)."""
+    try:
+        return torch.stack(steps).to(torch.float64)
+    except RuntimeError:  # one-element counters of different shapes, e.g. (1,) from an older checkpoint
+        return torch.stack([s.reshape(()) for s in steps]).to(torch.float64)
 
 
 def _fused_torch_adamw(
@@ -382,7 +382,6 @@ def _fused_torch_adamw(
         lists = tuple([as_real(t) for t in lst] for lst in lists)
     buckets = group_by_device_and_dtype(*lists)
     for b_p, b_g, b_m, b_v, b_steps in buckets.values():
-        torch._foreach_add_(b_steps, 1.0)
         torch._fused_adamw_(b_p, b_g, b_m, b_v, [], b_steps, lr=float(lr), beta1=beta1, beta2=beta2,
                             weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=maximize)
 

@@ -14,8 +14,11 @@ them; otherwise one after the other, each freed before the next is built.
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import json
+import os
+import platform
 import statistics
 import time
 import types
@@ -48,7 +51,11 @@ MODELS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "gpt2-30m": lambda: gpt2_shapes(6, 512, 16384),  # 28 M params, 76 tensors: sized for a 2-core CPU
     "gpt2-124m": lambda: gpt2_shapes(12, 768, 50257),  # 124 M params, 148 tensors
     "llama-1.1b": llama_shapes,  # 1.10 B params, 201 tensors
+    # many small tensors: the host work of a step (checks, plans, launches) against the bytes
+    "small-400x64x64": lambda: [(64, 64)] * 400,  # 1.6 M params
+    "small-2000x256": lambda: [(256,)] * 2000,  # 0.5 M params
 }
+SUITES = {"many-small": ["small-400x64x64", "small-2000x256"]}  # --model names that run several lists
 
 
 def _sync(device: torch.device) -> None:
@@ -156,7 +163,25 @@ def model_shapes(model: str) -> list[tuple[int, ...]]:
 
 
 def run(model: str, device_name: str, reps: int, only: list[str] | None, json_path: str | None,
-        dtype: str = "fp32", state_dtype: str | None = None, compile: bool = False) -> int:
+        dtype: str = "fp32", state_dtype: str | None = None, compile: bool = False, readme: str | None = None,
+        command: str = "python -m optimizer bench") -> int:
+    """Time every candidate on ``model``'s list (each list of a suite such as ``many-small``) and
+    print the table; optionally write the JSON (a list for a suite) and the README's table."""
+    results = []
+    for name in SUITES.get(model, [model]):
+        results.append(run_one(name, device_name, reps, only, None, dtype, state_dtype, compile))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results[0] if len(results) == 1 else results, f, indent=1)
+        print(f"wrote {json_path}")
+    if readme:
+        update_readme("README.md", readme, markdown(results, command))
+    return 0
+
+
+def run_one(model: str, device_name: str, reps: int, only: list[str] | None, json_path: str | None,
+            dtype: str = "fp32", state_dtype: str | None = None, compile: bool = False) -> dict[str, Any]:
+    """One parameter list: the table printed, the results returned (and written as JSON)."""
     device = torch.device(device_name)
     shapes = model_shapes(model)
     param_dtype = DTYPES[dtype]
@@ -221,18 +246,20 @@ def run(model: str, device_name: str, reps: int, only: list[str] | None, json_pa
           f"{device}, torch {torch.__version__}; measured bandwidth: copy {bw['copy']:.1f} GB/s, in-place "
           f"{bw['inplace']:.1f} GB/s; median of {reps}{', interleaved' if interleave else ''}")
     width = max([30, *map(len, medians)])
-    head = (f"{'implementation':{width}s} {'ms/step':>9s} {'B/param':>8s} {'GB/s':>7s} {'of copy':>8s} "
-            f"{'of in-place':>12s} {'/torch fused':>13s} {'/torch foreach':>15s} {'/lion-pytorch':>14s}")
+    best = max(bw.values())  # a CPU copy also reads the destination (write-allocate): in-place is its roofline
+    head = (f"{'implementation':{width}s} {'ms/step':>9s} {'B/param':>8s} {'GB/s':>7s} {'of bw':>6s} "
+            f"{'/torch fused':>13s} {'/torch foreach':>15s} {'/lion-pytorch':>14s}")
     print(head + (f" {'/eager':>7s}" if compile else ""))
     out = []
     for name, ms in medians.items():
         gbs = moved[name] * n / ms / 1e6
         ratios = [f"{ms / base[k]:.2f}x" if base[k] else "-" for k in ("fused", "foreach", "lion-pytorch")]
         eager = medians.get(name.removesuffix(" compiled")) if name.endswith(" compiled") else None
-        print(f"{name:{width}s} {ms:9.2f} {moved[name]:8d} {gbs:7.1f} {gbs / bw['copy']:8.0%} "
-              f"{gbs / bw['inplace']:12.0%} {ratios[0]:>13s} {ratios[1]:>15s} {ratios[2]:>14s}"
+        print(f"{name:{width}s} {ms:9.2f} {moved[name]:8d} {gbs:7.1f} {gbs / best:6.0%} "
+              f"{ratios[0]:>13s} {ratios[1]:>15s} {ratios[2]:>14s}"
               + (f" {f'{ms / eager:.2f}x' if eager else '-':>7s}" if compile else ""))
         out.append({"name": name, "ms": ms, "bytes_per_param": moved[name], "gb_per_s": gbs,
+                    "fraction_of_bandwidth": gbs / best,
                     "fraction_of_copy_bandwidth": gbs / bw["copy"],
                     "fraction_of_inplace_bandwidth": gbs / bw["inplace"],
                     "vs_torch_fused": ms / base["fused"] if base["fused"] else None,
@@ -241,11 +268,60 @@ def run(model: str, device_name: str, reps: int, only: list[str] | None, json_pa
                     "vs_eager": ms / eager if eager else None})
     for name, why in failed.items():
         print(f"{name:{max(30, len(name))}s} {'n/a':>9s}  {why}")
+    result = {"model": model, "tensors": len(shapes), "params": n, "dtype": dtype, "state_dtype": state_dtype,
+              "device": str(device), "machine": machine(device), "date": datetime.date.today().isoformat(),
+              "torch": torch.__version__, "bandwidth_gb_per_s": bw, "reps": reps, "interleaved": interleave,
+              "rows": out, "unavailable": failed}
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"model": model, "tensors": len(shapes), "params": n, "dtype": dtype,
-                       "state_dtype": state_dtype, "device": str(device), "torch": torch.__version__,
-                       "bandwidth_gb_per_s": bw, "reps": reps, "interleaved": interleave, "rows": out,
-                       "unavailable": failed}, f, indent=1)
+            json.dump(result, f, indent=1)
         print(f"wrote {json_path}")
-    return 0
+    return result
+
+
+def machine(device: torch.device) -> str:
+    """The hardware in words: the GPU's name, or the CPU's model and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def markdown(results: list[dict[str, Any]], command: str) -> str:
+    """The README's table of one or more runs (``run``'s results), with date, machine and command."""
+    lines = []
+    for r in results:
+        lines += [f"`{r['model']}` ({r['tensors']} tensors, {r['params'] / 1e6:.1f} M params, {r['dtype']}):", "",
+                  "| implementation | ms/step | B/param | of bandwidth | / torch fused |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {row['name']} | {row['ms']:.2f} | {row['bytes_per_param']} | {row['fraction_of_bandwidth']:.0%} "
+                  f"| {_ratio(row['vs_torch_fused'])} |"
+                  for row in r["rows"]]
+        lines.append("")
+    first = results[0]
+    lines.append(f"Measured {first['date']} on {first['machine']} ({first['device']}, torch {first['torch']}) with "
+                 f"`{command}`; medians of {first['reps']} steps{', interleaved' if first['interleaved'] else ''}.")
+    return "\n".join(lines)
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def update_readme(path: str, name: str, table: str) -> None:
+    """Put ``table`` between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in ``path``."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    with open(path) as f:
+        text = f.read()
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"Invalid --readme: {path} has no single {start} ... {end} pair")
+    head, rest = text.split(start)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+    os.replace(tmp, path)
+    print(f"updated {path} ({name})")

@@ -16,16 +16,8 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _fused_cpu
-from ._base import (
-    Optimizer,
-    check_backend,
-    check_betas,
-    check_flag,
-    check_lr,
-    check_nonnegative,
-    check_state_dtype,
-    plain,
-)
+from ._base import Optimizer
+from ._checks import check_backend, check_betas, check_flag, check_lr, check_nonnegative, check_state_dtype, plain
 from ._tensors import as_real, compute_dtype, foreach_buckets, host_value, state_dtype
 
 __all__ = ["Lion", "lion"]

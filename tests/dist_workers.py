@@ -1,7 +1,8 @@
 """What each process of the multi-process tests (test_distributed.py) runs: gloo on
 loopback, CPU, float64 (so that a different order of summation in an all-reduce cannot
 flip a sign in Lion). Every check compares against a single-process run of the same
-global batch, computed in each worker; a mismatch raises, which fails the spawn."""
+global batch, computed in each worker; a mismatch raises, which fails the spawn. Each
+optimizer runs with its table row's ``dist_hyper``."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import sys
 import torch
 import torch.distributed as dist
 
+from helpers import BACKENDS as ALL_BACKENDS
 from optim_table import OPTIMIZERS
 
-BACKENDS = {"reference": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+BACKENDS = {name: kw for name, kw in ALL_BACKENDS.items() if name != "default"}
 STEPS = 4
-HYPER = {"AdamW": dict(lr=1e-2, weight_decay=0.1), "Lion": dict(lr=1e-3, weight_decay=0.5)}
 
 
 def setup(rank: int, world: int, port: int) -> None:
@@ -59,7 +60,7 @@ def train(model: torch.nn.Module, opt: torch.optim.Optimizer, data, rank: int = 
 def reference(info, data) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The single-process run of the same global batches, with the reference backend."""
     model = make_model()
-    opt = info.cls(model.parameters(), **HYPER[info.name], foreach=False, fused=False)
+    opt = info.cls(model.parameters(), **info.dist_hyper, foreach=False, fused=False)
     train(model, opt, data)
     return model, opt
 
@@ -94,7 +95,7 @@ def ddp(rank: int, world: int, port: int) -> None:
         ref, _ = reference(info, data)
         for backend, kw in BACKENDS.items():
             model = DistributedDataParallel(make_model())
-            train(model, info.cls(model.parameters(), **HYPER[info.name], **kw), data, rank, world)
+            train(model, info.cls(model.parameters(), **info.dist_hyper, **kw), data, rank, world)
             assert_same_params(model.module, ref, f"DDP {info.name} {backend} rank {rank}/{world}")
     finish()
 
@@ -107,7 +108,7 @@ def fsdp2(rank: int, world: int, port: int) -> None:
         ref, ref_opt = reference(info, data)
         for backend, kw in BACKENDS.items():
             model = shard(make_model(), world)
-            opt = info.cls(model.parameters(), **HYPER[info.name], **kw)
+            opt = info.cls(model.parameters(), **info.dist_hyper, **kw)
             train(model, opt, data, rank, world)
             assert_same_params(model, ref, f"FSDP2 {info.name} {backend} rank {rank}/{world}")
             for p, q in zip(model.parameters(), ref.parameters()):
@@ -129,7 +130,7 @@ def zero(rank: int, world: int, port: int) -> None:
         ref, ref_opt = reference(info, data)
         for backend, kw in BACKENDS.items():
             model = DistributedDataParallel(make_model())
-            opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=info.cls, **HYPER[info.name], **kw)
+            opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=info.cls, **info.dist_hyper, **kw)
             train(model, opt, data, rank, world)
             assert_same_params(model.module, ref, f"ZeRO {info.name} {backend} rank {rank}/{world}")
             assert len(opt.optim.state) < len(list(model.parameters()))  # each rank holds a part of the state
@@ -154,7 +155,7 @@ def dcp_save(rank: int, world: int, port: int, where: str, first: int) -> None:
     for info in OPTIMIZERS:
         for backend, kw in BACKENDS.items():
             model = shard(make_model(), world) if world > 1 else make_model()
-            opt = info.cls(model.parameters(), **HYPER[info.name], **kw)
+            opt = info.cls(model.parameters(), **info.dist_hyper, **kw)
             train(model, opt, data, rank, world)
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
             dcp.save(state, checkpoint_id=os.path.join(where, f"{info.name}-{backend}"))
@@ -178,7 +179,7 @@ def dcp_load(rank: int, world: int, port: int, where: str, first: int) -> None:
         ref, _ = reference(info, data)
         for backend, kw in BACKENDS.items():
             model = shard(make_model(), world) if world > 1 else make_model()
-            opt = info.cls(model.parameters(), **HYPER[info.name], **kw)
+            opt = info.cls(model.parameters(), **info.dist_hyper, **kw)
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
             dcp.load(state, checkpoint_id=os.path.join(where, f"{info.name}-{backend}"))
             set_model_state_dict(model, state["model"])

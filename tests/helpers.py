@@ -1,9 +1,17 @@
-"""What several test modules share: a tiny model, a training loop, and snapshots of an
-optimizer for the promise that a step that raises changes nothing."""
+"""What several test modules share (test modules import from here and from optim_table.py,
+never from each other): the backend settings, a tiny model, a training loop, random
+hyper-parameters and gradients, and snapshots of an optimizer for the promise that a step
+that raises changes nothing."""
 
 from __future__ import annotations
 
 import torch
+
+from optim_table import hyper
+
+# the backends a test can ask for, by the keyword arguments that choose them
+BACKENDS = {"reference": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True),
+            "default": dict()}
 
 
 def tiny_model(seed=0):
@@ -32,6 +40,31 @@ def train(model, opt, steps, seed=1, closure=False):
             losses.append(loss_fn().item())
             opt.step()
     return losses
+
+
+def draw_config(data, info):
+    """Hyper-parameters of ``info``'s row drawn from its ranges (inside a hypothesis test)."""
+    from hypothesis import strategies as st
+
+    cfg = {}
+    for key, (lo, hi) in info.ranges.items():
+        if key.startswith("beta"):
+            continue
+        cfg[key] = data.draw(st.floats(lo, hi), label=key)
+    cfg["betas"] = (data.draw(st.floats(*info.ranges["beta1"]), label="beta1"),
+                    data.draw(st.floats(*info.ranges["beta2"]), label="beta2"))
+    cfg["maximize"] = data.draw(st.booleans(), label="maximize")
+    if "correct_bias" in hyper({}, info):
+        cfg["correct_bias"] = data.draw(st.booleans(), label="correct_bias")
+    return cfg
+
+
+def set_grads(params, gen, p_missing=0.2):
+    for p in params:
+        if torch.rand((), generator=gen).item() < p_missing:
+            p.grad = None
+        else:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
 
 
 def _copy(v):

@@ -1,8 +1,11 @@
 """The one table of optimizers the generic tests run over (cf. torch's common_optimizers.py).
 
 A new optimizer is a new row: its class, its backends, the configurations worth
-trying, a float64 transcription of its paper's formulas, and the bad inputs
-with the error each must raise.
+trying, a float64 transcription of its paper's formulas, the bad inputs with the
+error each must raise, and every other fact about it a test needs (learning rates,
+tolerances, kernel names, the settings that pick a backend, the distributed runs'
+settings). Tests take these from the row and never ask which optimizer they run;
+a test of one algorithm alone names it in its own name.
 """
 
 from __future__ import annotations
@@ -44,6 +47,17 @@ def lion_formula(p, g, state, *, t, lr, betas, weight_decay, maximize=False):
     return p, {"exp_avg": m}
 
 
+def lion_near_sign_flip(state, g, *, rel, betas, maximize=False, **_):
+    """Where Lion's update jumps: it steps by sign(c), c = beta1 m + (1 - beta1) g; where c is
+    within ``rel`` of the size of its terms, float32 rounding may give c the other sign than
+    float64 does (a difference of 2 lr). float64 state and gradient in, a boolean mask out."""
+    b1 = betas[0]
+    m = state["exp_avg"]
+    g = -g if maximize else g
+    c = b1 * m + (1 - b1) * g
+    return c.abs() <= rel * (m.abs() + g.abs())
+
+
 @dataclass
 class OptimizerInfo:
     name: str
@@ -56,10 +70,37 @@ class OptimizerInfo:
     state_tensor_keys: tuple[str, ...]
     # hypothesis strategy pieces: hyper-parameter name -> (low, high) for random draws
     ranges: dict[str, tuple[float, float]]
+    # a learning rate at which a backend is compared with the reference step by step, where a
+    # config sets none (test_fused_triton.py)
+    step_lr: float
+    # the hyper-parameters of the multi-process runs (dist_workers.py)
+    dist_hyper: dict[str, Any]
+    # the fused GPU path's Triton kernel, by its name in optimizer/_fused_triton.py, and the
+    # number of tensors it reads and writes per element (test_fused_triton.py)
+    triton_kernel: str
+    kernel_streams: tuple[int, int]
+    # (rtol, atol) of the parameters against the float64 formula under state_dtype=bfloat16,
+    # elements near a jump (see near_jump) left out (test_numerics.py)
+    bf16_state_tol: tuple[float, float]
     # (kwargs, exception type, words the message must contain)
     bad_inputs: list[tuple[dict[str, Any], type, tuple[str, ...]]] = field(default_factory=list)
+    # settings put into a group after construction that this optimizer's step must refuse, beyond
+    # those every row refuses (test_failures.py): name -> (group settings, exception type, words
+    # the message must contain)
+    bad_step_settings: dict[str, tuple[dict[str, Any], type, str]] = field(default_factory=dict)
     # a learning rate that makes a small regression learn in a few dozen steps
     train_lr: float = 1e-2
+    # constructor settings that send the fused CPU path to our C loop (Note [fused CPU]) where
+    # the defaults would take torch's fused kernel (test_fused_cpu.py, test_failures.py,
+    # test_layouts.py)
+    c_loop_kwargs: dict[str, Any] = field(default_factory=dict)
+    # settings of a group whose CPU step needs no C loop (test_failures.py)
+    no_c_loop_group: dict[str, Any] = field(default_factory=lambda: dict(foreach=True, fused=False))
+    # where the update jumps (a float32 and a float64 run may then differ by a whole step):
+    # (float64 state, float64 gradient, rel=..., **hyper-parameters) -> boolean mask of the
+    # elements within ``rel`` of a jump; None for an update continuous in state and gradient
+    # (test_numerics.py, test_fused_cpu.py)
+    near_jump: Callable[..., torch.Tensor] | None = None
 
 
 COMMON_BAD = [
@@ -99,13 +140,26 @@ OPTIMIZERS = [
         formula=adamw_formula,
         state_tensor_keys=("exp_avg", "exp_avg_sq"),
         ranges=dict(lr=(1e-5, 1e-1), beta1=(0.0, 0.99), beta2=(0.5, 0.9999), eps=(1e-10, 1e-4), weight_decay=(0.0, 0.5)),
+        step_lr=1e-2,
+        dist_hyper=dict(lr=1e-2, weight_decay=0.1),
+        triton_kernel="_adamw_kernel",
+        kernel_streams=(4, 3),  # reads p, g, m, v; writes p, m, v
+        bf16_state_tol=(1e-5, 1e-6),
         bad_inputs=COMMON_BAD
         + [
             (dict(eps=-1e-8), ValueError, ("epsilon", "-1e-08")),
             (dict(eps=float("inf")), ValueError, ("epsilon", "inf")),
             (dict(correct_bias=None), ValueError, ("correct_bias", "None")),
         ],
+        bad_step_settings={
+            "step size beyond float32": (dict(lr=1e37, betas=(0.99999, 0.999)), ValueError,
+                                         "step size lr / (1 - beta1)"),
+            "inf eps": (dict(eps=float("inf")), ValueError, "eps"),
+        },
         train_lr=3e-2,
+        c_loop_kwargs=dict(correct_bias=False),  # with correct_bias, fp32/fp64 go to torch's kernel
+        no_c_loop_group=dict(foreach=None, fused=None),  # the default: torch's fused kernel
+        near_jump=None,
     ),
     OptimizerInfo(
         name="Lion",
@@ -121,8 +175,17 @@ OPTIMIZERS = [
         formula=lion_formula,
         state_tensor_keys=("exp_avg",),
         ranges=dict(lr=(1e-5, 1e-2), beta1=(0.0, 0.99), beta2=(0.0, 0.999), weight_decay=(0.0, 2.0)),
+        step_lr=1e-3,
+        dist_hyper=dict(lr=1e-3, weight_decay=0.5),
+        triton_kernel="_lion_kernel",
+        kernel_streams=(3, 2),  # reads p, g, m; writes p, m
+        bf16_state_tol=(1e-6, 1e-7),  # away from a jump, sign(c) is exact
         bad_inputs=COMMON_BAD,
+        bad_step_settings={},
         train_lr=3e-3,
+        c_loop_kwargs={},  # the fused CPU path is the C loop
+        no_c_loop_group=dict(foreach=True, fused=False),
+        near_jump=lion_near_sign_flip,
     ),
 ]
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from helpers import BACKENDS
 from optim_table import OPTIMIZERS, ids
 
-BACKENDS = {"reference": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True),
-            "default": dict()}
 TRACED = ("reference", "foreach")
 STEPS = 6
 

@@ -8,8 +8,8 @@ import io
 import pytest
 import torch
 
+from helpers import BACKENDS, assert_same_nested, assert_unchanged, snapshot, tiny_model, train
 from optim_table import OPTIMIZERS, ids
-from helpers import assert_same_nested, assert_unchanged, snapshot, tiny_model, train
 
 pytestmark = pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
 
@@ -266,27 +266,6 @@ def test_sparse_gradient_is_refused_before_any_change(info):
     assert_unchanged(opt, snap)
 
 
-def test_grad_scaler_unscales_and_skips_infs(info):
-    a, b = tiny_model(), tiny_model()
-    oa, ob = info.cls(a.parameters()), info.cls(b.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    x = torch.arange(5)
-    scaler.scale(a(x).sum()).backward()
-    scaler.step(oa)
-    scaler.update()
-    b(x).sum().backward()
-    ob.step()
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb)
-    oa.zero_grad()
-    scaler.scale(a(x).sum() * float("inf")).backward()
-    snap = snapshot(oa)
-    scaler.step(oa)
-    scaler.update()
-    assert_unchanged(oa, snap)
-    assert scaler.get_scale() < 2.0**10
-
-
 @pytest.mark.filterwarnings("ignore:Detected call of")
 def test_torch_lr_schedulers_drive_it(info):
     model = tiny_model()
@@ -301,35 +280,42 @@ def test_torch_lr_schedulers_drive_it(info):
     assert opt_t.param_groups[0]["lr"].item() == pytest.approx(5e-4)
 
 
-@pytest.mark.parametrize("backend", [dict(foreach=False, fused=False), dict(foreach=True), dict(fused=True)],
-                         ids=["reference", "foreach", "fused"])
+@pytest.mark.parametrize("backend", list(BACKENDS))
 def test_gradscaler_unscales_and_skips_inf_steps(info, backend):
     """torch.amp.GradScaler hands our step grad_scale and found_inf (Note [GradScaler]): scaled
-    training equals unscaled training in which the step with an inf gradient never happened."""
+    training equals unscaled training in which the steps with an inf gradient never happened,
+    whether one element (step 2) or the whole loss (step 3) overflowed; such a step changes
+    nothing and halves the scale."""
     scaled, plain = tiny_model(), tiny_model()
-    opt = info.cls(scaled.parameters(), lr=info.train_lr, **backend)
+    opt = info.cls(scaled.parameters(), lr=info.train_lr, **BACKENDS[backend])
     ref = info.cls(plain.parameters(), lr=info.train_lr, foreach=False, fused=False)
     assert info.cls._step_supports_amp_scaling  # so GradScaler leaves unscaling and skipping to us
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
     gen = torch.Generator().manual_seed(0)
-    for step in range(5):
+    skipped = (2, 3)
+    for step in range(6):
         x = torch.randint(0, 11, (16,), generator=gen)
         y = (x * 3 + 1) % 11
-        scaler.scale(torch.nn.functional.cross_entropy(scaled(x), y)).backward()
+        loss = torch.nn.functional.cross_entropy(scaled(x), y)
+        scaler.scale(loss * float("inf") if step == 3 else loss).backward()
         if step == 2:
             next(scaled.parameters()).grad[0, 0] = float("inf")
         before = snapshot(opt)
         scaler.step(opt)
-        if step == 2:
+        if step in skipped:
             assert_unchanged(opt, before)
         scaler.update()
         opt.zero_grad()
-        if step == 2:
-            assert scaler.get_scale() == 2.0**9
+        if step in skipped:
+            assert scaler.get_scale() == 2.0 ** (11 - step)  # 2^9, then 2^8
             continue
         torch.nn.functional.cross_entropy(plain(x), y).backward()
         ref.step()
         ref.zero_grad()
+        if step == 0:  # one scaled step is the unscaled step
+            for a, b in zip(scaled.parameters(), plain.parameters()):
+                torch.testing.assert_close(a, b)
+    assert scaler.get_scale() < 2.0**10
     assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
     for a, b in zip(scaled.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -339,8 +325,7 @@ def test_gradscaler_unscales_and_skips_inf_steps(info, backend):
 # the rest of the contract pytorch's generic optimizer suite (TestOptimRenewed) checks
 # ---------------------------------------------------------------------------
 
-BACKEND_KWARGS = [dict(foreach=False, fused=False), dict(foreach=True), dict(fused=True), dict()]
-BACKEND_IDS = ["reference", "foreach", "fused", "default"]
+BACKEND_KWARGS, BACKEND_IDS = list(BACKENDS.values()), list(BACKENDS)
 
 
 def test_hyperparameters_are_checked_before_params(info):

@@ -15,12 +15,9 @@ import textwrap
 import pytest
 import torch
 
-from helpers import assert_unchanged, snapshot
+from helpers import BACKENDS, assert_unchanged, snapshot
 from optim_table import OPTIMIZERS, ids
 from optimizer import _fused_cpu
-
-BACKENDS = {"reference": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True),
-            "default": dict()}
 
 
 def two_groups(info, backend, **last_group):
@@ -55,7 +52,8 @@ def _state(opt, p, key, value):
     opt.state[p][key] = value
 
 
-# name -> (inject(opt, last_params), exception, words of the message, optimizers it applies to)
+# name -> (inject(opt, last_params), exception, words of the message, the rows it applies to: None
+# for all, else a test of the row); each row's own bad settings are its bad_step_settings
 INJECTIONS = {
     "tensor betas": (lambda o, ps: _set(o.param_groups[-1], betas=(0.9, torch.tensor(0.99))), ValueError,
                      "tensor betas", None),
@@ -66,13 +64,10 @@ INJECTIONS = {
                           None),
     "lr * weight_decay beyond float32": (lambda o, ps: _set(o.param_groups[-1], lr=1e37, weight_decay=100.0),
                                          ValueError, "lr * weight_decay = 1e+39", None),
-    "step size beyond float32": (lambda o, ps: _set(o.param_groups[-1], lr=1e37, betas=(0.99999, 0.999)),
-                                 ValueError, "step size lr / (1 - beta1)", ("AdamW",)),
     "nan weight_decay": (lambda o, ps: _set(o.param_groups[-1], weight_decay=float("nan")), ValueError,
                          "weight_decay=nan", None),
     "tensor weight_decay": (lambda o, ps: _set(o.param_groups[-1], weight_decay=torch.tensor(0.1)), TypeError,
                             "weight_decay", None),
-    "inf eps": (lambda o, ps: _set(o.param_groups[-1], eps=float("inf")), ValueError, "eps", ("AdamW",)),
     "bad flag": (lambda o, ps: _set(o.param_groups[-1], maximize="yes"), ValueError, "maximize", None),
     "gradient dtype": (lambda o, ps: _grad_data(ps[-1], torch.zeros(2, dtype=torch.float64)), RuntimeError,
                        "gradient of shape (2,), torch.float64", None),
@@ -87,24 +82,36 @@ INJECTIONS = {
     "state device": (lambda o, ps: _state(o, ps[-1], "exp_avg", torch.zeros(2, device="meta")), RuntimeError,
                      "on meta", None),
     "state not a tensor": (lambda o, ps: _state(o, ps[-1], "exp_avg", 0.0), RuntimeError, "not a tensor", None),
-    # (Lion's state has one key: without it, the state is empty, which means: create it)
+    # (a state of one key is empty without it, which means: create it, as Lion's)
     "state key missing": (lambda o, ps: o.state[ps[-1]].pop("exp_avg"), RuntimeError, "without 'exp_avg'",
-                          ("AdamW",)),
+                          lambda info: len(info.state_tensor_keys) > 1),
     "step counter": (lambda o, ps: _state(o, ps[-1], "step", torch.zeros(3)), RuntimeError, "state['step']",
-                     ("AdamW",)),
+                     lambda info: "step" in info.cls.counter_keys),
     "integer parameter": (lambda o, ps: _retype(ps[-1], torch.int64), RuntimeError, "is torch.int64", None),
     "float8 parameter": (lambda o, ps: _retype(ps[-1], torch.float8_e4m3fn), RuntimeError, "is torch.float8_e4m3fn",
                          None),
     "grad_scale of two values": (lambda o, ps: setattr(o, "grad_scale", torch.ones(2)), ValueError,
                                  "Invalid grad_scale", None),
 }
-CASES = [(info, backend, name) for info in OPTIMIZERS for backend in BACKENDS for name, (*_, only) in INJECTIONS.items()
-         if only is None or info.name in only]
+
+
+def injection(info, name):
+    """(inject(opt, last_params), exception, words of the message) of the injection ``name``."""
+    if name in info.bad_step_settings:
+        settings, exc, words = info.bad_step_settings[name]
+        return lambda o, ps: _set(o.param_groups[-1], **settings), exc, words
+    inject, exc, words, _ = INJECTIONS[name]
+    return inject, exc, words
+
+
+CASES = [(info, backend, name) for info in OPTIMIZERS for backend in BACKENDS
+         for name in [*(n for n, (*_, applies) in INJECTIONS.items() if applies is None or applies(info)),
+                      *info.bad_step_settings]]
 
 
 @pytest.mark.parametrize(("info", "backend", "name"), CASES, ids=[f"{i.name}-{b}-{n}" for i, b, n in CASES])
 def test_a_step_that_raises_changes_nothing(info, backend, name):
-    inject, exc, words, _ = INJECTIONS[name]
+    inject, exc, words = injection(info, name)
     opt, last = two_groups(info, backend)
     inject(opt, last)
     snap = snapshot(opt)
@@ -118,15 +125,15 @@ def test_a_step_that_raises_changes_nothing(info, backend, name):
 def test_fused_true_that_cannot_compile_raises_before_any_group_changed(info, monkeypatch):
     """The first group runs foreach (AdamW: torch's fused kernel), the last one needs the C
     loop, whose compile fails: under fused=True the step raises with nothing changed."""
-    opt, last = two_groups(info, "default", fused=True, **({"correct_bias": False} if info.name == "AdamW" else {}))
-    opt.param_groups[0].update(foreach=None if info.name == "AdamW" else True, fused=None if info.name == "AdamW"
-                               else False)
+    opt, last = two_groups(info, "default", fused=True, **info.c_loop_kwargs)
+    opt.param_groups[0].update(**info.no_c_loop_group)
 
     def no_compiler(kernel):
         raise RuntimeError("no C compiler: 'cc' not found (set CC)")
 
     monkeypatch.setattr(_fused_cpu, "_libraries", {})
     monkeypatch.setattr(_fused_cpu, "_failed", [])
+    monkeypatch.setattr(_fused_cpu, "_warned", [])
     monkeypatch.setattr(_fused_cpu, "_compile", no_compiler)
     snap = snapshot(opt)
     with pytest.raises(RuntimeError, match="fused=True: the fused CPU kernels cannot be compiled here"):
@@ -142,11 +149,12 @@ def test_a_library_that_cannot_be_loaded_warns_once_and_falls_back(info, monkeyp
 
     monkeypatch.setattr(_fused_cpu, "_libraries", {})
     monkeypatch.setattr(_fused_cpu, "_failed", [])
+    monkeypatch.setattr(_fused_cpu, "_warned", [])
     monkeypatch.setattr(_fused_cpu.ctypes, "CDLL", refuse)
     torch.manual_seed(0)
     p, q = torch.nn.Parameter(torch.randn(100)), None
     q = torch.nn.Parameter(p.detach().clone())
-    kw = {"correct_bias": False} if info.name == "AdamW" else {}  # AdamW's default would take torch's kernel
+    kw = info.c_loop_kwargs  # (AdamW's default would take torch's kernel)
     a, b = info.cls([p], **kw), info.cls([q], foreach=True, **kw)
     with pytest.warns(RuntimeWarning, match="cannot be compiled here .*cannot be loaded") as caught:
         for _ in range(3):

@@ -1,6 +1,6 @@
 """The fused CPU backends (Note [fused CPU]): large tensors through the compiled kernels or
 torch's fused AdamW, against the reference at every step; state_dict round trips; the fallback
-when no C++ compiler works."""
+when no C++ compiler works. (The bench command's tests are in test_bench.py.)"""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helpers import draw_config, set_grads
 from optim_table import OPTIMIZERS, ids
 from optimizer._fused_cpu import BLOCK
-from test_numerics import draw_config, set_grads
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -50,20 +50,19 @@ def test_fused_matches_reference_every_step_on_large_tensors(info, data):
     new = info.cls(groups(new_params), fused=True, **rest)
     gen_ref, gen_new = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
     scale = [p.detach().abs().float() for p in ref_params]  # the largest magnitude each element has had
-    # Lion's update is discontinuous at c = 0: where c is within rounding of 0, the kernel's and the
-    # reference's sign(c) may differ (by 2 lr), and that difference is then carried along
+    # an update that jumps (Lion's at c = 0): where it is within rounding of a jump, the kernel and
+    # the reference may land on either side (Lion: sign(c) differs, by 2 lr), and that difference
+    # is then carried along
     excused = [torch.zeros(p.shape, dtype=torch.bool) for p in ref_params]
-    beta1 = cfg["betas"][0]
     for step in range(1, 5):
         set_grads(ref_params, gen_ref, p_missing=0.15)
         set_grads(new_params, gen_new, p_missing=0.15)
-        if info.name == "Lion":
+        if info.near_jump is not None:
             for a, e in zip(ref_params, excused):
                 if a.grad is not None:
-                    m = ref.state[a]["exp_avg"].double() if ref.state[a] else torch.zeros(a.shape, dtype=torch.float64)
-                    g = -a.grad.double() if cfg["maximize"] else a.grad.double()
-                    c = beta1 * m + (1 - beta1) * g
-                    e |= c.abs() <= 1e-6 * (m.abs() + g.abs())
+                    state = {k: ref.state[a][k].double() if ref.state[a] else torch.zeros(a.shape, dtype=torch.float64)
+                             for k in info.state_tensor_keys}
+                    e |= info.near_jump(state, a.grad.double(), rel=1e-6, **cfg)
         ref.step()
         new.step()
         for a, b, s, e in zip(ref_params, new_params, scale, excused):
@@ -89,7 +88,7 @@ def test_fused_matches_reference_every_step_on_large_tensors(info, data):
 def test_fused_state_dict_round_trip_is_bit_identical(info, dtype):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(BLOCK + 3).to(dtype)), torch.nn.Parameter(torch.randn(5).to(dtype))]
-    opt = info.cls(params, fused=True, weight_decay=0.1, **({"correct_bias": False} if info.name == "AdamW" else {}))
+    opt = info.cls(params, fused=True, weight_decay=0.1, **info.c_loop_kwargs)
     grads = [[torch.randn_like(p) for p in params] for _ in range(6)]
     for gs in grads[:3]:
         for p, g in zip(params, gs):
@@ -100,7 +99,7 @@ def test_fused_state_dict_round_trip_is_bit_identical(info, dtype):
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
     twins = [torch.nn.Parameter(t) for t in saved["params"]]
-    opt2 = info.cls(twins, fused=True, weight_decay=0.1, **({"correct_bias": False} if info.name == "AdamW" else {}))
+    opt2 = info.cls(twins, fused=True, weight_decay=0.1, **info.c_loop_kwargs)
     opt2.load_state_dict(saved["opt"])
     for gs in grads[3:]:
         for p, q, g in zip(params, twins, gs):
@@ -146,13 +145,11 @@ def test_one_call_updates_every_element_of_every_tensor_exactly_once():
 
 
 def test_step_leaves_gradients_alone():
-    from optimizer import AdamW, Lion
-
-    for cls in (AdamW, Lion):
+    for info in OPTIMIZERS:
         p = torch.nn.Parameter(torch.randn(BLOCK + 1))
         g = torch.randn_like(p)
         p.grad = g.clone()
-        cls([p], maximize=True, fused=True).step()
+        info.cls([p], maximize=True, fused=True).step()
         assert torch.equal(p.grad, g)
 
 
@@ -202,44 +199,3 @@ def test_without_a_compiler_it_falls_back_with_one_warning():
     done = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True, timeout=300)
     assert "warnings 1 equal True" in done.stdout, done.stdout + done.stderr
     assert "fused=True raises: True" in done.stdout, done.stdout + done.stderr
-
-
-def test_bench_command_writes_the_table_and_json(tmp_path):
-    out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "optimizer", "bench", "--device", "cpu", "--model", "gpt2-30m", "--reps", "2",
-         "--only", "torch AdamW fused", "ours Lion default", "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "of in-place" in done.stdout and "ours Lion default" in done.stdout
-    import json
-
-    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
-    assert rows["torch AdamW fused"]["vs_torch_fused"] == 1.0 and rows["ours Lion default"]["ms"] > 0
-
-
-def test_bench_takes_a_models_own_parameters_and_dtypes():
-    done = subprocess.run(
-        [sys.executable, "-m", "optimizer", "bench", "--device", "cpu", "--model", "optimizer.demo.llama:Llama",
-         "--dtype", "bf16", "--state-dtype", "bf16", "--reps", "1", "--only", "torch AdamW fused", "ours Lion default"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    from optimizer.demo.llama import Llama
-
-    n = sum(p.numel() for p in Llama().parameters())
-    assert f"{n / 1e6:.1f} M params, bf16 params, state bf16" in done.stdout
-    lion = next(line for line in done.stdout.splitlines() if line.startswith("ours Lion default"))
-    assert lion.split()[4] == "10"  # bytes per parameter: 3 x 2 (p, g, p) + 2 x 2 (m, m)
-
-
-def test_bench_compile_times_compiled_steps_next_to_eager_ones():
-    done = subprocess.run(
-        [sys.executable, "-m", "optimizer", "bench", "--device", "cpu", "--model", "optimizer.demo.llama:Llama",
-         "--reps", "1", "--compile", "--only", "ours Lion reference"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    compiled = next(line for line in done.stdout.splitlines() if line.startswith("ours Lion reference compiled"))
-    assert compiled.split()[-1].endswith("x")  # its ratio to the eager row of the same run

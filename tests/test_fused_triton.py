@@ -67,7 +67,7 @@ def assert_close_to_reference(a, b, step, dtype):
 def test_kernel_matches_reference_every_step(info, dtype, state_dtype):
     for k, cfg in enumerate(info.configs):
         tensor_lr = isinstance(cfg.get("lr"), torch.Tensor)
-        lr = float(cfg.get("lr", 1e-2 if info.name == "AdamW" else 1e-3))
+        lr = float(cfg.get("lr", info.step_lr))
         rest = {key: v for key, v in cfg.items() if key != "lr"}
         ref_params = make(SIZES, dtype, seed=k)
         new_params = [torch.nn.Parameter(p.detach().clone()) for p in ref_params]
@@ -93,7 +93,7 @@ def test_kernel_matches_reference_every_step(info, dtype, state_dtype):
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
 def test_one_launch_per_group_and_dtype_and_the_tables_are_reused(info, monkeypatch):
     launches = []
-    name = "_adamw_kernel" if info.name == "AdamW" else "_lion_kernel"
+    name = info.triton_kernel
     kernel = getattr(FT, name)
 
     class Counting:
@@ -255,7 +255,8 @@ from triton.compiler import ASTSource
 from optimizer import _fused_triton as FT
 
 out = {}
-for name, kernel in [("adamw", FT._adamw_kernel), ("lion", FT._lion_kernel)]:
+for name in json.loads(sys.argv[1]):  # the kernels' names in _fused_triton
+    kernel = getattr(FT, name)
     constexprs = dict(lr_ptr=None, grad_scale_ptr=None, found_inf_ptr=None, P=triton.language.float32,
                       S=triton.language.float32, BLOCK=FT.BLOCK, LR_TENSOR=False, SCALED=False, SKIPPABLE=False,
                       MAXIMIZE=False, ALIGNED=True)
@@ -287,13 +288,15 @@ def test_whole_blocks_compile_to_16_byte_vector_accesses():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", PTX_COUNTS], capture_output=True, text=True, timeout=300, env=env)
+    streams = {info.triton_kernel: info.kernel_streams for info in OPTIMIZERS}  # tensors read, written
+    done = subprocess.run([sys.executable, "-c", PTX_COUNTS, json.dumps(list(streams))], capture_output=True,
+                          text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     if done.stdout.startswith("SKIP"):
         pytest.skip(done.stdout.strip())
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     per_thread = FT.BLOCK // (32 * FT.NUM_WARPS) // 4  # 16-byte vectors per fp32 stream
-    for name, (loads, stores) in {"adamw": (4, 3), "lion": (3, 2)}.items():  # streams read, written
+    for name, (loads, stores) in streams.items():
         assert counts[name][0] >= loads * per_thread, (name, counts)
         assert counts[name][1] >= stores * per_thread, (name, counts)
 

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from helpers import tiny_model, train
+from helpers import BACKENDS, tiny_model, train
 from optim_table import OPTIMIZERS, ids
 from optimizer import AdamW, _dispatch
 
@@ -34,11 +34,9 @@ LAYOUTS = {
     "both transposed": (transposed, transposed, (6, 5)),
     "transposed param, grad a strided view": (transposed, lambda t: torch.stack([t, t], -1)[..., 0], (6, 5)),
 }
-BACKENDS = {"reference": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True),
-            "default": dict()}
-CONFIGS = {"AdamW": [dict(), dict(correct_bias=False)], "Lion": [dict()]}  # correct_bias=False: the C loop
+# each row with its defaults, and with the settings that take the C loop where the defaults do not
 CASES = [(info, backend, layout, cfg) for info in OPTIMIZERS for backend in BACKENDS for layout in LAYOUTS
-         for cfg in CONFIGS[info.name]]
+         for cfg in ([dict(), info.c_loop_kwargs] if info.c_loop_kwargs else [dict()])]
 
 
 @pytest.mark.parametrize(("info", "backend", "layout", "cfg"), CASES,
@@ -68,7 +66,7 @@ def test_the_fused_kernels_take_a_shared_dense_layout_and_nothing_else(info, lay
     as_param, as_grad, shape = LAYOUTS[layout]
     p = torch.nn.Parameter(as_param(torch.randn(shape)))
     p.grad = as_grad(torch.randn(shape))
-    opt = info.cls([p], fused=True, **({"correct_bias": False} if info.name == "AdamW" else {}))
+    opt = info.cls([p], fused=True, **info.c_loop_kwargs)
     opt.step()  # creates the state in the parameter's layout
     lists = [[p], [p.grad], *[[opt.state[p][k]] for k in info.cls.state_keys],
              *[[opt.state[p][k]] for k in info.cls.counter_keys]]

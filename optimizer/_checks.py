@@ -1,0 +1,95 @@
+"""Argument checks shared by the optimizers: each error names the argument and its value
+(``Invalid lr: ...``), and is raised before anything changes (Note [two-phase step] in
+``_base.py``). A leaf: it imports only torch and ``_tensors``."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._tensors import STATE_DTYPES
+
+__all__ = ["check_backend", "check_betas", "check_fits", "check_flag", "check_lr", "check_nonnegative",
+           "check_state_dtype", "plain"]
+
+
+def _as_float(name: str, value: Any) -> float | None:
+    """``value`` as a float, or None for a one-element tensor on an accelerator (reading it would sync)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: a tensor {name} must hold one value, got shape {tuple(value.shape)}")
+        if value.device.type != "cpu":
+            return None
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (NumPy's scalars are Real)
+        raise TypeError(f"Invalid {name}: expected a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def plain(value: Any) -> Any:
+    """A hyper-parameter as the backends take it: a NumPy scalar as a float; floats, ints and
+    tensors as they are (under torch.compile a float stays the graph's input)."""
+    return value if isinstance(value, (float, int, Tensor)) else float(value)
+
+
+def check_lr(lr: Any) -> None:
+    if isinstance(lr, Tensor) and not (lr.is_floating_point()):
+        raise ValueError(f"Invalid learning rate: a tensor lr must be floating point, got dtype {lr.dtype}")
+    value = _as_float("learning rate", lr)
+    if value is not None and not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"Invalid learning rate: lr={value} (must be finite and >= 0)")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    if isinstance(value, Tensor):
+        raise TypeError(f"Invalid {name}: expected a float, got a tensor ({value!r})")
+    v = _as_float(name, value)
+    if v is not None and not (math.isfinite(v) and v >= 0.0):
+        raise ValueError(f"Invalid {name} value: {name}={v} (must be finite and >= 0)")
+
+
+def check_betas(betas: Any) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
+    if any(isinstance(b, Tensor) for b in betas):
+        raise ValueError(f"Invalid betas: {betas!r}; tensor betas are not supported, pass floats")
+    for i, beta in enumerate(betas):
+        b = _as_float(f"beta parameter at index {i}", beta)
+        if b is not None and not (0.0 <= b < 1.0):
+            raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1))")
+
+
+def check_flag(name: str, value: Any, allow_none: bool = False) -> None:
+    if not (isinstance(value, bool) or (allow_none and value is None)):
+        allowed = "True, False or None" if allow_none else "True or False"
+        raise ValueError(f"Invalid {name}: {value!r} (must be {allowed})")
+
+
+def check_state_dtype(value: Any) -> None:
+    if value not in STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype: {value!r} (must be None, torch.float32 or torch.bfloat16)")
+
+
+def check_backend(group: dict[str, Any]) -> None:
+    check_flag("foreach", group["foreach"], allow_none=True)
+    check_flag("fused", group["fused"], allow_none=True)
+    if group["foreach"] and group["fused"]:
+        raise ValueError("Invalid backend: foreach=True and fused=True; choose one")
+
+
+def check_fits(scalars: dict[str, float | None], params: list[Tensor]) -> None:
+    """The numbers an update multiplies by (``Optimizer._scalars``) must be finite in the
+    precision of its math (float64 only when every parameter is float64), or the step would
+    fail midway or write infinities (torch raises 'value cannot be converted to type float
+    without overflow' after it has already changed some tensors)."""
+    wide = all(p.dtype in (torch.float64, torch.complex128) for p in params)
+    dtype = torch.float64 if wide else torch.float32
+    limit = torch.finfo(dtype).max
+    for name, value in scalars.items():
+        if value is not None and not abs(value) <= limit:
+            raise ValueError(f"Invalid {name} = {value:g}: it does not fit the {dtype} math of the update "
+                             f"(at most {limit:.3g})")
