@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
+import math
+import os
+import pathlib
+import re
+import shlex
 import sys
 from typing import Any
 
 from .factory import OPTIMIZERS, ConfigError, load_config
 from . import timm_schedules
 from .hf_schedules import NAMES as _HF_NAMES
-from .scheduler import SCHEDULES, HFScheduleLR, TimmScheduleLR, make_schedule
+from .scheduler import SCHEDULES, HFScheduleLR, TimmScheduleLR, get_scheduler, make_schedule
 
 HF_CURVES = tuple(n for n in _HF_NAMES if n not in ("reduce_lr_on_plateau", "greedy"))  # the ones with a curve
 
@@ -31,9 +37,10 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo", help="train a small LLaMA with AdamW and Lion, print a table, write plots",
-        description="Train a small LLaMA (RMSNorm, rotary, SwiGLU) on the Python reference docs that ship with "
-        "Python, once per optimizer under warmup + a decay schedule; print a table and write loss.png, lr.png "
-        "and summary.json into --out. Settings come from the defaults, then --config, then the flags.",
+        description="Train a small LLaMA (RMSNorm, rotary, SwiGLU) on the Python reference docs, once per "
+        "optimizer under warmup + a decay schedule; print a table and write loss.png, lr.png and summary.json "
+        "into --out. Settings: the defaults, then --config, then the flags; with --resume, the checkpoint's. "
+        "Ctrl-C writes a checkpoint and stops.",
         argument_default=argparse.SUPPRESS,
     )
     g = p.add_argument_group("optimizer")
@@ -48,8 +55,9 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("schedule")
     g.add_argument("--schedule", choices=sorted(SCHEDULES), metavar="NAME",
                    help=f"one of {sorted(SCHEDULES)} (default {D['schedule']})")
-    g.add_argument("--warmup-steps", type=int, metavar="N", help=f"default {D['warmup_steps']}")
-    g.add_argument("--min-lr-ratio", type=float, metavar="R", help=f"floor / peak (default {D['min_lr_ratio']})")
+    g.add_argument("--warmup-steps", type=int, metavar="N", help="default: --steps / 10")
+    g.add_argument("--min-lr-ratio", type=float, metavar="R",
+                   help="floor / peak (default 0.1, or 0 where the schedule has no floor)")
     g.add_argument("--steps", type=int, metavar="N", help=f"optimizer steps per run (default {D['steps']})")
     g = p.add_argument_group("model and data")
     for key in ("dim", "layers", "heads", "seq_len", "batch_size"):
@@ -57,96 +65,293 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--device", metavar="DEV", help=f"cpu, cuda, cuda:1, ... (default {D['device']})")
     g.add_argument("--distributed", choices=["none", "ddp", "fsdp2"],
-                   help="under torchrun: DDP or FSDP2 over the processes, gloo on CPU, nccl on CUDA "
-                   f"(default {D['distributed']})")
+                   help="under torchrun: DDP or FSDP2 (default: ddp under torchrun, else none)")
     g.add_argument("--seed", type=int, metavar="N", help=f"default {D['seed']}")
     g.add_argument("--out", metavar="DIR", help=f"output folder (default {D['out']})")
-    g.add_argument("--eval-every", type=int, metavar="N", help=f"held-out loss every N steps (default {D['eval_every']})")
-    g.add_argument("--checkpoint-every", type=int, metavar="N", help=f"default {D['checkpoint_every']}")
-    g.add_argument("--resume", action="store_true", help="continue the runs checkpointed in --out")
-    g.add_argument("--stop-after", type=int, metavar="N", help="stop after N steps of this invocation (checkpointed)")
-    g.add_argument("--config", metavar="FILE", help="YAML or JSON file of these settings (keys as the flags, "
-                   "with '_'; optimizer_args: {name: {lr: ..., betas: [...]}})")
+    g.add_argument("--eval-every", type=int, metavar="N", help="held-out loss every N steps (default: --steps / 6)")
+    g.add_argument("--checkpoint-every", type=int, metavar="N", help="default: --steps / 6")
+    again = g.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out, with its settings")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start again in a non-empty --out (deletes the run's files there)")
+    g.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop each optimizer after N steps of this invocation (checkpointed)")
+    g.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings: keys as the flags with '_' "
+                   "(adamw_lr), and optimizer_args: {name: {betas: [...]}}")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
+RUN_ONLY = ("resume", "overwrite", "stop_after", "no_progress")  # this invocation's, not settings of the run
+
+
+def _demo_flags() -> dict[str, argparse.Action]:
+    """The demo's flags by config key (the flag with '_'): one source for the flags and the config files."""
+    parser = argparse.ArgumentParser()
+    demo_parser = _demo_parser(parser.add_subparsers())
+    return {a.dest: a for a in demo_parser._actions if a.dest not in ("help", "config")}
+
+
+def _number(value: Any, kind: type, name: str) -> int | float:
+    """A number of a config file; numeric text counts too (YAML 1.1, PyYAML's, reads 1e-3 as a string)."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if (isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number)
+            or (kind is int and number != int(number))):
+        raise ConfigError(f"Invalid {name}: {value!r} (expected a {'whole ' if kind is int else ''}number)")
+    return kind(number)
+
+
+def _config_value(value: Any, action: argparse.Action, name: str) -> Any:
+    """A value of a config file, checked as its flag's would be by argparse."""
+    if action.nargs == "+":
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"Invalid {name}: {value!r} (expected a list of names)")
+    elif action.nargs == 0:  # a switch
+        if not isinstance(value, bool):
+            raise ConfigError(f"Invalid {name}: {value!r} (expected true or false)")
+    elif action.type in (int, float):
+        value = _number(value, action.type, name)
+    elif not isinstance(value, str):
+        raise ConfigError(f"Invalid {name}: {value!r} (expected text)")
+    for v in value if isinstance(value, list) else [value]:
+        if action.choices is not None and v not in action.choices:
+            raise ConfigError(f"Invalid {name}: {v!r}; allowed values are {sorted(action.choices)}")
+    return value
+
+
+def _optimizer_args(value: Any, name: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict) or any(not isinstance(v, dict) for v in value.values()):
+        raise ConfigError(f"Invalid {name}: {value!r}; expected {{name: {{lr: ..., ...}}}}")
+    for key in value:
+        if key not in OPTIMIZERS:
+            raise ConfigError(f"Invalid {name}: {key!r}; allowed names are {sorted(OPTIMIZERS)}")
+    return {k: dict(v) for k, v in value.items()}
+
+
 def _demo_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Defaults, then the config file, then the flags; every key and value checked."""
-    from .demo.train import DEFAULTS
+    """The run's settings: the defaults, then (with --resume) the checkpoints', then the config file,
+    then the flags; every value checked, and every error names the flag or config key it came from."""
+    return _demo_plan(args)[0]
 
-    cfg = copy.deepcopy(DEFAULTS)
-    flags = vars(args)
-    if "config" in flags:
-        data = load_config(flags["config"])
-        unknown = sorted(set(data) - set(DEFAULTS))
-        if unknown:
-            raise ConfigError(f"Invalid config key {unknown[0]!r}; allowed keys are {sorted(DEFAULTS)}")
-        cfg.update(data)
-    for name in OPTIMIZERS:
+
+def _demo_plan(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's settings (see :func:`_demo_settings`) and this invocation's: resume, overwrite,
+    stop_after, no_progress, the checkpoints to resume from, and how errors name each setting."""
+    from .demo import train
+
+    flags = _demo_flags()
+    given = dict(vars(args))
+    names = {k: "--" + k.replace("_", "-") for k in flags}  # how the errors name each setting
+    path = given.pop("config", None)
+    if path is not None:
+        if not pathlib.Path(path).is_file():
+            raise ConfigError(f"Invalid --config: {path!r} is not a file")
+        for key, value in load_config(path).items():
+            if key not in flags and key != "optimizer_args":
+                raise ConfigError(f"Invalid config key {key!r} in {path}; allowed keys are "
+                                  f"{sorted([*flags, 'optimizer_args'])}")
+            if key not in given:  # flags win
+                names[key] = f"{key} in {path}"
+                given[key] = (_optimizer_args(value, names[key]) if key == "optimizer_args"
+                              else _config_value(value, flags[key], names[key]))
+    run = {k: given.pop(k) for k in RUN_ONLY if k in given}
+    if run.get("resume") and run.get("overwrite"):
+        raise ConfigError(f"Invalid {names['overwrite']}: not allowed with {names['resume']}")
+
+    cfg = copy.deepcopy(train.DEFAULTS)
+    out = pathlib.Path(given.get("out", cfg["out"]))
+    run["checkpoints"] = {}
+    if run.get("resume"):
+        run["checkpoints"] = _read_checkpoints(out, names)
+        saved = next(iter(run["checkpoints"].values()))["config"]
+        cfg.update({k: copy.deepcopy(v) for k, v in saved.items() if k in cfg})
+    from_file = given.pop("optimizer_args", {})
+    opt_args = {**cfg["optimizer_args"], **from_file}
+    names.update({f"optimizer_args.{n}.{k}": f"optimizer_args.{n}.{k} in {path}" for n in from_file
+                  for k in from_file[n]})
+    for name in OPTIMIZERS:  # --adamw-lr, lion_weight_decay: ...
         for key in ("lr", "weight_decay"):
-            flag = f"{name}_{key}"
-            if flag in flags:
-                cfg["optimizer_args"] = {**cfg["optimizer_args"], name: {**cfg["optimizer_args"].get(name, {}),
-                                                                         key: flags[flag]}}
-    cfg.update({k: v for k, v in flags.items() if k in DEFAULTS})
-    _check_settings(cfg, DEFAULTS)
-    return cfg
+            if f"{name}_{key}" in given:
+                opt_args[name] = {**opt_args.get(name, {}), key: given.pop(f"{name}_{key}")}
+                names[f"optimizer_args.{name}.{key}"] = names[f"{name}_{key}"]
+    cfg.update(given, optimizer_args=opt_args)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if "distributed" not in given and cfg["distributed"] == "none" and world_size > 1:
+        cfg["distributed"] = "ddp"
+        run["note"] = f"torchrun started {world_size} processes: training with --distributed ddp"
+    cfg = train.resolve_defaults(cfg)
+    _check_settings(cfg, names, run, world_size)
+    if run["checkpoints"]:
+        _check_resume(cfg, run["checkpoints"], names, out)
+    cfg["out"], run["names"] = str(out), names
+    return cfg, run
 
 
-def _check_settings(cfg: dict[str, Any], defaults: dict[str, Any]) -> None:
-    for key, default in defaults.items():
-        value = cfg[key]
-        if isinstance(default, bool) or isinstance(default, (int, float)):
-            kind = int if isinstance(default, int) else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kind):
-                raise ConfigError(f"Invalid {key}: {value!r} (expected a {'whole ' if kind is int else ''}number)")
+def _read_checkpoints(out: pathlib.Path, names: dict[str, str]) -> dict[str, dict[str, Any]]:
+    from .demo.train import read_checkpoints
+
+    found = read_checkpoints(out, OPTIMIZERS)
+    if not found:
+        files = ", ".join(f"{n}.ckpt" for n in OPTIMIZERS)
+        raise ConfigError(f"Invalid {names['resume']}: no checkpoint ({files}) in {names['out']} {str(out)!r}; "
+                          "run without --resume to start")
+    return found
+
+
+def _check_settings(cfg: dict[str, Any], names: dict[str, str], run: dict[str, Any], world_size: int) -> None:
+    import torch
+
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"Invalid {names[key]}: {why}")
+
     for key in ("steps", "batch_size", "seq_len", "dim", "layers", "heads", "eval_every", "checkpoint_every"):
         if cfg[key] < 1:
-            raise ConfigError(f"Invalid {key}: {cfg[key]} (must be >= 1)")
-    if not isinstance(cfg["optimizers"], list) or not cfg["optimizers"]:
-        raise ConfigError(f"Invalid optimizers: {cfg['optimizers']!r}; allowed values are {sorted(OPTIMIZERS)}")
-    for name in cfg["optimizers"]:
-        if name not in OPTIMIZERS:
-            raise ConfigError(f"Invalid optimizers: {name!r}; allowed values are {sorted(OPTIMIZERS)}")
-    if cfg["distributed"] not in ("none", "ddp", "fsdp2"):
-        raise ConfigError(f"Invalid distributed: {cfg['distributed']!r}; allowed values are ['ddp', 'fsdp2', 'none']")
-    if cfg["schedule"] not in SCHEDULES:
-        raise ConfigError(f"Invalid schedule: {cfg['schedule']!r}; allowed values are {sorted(SCHEDULES)}")
-    args = cfg["optimizer_args"]
-    if not isinstance(args, dict) or any(k not in OPTIMIZERS or not isinstance(v, dict) for k, v in args.items()):
-        raise ConfigError(f"Invalid optimizer_args: {args!r}; expected {{name: {{lr: ..., ...}}}} with names "
-                          f"from {sorted(OPTIMIZERS)}")
-    for name, kwargs in args.items():  # build once on a dummy tensor: a wrong key or value fails here, not mid-run
-        import torch
+            raise bad(key, f"{cfg[key]} (must be >= 1)")
+    if not 0 <= cfg["warmup_steps"] <= cfg["steps"]:
+        raise bad("warmup_steps", f"{cfg['warmup_steps']} (must be in [0, {names['steps']} {cfg['steps']}])")
+    if run.get("stop_after", 1) < 1:
+        raise bad("stop_after", f"{run['stop_after']} (must be >= 1)")
+    if cfg["dim"] % cfg["heads"] or (cfg["dim"] // cfg["heads"]) % 2:
+        raise bad("dim", f"{cfg['dim']} does not split into {names['heads']} {cfg['heads']} heads of even width")
+    if not 0 <= cfg["clip_grad_norm"] < math.inf:
+        raise bad("clip_grad_norm", f"{cfg['clip_grad_norm']} (must be >= 0; 0 = off)")
+    if len(set(cfg["optimizers"])) < len(cfg["optimizers"]):
+        raise bad("optimizers", f"{cfg['optimizers']} (each at most once)")
+    try:
+        device = torch.device(cfg["device"])
+    except RuntimeError:
+        raise bad("device", f"{cfg['device']!r} (expected cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise bad("device", f"{cfg['device']!r}, but CUDA is not available here; use --device cpu")
+    if cfg["distributed"] != "none" and "RANK" not in os.environ:
+        raise bad("distributed", f"{cfg['distributed']!r} needs torchrun, e.g. torchrun --nproc_per_node 2 -m "
+                  f"optimizer demo --distributed {cfg['distributed']}")
+    if cfg["distributed"] == "none" and world_size > 1:
+        raise bad("distributed", f"'none' under torchrun with {world_size} processes (each would write the same "
+                  "files); use ddp or fsdp2")
+    if cfg["batch_size"] % world_size:
+        raise bad("batch_size", f"{cfg['batch_size']} does not split over {world_size} processes")
+    from .demo.data import load_text, split
 
-        from .factory import create_optimizer
+    held_out = len(split(load_text()[0])[1])
+    if cfg["seq_len"] >= held_out - 1:
+        raise bad("seq_len", f"{cfg['seq_len']} is longer than the held-out text ({held_out} bytes)")
+    from .factory import create_optimizer
 
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-        args[name] = kwargs
-        create_optimizer([torch.zeros(2, 2, requires_grad=True)], name, **kwargs)
-    make_schedule(cfg["schedule"], warmup_steps=cfg["warmup_steps"], total_steps=cfg["steps"])
-    if not 0 <= cfg["min_lr_ratio"] <= 1:
-        raise ConfigError(f"Invalid min_lr_ratio: {cfg['min_lr_ratio']} (must be in [0, 1])")
+    dummy = [torch.zeros(2, 2, requires_grad=True)]
+    for name, kwargs in cfg["optimizer_args"].items():  # built on a dummy tensor: a wrong value fails here
+        takes = {k: p.default for k, p in inspect.signature(OPTIMIZERS[name].cls.__init__).parameters.items()
+                 if k not in ("self", "params")}
+        for key, value in kwargs.items():
+            label = names.get(f"optimizer_args.{name}.{key}", f"optimizer_args.{name}.{key}")
+            if key not in takes:
+                raise ConfigError(f"Invalid {label}: {name!r} takes no {key!r}; it takes {sorted(takes)}")
+            if isinstance(takes[key], (float, tuple)) and not isinstance(value, (float, int)):  # numbers, betas
+                value = (tuple(_number(v, float, label) for v in value) if isinstance(value, (list, tuple))
+                         else _number(value, float, label))
+            kwargs[key] = value
+            try:
+                create_optimizer(dummy, name, **{key: value})
+            except ValueError as err:
+                raise ConfigError(f"Invalid {label}: {str(err).removeprefix('Invalid ')}") from None
+    if cfg["min_lr_ratio"] and "min_lr" not in inspect.signature(SCHEDULES[cfg["schedule"]]).parameters:
+        raise bad("min_lr_ratio", f"{cfg['min_lr_ratio']}, but the {cfg['schedule']!r} schedule has no floor")
+    try:
+        get_scheduler(cfg["schedule"], None, warmup_steps=cfg["warmup_steps"], total_steps=cfg["steps"],
+                      min_lr_ratio=cfg["min_lr_ratio"])
+    except ValueError as err:
+        raise ConfigError(_in_flags(str(err), {"warmup_steps": names["warmup_steps"], "total_steps": names["steps"],
+                                               "min_lr_ratio": names["min_lr_ratio"]})) from None
+
+
+def _effective(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments optimizer ``name`` is built with: ``kwargs`` over the registry's lr and weight
+    decay, over the class's defaults."""
+    takes = inspect.signature(OPTIMIZERS[name].cls.__init__).parameters
+    defaults = {k: p.default for k, p in takes.items() if k not in ("self", "params")}
+    return {**defaults, "lr": OPTIMIZERS[name].lr, "weight_decay": OPTIMIZERS[name].weight_decay, **kwargs}
+
+
+def _check_resume(cfg: dict[str, Any], checkpoints: dict[str, dict[str, Any]], names: dict[str, str],
+                  out: pathlib.Path) -> None:
+    """The settings given with --resume must be those of the checkpoints; where it runs may change."""
+    from .demo.train import FREE_ON_RESUME
+
+    for name, ckpt in checkpoints.items():
+        saved, path = ckpt["config"], out / f"{name}.ckpt"
+        differ = []  # (how the user named it, the setting, what they gave, what the checkpoint has)
+        for key in cfg:
+            if key in FREE_ON_RESUME or key not in saved or saved[key] == cfg[key]:
+                continue
+            if key != "optimizer_args":
+                differ.append((names[key], key, cfg[key], saved[key]))
+                continue
+            for opt in sorted({*cfg[key], *saved[key]}):
+                ours, theirs = _effective(opt, cfg[key].get(opt, {})), _effective(opt, saved[key].get(opt, {}))
+                for k in sorted({*ours, *theirs}):
+                    if ours.get(k) != theirs.get(k):
+                        at = f"optimizer_args.{opt}.{k}"
+                        differ.append((names.get(at, at), at, ours.get(k), theirs.get(k)))
+        if differ:
+            given = ", ".join(f"{label} {ours!r}" for label, _, ours, _ in differ)
+            has = ", ".join(f"{key} {theirs!r}" for _, key, _, theirs in differ)
+            verb = "differs" if len(differ) == 1 else "differ"
+            raise ConfigError(f"Invalid --resume: {given} {verb} from the checkpoint {path} (it has {has}); leave "
+                              f"{'it' if len(differ) == 1 else 'them'} out to continue that run, or start over "
+                              "with --overwrite")
+        written = "none" if ckpt.get("format", "index") == "index" else "ddp or fsdp2"
+        if (written == "none") != (cfg["distributed"] == "none"):
+            raise ConfigError(f"Invalid {names['distributed']}: {cfg['distributed']!r}, but the checkpoint {path} "
+                              f"was written with --distributed {written}; resume it that way")
+
+
+def _check_out(out: pathlib.Path, names: dict[str, str], overwrite: bool) -> None:
+    """A new run needs an empty (or new, creatable) folder, or --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"Invalid {names['out']}: {str(out)!r} is a file, not a folder")
+    if out.is_dir():
+        held = sorted(p.name for p in out.iterdir())
+        if held and not overwrite:
+            listed = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+            raise ConfigError(f"Invalid {names['out']}: {str(out)!r} already holds files ({listed}); add --resume "
+                              "to continue its run, or --overwrite to start again")
+        return
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"Invalid {names['out']}: cannot create {str(out)!r} ({str(parent)!r} is not a "
+                          "writable folder)")
+
+
+def _in_flags(message: str, names: dict[str, str]) -> str:
+    """A library's message with its keyword names replaced by how the user gave them."""
+    pattern = r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b"
+    return re.sub(pattern, lambda m: names[m[1]], message)
 
 
 def demo(args: argparse.Namespace) -> int:
-    cfg = _demo_settings(args)
-    if cfg["device"].startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"Invalid device: {cfg['device']!r}, but CUDA is not available here; use --device cpu")
+    cfg, run = _demo_plan(args)
+    if not run["checkpoints"]:
+        _check_out(pathlib.Path(cfg["out"]), run["names"], run.get("overwrite", False))
     try:
         import matplotlib  # noqa: F401
         import tqdm  # noqa: F401
     except ImportError as err:
         raise ConfigError(f"the demo needs {err.name}: pip install 'clearoptim[demo]'") from None
-    from .demo.train import run
+    from .demo.train import run as train
 
-    vars_ = vars(args)
-    return run(cfg, resume=vars_.get("resume", False), stop_after=vars_.get("stop_after"),
-               progress=not vars_.get("no_progress", False))
+    if "note" in run and os.environ.get("RANK", "0") == "0":
+        print(run["note"])
+    return train(cfg, checkpoints=run["checkpoints"], overwrite=run.get("overwrite", False),
+                 stop_after=run.get("stop_after"), progress=not run.get("no_progress", False))
 
 
 # ---------------------------------------------------------------------------
@@ -193,48 +398,66 @@ def _option(text: str) -> tuple[str, Any]:
 def plot_schedule(args: argparse.Namespace) -> int:
     options: dict[str, Any] = dict(_option(s) for s in args.set)
     w, t, peak = args.warmup_steps, args.total_steps, args.peak_lr
+    floor_flag = "--min-lr-ratio" if args.min_lr_ratio is not None else "--min-lr"
+    if args.output:  # checked first: nothing is computed for a picture that cannot be written
+        try:
+            import matplotlib
+        except ImportError:
+            raise ConfigError("Invalid -o/--output: a PNG needs matplotlib (pip install 'clearoptim[demo]'); "
+                              "without -o the schedule is printed as text") from None
+        folder = pathlib.Path(args.output).absolute().parent
+        if not folder.is_dir():
+            raise ConfigError(f"Invalid -o/--output: {args.output!r}: the folder {str(folder)!r} does not exist")
     if args.like != "ours" and (args.min_lr is not None or args.min_lr_ratio is not None):
-        flag = "--min-lr" if args.min_lr is not None else "--min-lr-ratio"
-        raise ConfigError(f"Invalid {flag}: with --like {args.like}, give the floor by the library's own keyword, "
-                          "e.g. --set min_lr_rate=0.1 (transformers) or --set lr_min=1e-5 (timm)")
-    if args.like == "transformers":
-        if args.name not in HF_CURVES:
-            raise ConfigError(f"Invalid NAME: {args.name!r}; with --like transformers one of {sorted(HF_CURVES)}")
-        sched = HFScheduleLR(None, args.name, w, t, peak_lr=peak, **options)
-        label = "as transformers' get_scheduler"
-    elif args.like == "timm":
-        if args.name not in timm_schedules.NAMES:
-            raise ConfigError(f"Invalid NAME: {args.name!r}; with --like timm one of {sorted(timm_schedules.NAMES)}")
-        steps_kw = {"t_initial": t} if args.name in ("cosine", "tanh", "poly", "wsd") else {}
-        sched = TimmScheduleLR(None, args.name, peak_lr=peak, warmup_t=w, **steps_kw, **options)
-        label = "as timm's scheduler"
-    else:
-        if args.name not in SCHEDULES:
-            raise ConfigError(f"Invalid NAME: {args.name!r}; one of {sorted(SCHEDULES)} (or use --like)")
-        kwargs = dict(options, peak_lr=peak, warmup_steps=w, total_steps=t)
-        if args.min_lr_ratio is not None:
-            if not 0 <= args.min_lr_ratio <= 1:
-                raise ConfigError(f"Invalid --min-lr-ratio: {args.min_lr_ratio} (must be in [0, 1])")
-            kwargs["min_lr"] = args.min_lr_ratio * peak
-        elif args.min_lr is not None:
-            kwargs["min_lr"] = args.min_lr
-        if "min_lr" in kwargs and args.name in ("constant", "inverse_sqrt"):
-            flag = "--min-lr-ratio" if args.min_lr_ratio is not None else "--min-lr"
-            raise ConfigError(f"Invalid {flag}: schedule {args.name!r} has no floor")
-        sched = make_schedule(args.name, **kwargs)
-        label = "ours"
+        raise ConfigError(f"Invalid {floor_flag}: with --like {args.like}, give the floor by the library's own "
+                          "keyword, e.g. --set min_lr_rate=0.1 (transformers) or --set lr_min=1e-5 (timm)")
+    # the library's keywords, as the user gave them
+    names = {k: f"--set {k}" for k in options} | {
+        "warmup_steps": "--warmup-steps", "num_warmup_steps": "--warmup-steps", "warmup_t": "--warmup-steps",
+        "total_steps": "--total-steps", "num_training_steps": "--total-steps", "t_initial": "--total-steps",
+        "peak_lr": "--peak-lr", "min_lr": floor_flag}
+    try:
+        if args.like == "transformers":
+            if args.name not in HF_CURVES:
+                raise ConfigError(f"Invalid NAME: {args.name!r}; with --like transformers one of {sorted(HF_CURVES)}")
+            sched = HFScheduleLR(None, args.name, w, t, peak_lr=peak, **options)
+            label = "as transformers' get_scheduler"
+        elif args.like == "timm":
+            if args.name not in timm_schedules.NAMES:
+                raise ConfigError(f"Invalid NAME: {args.name!r}; with --like timm one of "
+                                  f"{sorted(timm_schedules.NAMES)}")
+            steps_kw = {"t_initial": t} if args.name in ("cosine", "tanh", "poly", "wsd") else {}
+            sched = TimmScheduleLR(None, args.name, peak_lr=peak, warmup_t=w, **steps_kw, **options)
+            label = "as timm's scheduler"
+        else:
+            if args.name not in SCHEDULES:
+                raise ConfigError(f"Invalid NAME: {args.name!r}; one of {sorted(SCHEDULES)} (or use --like)")
+            kwargs = dict(options, peak_lr=peak, warmup_steps=w, total_steps=t)
+            if args.min_lr_ratio is not None:
+                if not 0 <= args.min_lr_ratio <= 1:
+                    raise ConfigError(f"Invalid --min-lr-ratio: {args.min_lr_ratio} (must be in [0, 1])")
+                kwargs["min_lr"] = args.min_lr_ratio * peak
+            elif args.min_lr is not None:
+                kwargs["min_lr"] = args.min_lr
+            if "min_lr" in kwargs and args.name in ("constant", "inverse_sqrt"):
+                raise ConfigError(f"Invalid {floor_flag}: schedule {args.name!r} has no floor")
+            sched = make_schedule(args.name, **kwargs)
+            label = "ours"
 
-    def fn(step: int) -> float:
-        return sched(step) if callable(sched) else sched.get_lr(step)
+        def fn(step: int) -> float:
+            return sched(step) if callable(sched) else sched.get_lr(step)
 
-    last = max(args.total_steps, args.warmup_steps) + max(1, args.total_steps // 10)
-    steps = list(range(last + 1))
-    lrs = [fn(s) for s in steps]
-    w, t = args.warmup_steps, args.total_steps
+        steps = list(range(max(t, w) + max(1, t // 10) + 1))
+        lrs = [fn(s) for s in steps]  # some options are only used, and checked, here
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # the library's checks, in its keywords
+        message = _in_flags(str(err), names)
+        if message == str(err) and args.set:  # it names no keyword: one of the options, as given
+            message = f"Invalid --set {' '.join(args.set)}: {err}"
+        raise ConfigError(message) from None
     keys = f"{label}: lr(0) = {fn(0):.4g}   lr({w}) end of warmup = {fn(w):.4g}   lr({t}) end = {fn(t):.4g}"
     if args.output:
-        import matplotlib
-
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -245,8 +468,12 @@ def plot_schedule(args: argparse.Namespace) -> int:
         ax.set(xlabel="step", ylabel="learning rate", title=f"{args.name}: {keys}")
         ax.title.set_fontsize(8)
         fig.tight_layout()
-        fig.savefig(args.output, dpi=120)
-        plt.close(fig)
+        try:
+            fig.savefig(args.output, dpi=120)
+        except (OSError, ValueError) as err:  # not writable; a suffix matplotlib does not know
+            raise ConfigError(f"Invalid -o/--output: {args.output!r}: {err}") from None
+        finally:
+            plt.close(fig)
         print(f"wrote {args.output}; {keys}")
     else:
         print(render_text(lrs))
@@ -277,7 +504,8 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
                        "copy and in-place bandwidths measured in the same run, and ratios to torch's AdamW.")
     p.add_argument("--device", default=None, metavar="DEV", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--model", default=None, metavar="NAME",
-                   help=f"parameter list: one of {sorted(MODELS)} (default gpt2-30m on CPU, llama-1.1b on CUDA), "
+                   help=f"parameter list: one of {sorted(MODELS)}, or many-small (both small-* lists) "
+                   "(default gpt2-30m on CPU, llama-1.1b on CUDA), "
                    "or module:function returning your nn.Module")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="parameter dtype (default fp32)")
     p.add_argument("--state-dtype", default=None, choices=["fp32", "bf16"],
@@ -285,6 +513,8 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=10, metavar="N", help="timed steps per implementation (default 10)")
     p.add_argument("--only", nargs="+", metavar="TEXT", help="only implementations whose name contains TEXT")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--readme", metavar="NAME",
+                   help="also write the table into ./README.md between <!-- bench:NAME --> and <!-- /bench:NAME -->")
     p.add_argument("--compile", action="store_true",
                    help="also time each of ours and torch's AdamW with torch.compile(opt.step), with the ratio "
                    "to the same implementation in eager mode")
@@ -302,8 +532,34 @@ def bench(args: argparse.Namespace) -> int:
     if args.reps < 1:
         raise ConfigError(f"Invalid --reps: {args.reps} (must be >= 1)")
     model = args.model or ("gpt2-30m" if device == "cpu" else "llama-1.1b")
+    if args.readme is not None and not pathlib.Path("README.md").is_file():
+        raise ConfigError("Invalid --readme: there is no README.md in the current folder")
+    command = f"{PROG} {shlex.join(sys.argv[1:] if argv_given() else ['bench'])}"
     return run(model, device, args.reps, args.only, args.json, dtype=args.dtype, state_dtype=args.state_dtype,
-               compile=args.compile)
+               compile=args.compile, readme=args.readme, command=command)
+
+
+def argv_given() -> bool:
+    """Whether this process was started as the command line (not ``main([...])`` from Python)."""
+    return bool(sys.argv) and sys.argv[0].endswith(("__main__.py", "clearoptim", "cli.py"))
+
+
+def _kernel_source_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("kernel-source", help="print the C source of an optimizer's fused CPU kernel",
+                       description="The translation unit that the fused CPU backend compiles for an optimizer: "
+                       "optimizer/csrc/fused_prelude.h, the algorithm's update (written beside its Python "
+                       "reference) and optimizer/csrc/fused_loop.c once per dtype variant.")
+    p.add_argument("name", choices=["adamw", "lion"], help="the optimizer")
+    return p
+
+
+def kernel_source(args: argparse.Namespace) -> int:
+    from . import _fused_cpu
+    from .adamw import AdamW
+    from .lion import Lion
+
+    print(_fused_cpu.source({"adamw": AdamW, "lion": Lion}[args.name].backends.c_kernel), end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,10 +568,19 @@ def main(argv: list[str] | None = None) -> int:
     _demo_parser(sub)
     _plot_parser(sub)
     _bench_parser(sub)
+    _kernel_source_parser(sub)
     args = parser.parse_args(argv)
     command = args.__dict__.pop("command")
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # under torchrun: rank 0
     try:
-        return {"demo": demo, "plot-schedule": plot_schedule, "bench": bench}[command](args)
+        return {"demo": demo, "plot-schedule": plot_schedule, "bench": bench,
+                "kernel-source": kernel_source}[command](args)
     except ValueError as err:  # ConfigError and the library's argument checks: the user's input
-        print(f"{PROG} {command}: error: {err}", file=sys.stderr)
+        say(f"{PROG} {command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the disk or the file system, mid-run (a full disk, a folder removed)
+        say(f"{PROG} {command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # outside the training loop, or a second Ctrl-C inside it
+        say(f"{PROG} {command}: interrupted", file=sys.stderr)
+        return 130

@@ -7,6 +7,7 @@ The registry :data:`OPTIMIZERS` is the one list of optimizer names: it feeds
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -19,7 +20,6 @@ import torch
 
 from .adamw import AdamW
 from .lion import Lion
-from .scheduler import ScheduleLR, get_scheduler
 
 __all__ = [
     "OPTIMIZERS",
@@ -27,7 +27,6 @@ __all__ = [
     "OptimizerSpec",
     "clip_grad_norm_",
     "create_optimizer",
-    "create_scheduler",
     "load_config",
     "param_groups",
 ]
@@ -124,13 +123,14 @@ def create_optimizer(
     lr = spec.lr if lr is None else lr
     weight_decay = spec.weight_decay if weight_decay is None else weight_decay
     groups = param_groups(model_or_params, weight_decay, no_decay, decay_embeddings=decay_embeddings)
+    allowed = [k for k in inspect.signature(spec.cls.__init__).parameters if k not in ("self", "params")]
+    unknown = [k for k in kwargs if k not in allowed]
+    if unknown:
+        raise ConfigError(f"Invalid argument for optimizer {name!r}: {unknown[0]!r}; it takes {allowed}")
     try:
         opt = spec.cls(groups, lr=lr, **kwargs)
-    except TypeError as err:  # an unknown keyword: say which ones the class takes
-        import inspect
-
-        allowed = [k for k in inspect.signature(spec.cls.__init__).parameters if k not in ("self", "params")]
-        raise ConfigError(f"Invalid argument for optimizer {name!r}: {err}; it takes {allowed}") from None
+    except TypeError as err:  # a value of the wrong type
+        raise ConfigError(f"Invalid argument for optimizer {name!r}: {err}") from None
     log.info("%s", describe_groups(opt))
     return opt
 
@@ -143,11 +143,6 @@ def describe_groups(opt: torch.optim.Optimizer) -> str:
         parts.append(f"{g.get('group', 'group')}: {len(g['params'])} tensors, {n:,} params, weight_decay={g['weight_decay']}")
     peak = opt.param_groups[0].get("initial_lr", opt.param_groups[0]["lr"])  # a scheduler may have moved lr
     return f"{type(opt).__name__}(lr={float(peak):.3g}) " + "; ".join(parts)
-
-
-def create_scheduler(optimizer: torch.optim.Optimizer | None, name: str = "cosine", **kwargs: Any) -> ScheduleLR:
-    """Build a schedule of the family by name (the same as :func:`optimizer.scheduler.get_scheduler`)."""
-    return get_scheduler(name, optimizer, **kwargs)
 
 
 def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -166,7 +161,9 @@ def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0) ->
 
 
 def load_config(path: str | pathlib.Path) -> dict[str, Any]:
-    """Read a YAML (``.yaml``/``.yml``, with ``yaml.safe_load``) or JSON file into a dict."""
+    """Read a YAML (``.yaml``/``.yml``, with ``yaml.safe_load``) or JSON file into a dict; a syntax
+    error names the file, line and column. YAML is read as PyYAML does (YAML 1.1: ``1e-3``, without a
+    dot, is a string; the command line reads numeric text as a number where a number is expected)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"Invalid config: {str(path)!r} is not a file")
@@ -179,12 +176,15 @@ def load_config(path: str | pathlib.Path) -> dict[str, Any]:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"Invalid config {str(path)!r}: not valid YAML ({str(err).splitlines()[0]})") from None
+            mark = getattr(err, "problem_mark", None)  # 0-based
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"Invalid config {where}: not valid YAML ({what})") from None
     elif path.suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"Invalid config {str(path)!r}: not valid JSON ({err})") from None
+            raise ConfigError(f"Invalid config {path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})") from None
     else:
         raise ConfigError(f"Invalid config {str(path)!r}: the suffix must be one of ['.json', '.yaml', '.yml']")
     if data is None:

@@ -113,4 +113,4 @@ def test_demo_distributed_without_torchrun_says_how():
     done = subprocess.run([sys.executable, "-m", "optimizer", "demo", "--distributed", "fsdp2", *TINY],
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2
-    assert "Invalid distributed: 'fsdp2' needs torchrun" in done.stderr and "Traceback" not in done.stderr
+    assert "Invalid --distributed: 'fsdp2' needs torchrun" in done.stderr and "Traceback" not in done.stderr

@@ -13,7 +13,8 @@ import torch
 from optim_table import OPTIMIZERS as TABLE
 from optimizer import cli
 from optimizer.demo.llama import Llama
-from optimizer.factory import OPTIMIZERS, ConfigError, clip_grad_norm_, create_optimizer, create_scheduler, load_config
+from optimizer.scheduler import get_scheduler
+from optimizer.factory import OPTIMIZERS, ConfigError, clip_grad_norm_, create_optimizer, load_config
 
 TINY = ["--steps", "12", "--warmup-steps", "2", "--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "32",
         "--batch-size", "4", "--eval-every", "6", "--checkpoint-every", "4", "--no-progress"]
@@ -63,9 +64,9 @@ def test_factory_errors_name_the_value_and_the_choices():
         create_optimizer(torch.nn.Linear(2, 2), "adamw", betas=(1.5, 0.9))
 
 
-def test_create_scheduler_takes_the_family_names():
+def test_get_scheduler_takes_the_family_names():
     opt = create_optimizer(torch.nn.Linear(2, 2), "adamw", lr=1.0)
-    sched = create_scheduler(opt, "wsd", warmup_steps=0, total_steps=10, decay_steps=5, decay_type="linear")
+    sched = get_scheduler("wsd", opt, warmup_steps=0, total_steps=10, decay_steps=5, decay_type="linear")
     assert sched.get_lr(5) == 1.0 and sched.get_lr(10) == 0.0
 
 
@@ -107,7 +108,8 @@ def test_load_config_reads_yaml_and_json_safely(tmp_path):
         ({"optimizers": ["adamw", "sgd"]}, ["optimizers", "'sgd'", "['adamw', 'lion']"]),
         ({"optimizer_args": {"lion": {"eps": 1e-8}}}, ["'lion'", "eps", "it takes"]),
         ({"optimizer_args": {"adamw": {"lr": -1}}}, ["learning rate", "-1"]),
-        ({"warmup_steps": 500}, ["warmup_steps", "500", "total_steps=300"]),
+        ({"warmup_steps": 500}, ["Invalid warmup_steps in", "500", "--steps 300"]),
+        ({"adamw_lr": "fast"}, ["Invalid adamw_lr in", "'fast'", "expected a number"]),
     ],
 )
 def test_bad_config_values_exit_2_with_one_line(tmp_path, capsys, config, words):
@@ -167,20 +169,25 @@ def test_demo_short_run_writes_table_and_files(tmp_path, capsys):
     assert set(summary["results"]) == {"adamw", "lion"}
     for name, r in summary["results"].items():
         assert len(r["history"]["loss"]) == 12 and r["held_out_loss"] < summary["unigram_entropy"] + 3
+        assert [s for s, _ in r["history"]["held_out"]] == [0, 6, 12]  # from step 0
         assert r["state_bytes"] > 0 and r["tokens_per_s"] > 0
     # AdamW keeps two fp32 states per parameter, Lion one
     assert summary["results"]["adamw"]["state_bytes"] == 2 * summary["results"]["lion"]["state_bytes"] + \
         4 * sum(1 for _ in Llama(dim=32, layers=1, heads=2, max_seq=32).parameters())
 
 
-def test_resume_reaches_exactly_the_same_losses(tmp_path):
+def test_resume_reaches_exactly_the_same_losses(tmp_path, capsys):
+    """--stop-after stops each optimizer; the command it prints, which gives no settings, resumes them."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert cli.main(["demo", *TINY, "--out", str(whole)]) == 0
     assert cli.main(["demo", *TINY, "--out", str(parts), "--stop-after", "5"]) == 0
     assert not (parts / "summary.json").exists()
-    ckpt = torch.load(parts / "adamw.ckpt", weights_only=True)
-    assert ckpt["step"] == 5
-    assert cli.main(["demo", *TINY, "--out", str(parts), "--resume"]) == 0
+    for name in ("adamw", "lion"):
+        assert torch.load(parts / f"{name}.ckpt", weights_only=True)["step"] == 5
+    hint = capsys.readouterr().out.strip().splitlines()[-1]
+    assert hint.endswith(f"continue with: python -m optimizer demo --resume --out {parts}"), hint
+    assert cli.main([*hint.split("python -m optimizer ")[1].split(), "--no-progress"]) == 0
+    assert "adamw: resuming at step 5 of 12" in capsys.readouterr().out
     a, b = read_summary(whole)["results"], read_summary(parts)["results"]
     for name in ("adamw", "lion"):
         assert a[name]["history"]["loss"] == b[name]["history"]["loss"]
@@ -190,14 +197,17 @@ def test_resume_reaches_exactly_the_same_losses(tmp_path):
 
 def test_resume_with_different_settings_is_refused(tmp_path, capsys):
     assert cli.main(["demo", *TINY, "--out", str(tmp_path), "--stop-after", "3"]) == 0
-    assert cli.main(["demo", *TINY[:-1], "--no-progress", "--out", str(tmp_path), "--resume", "--seed", "1"]) == 2
-    assert "Invalid --resume: ['seed']" in capsys.readouterr().err
+    capsys.readouterr()
+    assert cli.main(["demo", *TINY, "--out", str(tmp_path), "--resume", "--seed", "1", "--adamw-lr", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid --resume: --seed 1, --adamw-lr 0.1 differ from the checkpoint" in err, err
+    assert "(it has seed 0, optimizer_args.adamw.lr 0.003)" in err and len(err.strip().splitlines()) == 1
 
 
 def test_demo_default_model_learns_in_a_few_dozen_steps(tmp_path):
     """The CI's end-to-end run: the default model and data, 30 steps."""
-    assert cli.main(["demo", "--steps", "30", "--warmup-steps", "3", "--eval-every", "30", "--no-progress",
-                     "--out", str(tmp_path)]) == 0
+    assert cli.main(["demo", "--steps", "30", "--warmup-steps", "3", "--eval-every", "30", "--checkpoint-every", "30",
+                     "--no-progress", "--out", str(tmp_path)]) == 0
     summary = read_summary(tmp_path)
     for name, r in summary["results"].items():
         first = r["history"]["loss"][0]
@@ -213,6 +223,9 @@ def test_flags_win_over_the_config_file_which_wins_over_defaults(tmp_path):
     cfg = cli._demo_settings(argparse.Namespace(config=str(path), steps=20, lion_weight_decay=0.5))
     assert cfg["steps"] == 20 and cfg["warmup_steps"] == 4 and cfg["batch_size"] == 16
     assert cfg["optimizer_args"]["lion"] == {"lr": 1e-4, "weight_decay": 0.5}
+    cfg = cli._demo_settings(argparse.Namespace(steps=20))  # defaults that follow --steps
+    assert (cfg["warmup_steps"], cfg["eval_every"], cfg["checkpoint_every"]) == (2, 3, 3)
+    assert cli._demo_settings(argparse.Namespace(schedule="constant"))["min_lr_ratio"] == 0.0  # it has no floor
 
 
 def test_create_optimizer_takes_named_parameters():

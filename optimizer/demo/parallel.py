@@ -17,8 +17,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-MODES = ("none", "ddp", "fsdp2")
-
 
 @dataclass
 class World:
@@ -36,7 +34,7 @@ def start(mode: str, device: str) -> tuple[World, torch.device]:
     if mode == "none":
         return World(), torch.device(device)
     if "RANK" not in os.environ:
-        raise ValueError(f"Invalid distributed: {mode!r} needs torchrun, e.g. "
+        raise ValueError(f"Invalid --distributed: {mode!r} needs torchrun, e.g. "
                          f"torchrun --nproc_per_node 2 -m optimizer demo --distributed {mode}")
     cuda = device.startswith("cuda")
     if cuda:
@@ -90,6 +88,15 @@ def mean(value: torch.Tensor, world: World) -> float:
     return value.item() / world.size
 
 
+def any_rank(flag: bool, world: World, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank (a signal may reach the ranks between two different steps)."""
+    if world.mode == "none":
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer, world: World) -> tuple[dict, dict]:
     """Model and optimizer state dicts, unsharded on the CPU (every rank must call this)."""
     if world.mode == "none":
@@ -128,5 +135,5 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-__all__: list[Any] = ["MODES", "World", "start", "stop", "wrap", "rows", "mean", "full_state", "load_full_state",
-                      "local_bytes", "describe", "barrier"]
+__all__: list[Any] = ["World", "start", "stop", "wrap", "rows", "mean", "any_rank", "full_state",
+                      "load_full_state", "local_bytes", "describe", "barrier"]

@@ -3,27 +3,34 @@ then write the table, ``loss.png``, ``lr.png`` and ``summary.json``."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pathlib
+import signal
 import statistics
+import sys
+import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from ..factory import clip_grad_norm_, create_optimizer, create_scheduler, describe_groups
+from ..factory import OPTIMIZERS, clip_grad_norm_, create_optimizer, describe_groups
+from ..scheduler import SCHEDULES, get_scheduler
 from . import parallel
 from .data import Batches, load_text, split, unigram_entropy
 from .llama import Llama
 
 # Every setting of the demo with its default; the CLI flags, the config file's keys
-# and the summary's "config" are these names.
+# and the checkpoints' and summary's "config" are these names. None: follows --steps
+# (see resolve_defaults).
 DEFAULTS: dict[str, Any] = {
     "optimizers": ["adamw", "lion"],
     "schedule": "cosine",
-    "warmup_steps": 30,
-    "min_lr_ratio": 0.1,
+    "warmup_steps": None,  # a tenth of the steps
+    "min_lr_ratio": None,  # 0.1, or 0 for the schedules without a floor (constant, inverse_sqrt)
     "steps": 300,
     "batch_size": 16,
     "seq_len": 128,
@@ -31,27 +38,87 @@ DEFAULTS: dict[str, Any] = {
     "layers": 4,
     "heads": 4,
     "clip_grad_norm": 1.0,
-    "eval_every": 50,
-    "checkpoint_every": 50,
+    "eval_every": None,  # a sixth of the steps: 7 held-out points with step 0
+    "checkpoint_every": None,  # a sixth of the steps
     "device": "cpu",
     "distributed": "none",  # under torchrun: "ddp" or "fsdp2" (parallel.py)
     "seed": 0,
     "out": "runs/demo",
     "optimizer_args": {},  # name -> keyword arguments (lr, weight_decay, betas, ...)
 }
-# the settings that must match when a run is resumed
-SHAPING = ("schedule", "warmup_steps", "min_lr_ratio", "steps", "batch_size", "seq_len", "dim", "layers", "heads",
-           "clip_grad_norm", "seed")
+# the settings a resumed run may change: where and how it runs, not what it computes
+FREE_ON_RESUME = ("device", "distributed", "checkpoint_every", "out")
+RESULT_FILES = ("summary.json", "loss.png", "lr.png")  # with one NAME.ckpt per optimizer
+_CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "data_rng", "torch_rng", "history", "step", "config"}
+
+
+def resolve_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Fill the settings left at None from the run's length and schedule."""
+    steps = cfg["steps"]
+    fill = {"warmup_steps": steps // 10, "eval_every": max(1, steps // 6), "checkpoint_every": max(1, steps // 6),
+            "min_lr_ratio": 0.1 if "min_lr" in inspect.signature(SCHEDULES[cfg["schedule"]]).parameters else 0.0}
+    return {**cfg, **{k: v for k, v in fill.items() if cfg[k] is None}}
 
 
 def save_atomic(obj: Any, path: pathlib.Path) -> None:
     """Write ``obj`` with torch.save so that ``path`` is either the old file or the whole new one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_checkpoints(out: pathlib.Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The checkpoints ``out/NAME.ckpt`` that exist, loaded on the CPU; a damaged one is a one-line error."""
+    found = {}
+    for name in names:
+        path = out / f"{name}.ckpt"
+        if not path.is_file():
+            continue
+        try:
+            ckpt = torch.load(path, weights_only=True, map_location="cpu")
+            if not isinstance(ckpt, dict) or not _CHECKPOINT_KEYS <= set(ckpt):
+                raise ValueError("not a checkpoint of the demo")
+        except Exception as err:  # noqa: BLE001 - empty, cut short or foreign: torch raises many kinds
+            reason = (str(err).splitlines() or [""])[0][:120]
+            raise ValueError(f"Invalid --resume: the checkpoint {path} is damaged ({type(err).__name__}: {reason}); "
+                             f"delete it to run {name} again from step 0, or start over with --overwrite") from None
+        found[name] = ckpt
+    return found
+
+
+class Interrupt:
+    """While active, SIGINT and SIGTERM only set ``signum``: the training loop then writes a
+    checkpoint and stops. The first signal puts the previous handlers back, so a second one
+    acts as it would have (Ctrl-C twice stops at once)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def __enter__(self) -> Interrupt:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
 
 
 @torch.no_grad()
@@ -65,42 +132,39 @@ def evaluate(model: Llama, held_out: torch.Tensor, seq_len: int, device: torch.d
     return loss.item()
 
 
-def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib.Path, *, resume: bool,
-              stop_after: int | None, progress: bool, world: parallel.World, device: torch.device) -> dict[str, Any]:
-    """One optimizer's run; returns its results (``finished`` False if stopped early)."""
+def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib.Path, *, ckpt: dict | None,
+              stop_after: int | None, progress: bool, interrupt: Interrupt, world: parallel.World,
+              device: torch.device) -> dict[str, Any]:
+    """One optimizer's run, from ``ckpt`` if given; returns its results, or ``{"finished": False,
+    "step": N, "interrupted": ...}`` when stopped early (``stop_after`` steps done, or a signal on any rank)."""
     torch.manual_seed(cfg["seed"])
     model = Llama(dim=cfg["dim"], layers=cfg["layers"], heads=cfg["heads"], max_seq=cfg["seq_len"]).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     model = parallel.wrap(model, world)
     opt = create_optimizer(model, name, **cfg["optimizer_args"].get(name, {}))
     ckpt_format = "index" if world.mode == "none" else "full"  # opt.state_dict() / unsharded, by parameter name
-    sched = create_scheduler(opt, cfg["schedule"], warmup_steps=cfg["warmup_steps"], total_steps=cfg["steps"],
-                             min_lr_ratio=cfg["min_lr_ratio"])
+    sched = get_scheduler(cfg["schedule"], opt, warmup_steps=cfg["warmup_steps"], total_steps=cfg["steps"],
+                          min_lr_ratio=cfg["min_lr_ratio"])
     batches = Batches(train_data, cfg["batch_size"], cfg["seq_len"], cfg["seed"])
     hist: dict[str, list] = {"loss": [], "lr": [], "held_out": [], "step_ms": [], "wall_s": []}
     start, ckpt_path = 0, out / f"{name}.ckpt"
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=True, map_location=device)
-        saved = ckpt["config"]
-        changed = [k for k in SHAPING if saved.get(k) != cfg[k]]
-        if changed:
-            have = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
-            raise ValueError(f"Invalid --resume: {changed} differ from the checkpoint {ckpt_path} (it has {have})")
-        if ckpt.get("format", "index") != ckpt_format:
-            raise ValueError(f"Invalid --resume: the checkpoint {ckpt_path} was written with --distributed "
-                             f"{'none' if ckpt_format == 'full' else 'ddp or fsdp2'}; resume it that way")
+    say = print if world.main else (lambda *a, **k: None)
+    if ckpt is not None:
         parallel.load_full_state(model, opt, ckpt["model"], ckpt["optimizer"], world)
         sched.load_state_dict(ckpt["scheduler"])
         batches.gen.set_state(ckpt["data_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         hist, start = ckpt["history"], ckpt["step"]
+        say(f"{name}: resuming at step {start} of {cfg['steps']} from {ckpt_path}")
+    else:
+        hist["held_out"].append([0, evaluate(model, held_out, cfg["seq_len"], device)])
 
     def checkpoint(step: int) -> None:
         model_sd, opt_sd = parallel.full_state(model, opt, world)  # every rank takes part
         if world.main:
             save_atomic({"model": model_sd, "optimizer": opt_sd, "scheduler": sched.state_dict(),
                          "data_rng": batches.gen.get_state(), "torch_rng": torch.get_rng_state(), "history": hist,
-                         "step": step, "config": {k: cfg[k] for k in SHAPING}, "format": ckpt_format}, ckpt_path)
+                         "step": step, "config": cfg, "format": ckpt_format}, ckpt_path)
         parallel.barrier(world)
 
     bar = None
@@ -109,7 +173,11 @@ def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib
 
         bar = tqdm(total=cfg["steps"], initial=start, desc=f"{name:6s}", unit="step", dynamic_ncols=True)
     tokens_per_step = cfg["batch_size"] * cfg["seq_len"]
+    stopped, interrupted = None, False
     for step in range(start, cfg["steps"]):
+        if parallel.any_rank(interrupt.signum is not None, world, device):  # every rank stops at the same step
+            stopped, interrupted = step, True
+            break
         t_step = time.perf_counter()
         x, y = (parallel.rows(t, world).to(device) for t in batches.next())
         _, loss = model(x, y)
@@ -137,14 +205,15 @@ def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib
             bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
             bar.update(1)
         if stop_after is not None and done - start >= stop_after and done < cfg["steps"]:
-            checkpoint(done)
-            if bar is not None:
-                bar.close()
-            return {"finished": False, "step": done}
+            stopped = done
+            break
         if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"]:
             checkpoint(done)
     if bar is not None:
         bar.close()
+    if stopped is not None:
+        checkpoint(stopped)
+        return {"finished": False, "step": stopped, "interrupted": interrupted}
     return {
         "finished": True,
         "groups": describe_groups(opt),
@@ -158,69 +227,141 @@ def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib
     }
 
 
-def plot(results: dict[str, dict[str, Any]], entropy: float, out: pathlib.Path) -> list[pathlib.Path]:
+def smooth(values: list[float], beta: float = 0.9) -> list[float]:
+    """Exponential moving average, debiased as in Adam: divided by ``1 - beta**t``, so it starts at the
+    first value instead of lagging from 0 (a constant stays that constant)."""
+    ema, out = 0.0, []
+    for t, v in enumerate(values, 1):
+        ema = beta * ema + (1 - beta) * v
+        out.append(ema / (1 - beta**t))
+    return out
+
+
+def describe_run(cfg: dict[str, Any], params: int | None = None) -> str:
+    """The settings in a line: model, data, schedule, and each optimizer's lr and weight decay."""
+    size = f", {params / 1e6:.2f} M parameters" if params else ""
+    opts = "; ".join(
+        f"{n} lr {cfg['optimizer_args'].get(n, {}).get('lr', OPTIMIZERS[n].lr):g} "
+        f"wd {cfg['optimizer_args'].get(n, {}).get('weight_decay', OPTIMIZERS[n].weight_decay):g}"
+        + "".join(f" {k} {v}" for k, v in cfg["optimizer_args"].get(n, {}).items() if k not in ("lr", "weight_decay"))
+        for n in cfg["optimizers"])
+    return (f"small LLaMA{size} ({cfg['dim']}x{cfg['layers']}, {cfg['heads']} heads), {cfg['steps']} steps of "
+            f"{cfg['batch_size']}x{cfg['seq_len']} bytes, {cfg['schedule']} schedule, warmup {cfg['warmup_steps']}, "
+            f"floor {cfg['min_lr_ratio']:g} x peak, clip {cfg['clip_grad_norm']:g}, seed {cfg['seed']}\n{opts}")
+
+
+def loss_figure(results: dict[str, dict[str, Any]], cfg: dict[str, Any], entropy: float, params: int | None = None):
+    """Train loss per step (raw, faint, and smoothed) and held-out loss from step 0, one colour per optimizer,
+    the settings in the title. The x axis counts updates: the loss at x is measured before update x + 1."""
+    import matplotlib.pyplot as plt
+
+    beta = 1 - 30 / max(cfg["steps"], 60)  # averages over ~3 % of the run: 0.9 for 300 steps
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for name, r in results.items():
+        losses = r["history"]["loss"]
+        raw, = ax.plot(range(len(losses)), losses, alpha=0.3, lw=0.8, label=f"{name} train (raw)")
+        ax.plot(range(len(losses)), smooth(losses, beta), color=raw.get_color(), lw=1.8,
+                label=f"{name} train (EMA {beta:.2g}, debiased)")
+        steps, held = zip(*r["history"]["held_out"])
+        ax.plot(steps, held, "o--", color=raw.get_color(), label=f"{name} held-out")
+    ax.axhline(entropy, color="gray", ls=":", label=f"unigram entropy {entropy:.2f}")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats / byte)")
+    ax.set_title(describe_run(cfg, params), fontsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def lr_figure(results: dict[str, dict[str, Any]], cfg: dict[str, Any]):
+    """The learning rate each optimizer stepped with, one linear panel each (their peaks differ
+    ~10x), with the end of warmup and the end of the run marked."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 1, sharex=True, squeeze=False, figsize=(7, 1.2 + 1.8 * len(results)))
+    w, n = cfg["warmup_steps"], cfg["steps"]
+    for ax, (name, r), color in zip(axes[:, 0], results.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        lrs = r["history"]["lr"]
+        ax.plot(range(len(lrs)), lrs, color=color, label=f"{name} (peak {max(lrs):.3g})")
+        ax.axvline(w, color="gray", ls=":", lw=0.8, label=f"end of warmup (step {w})")
+        ax.axvline(n, color="gray", ls="--", lw=0.8, label=f"end (step {n})")
+        ax.set(ylabel="learning rate", ylim=(0, None))
+        ax.legend(fontsize=7)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(f"{cfg['schedule']} schedule: warmup {w}, {n} steps, floor {cfg['min_lr_ratio']:g} x peak",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot(results: dict[str, dict[str, Any]], cfg: dict[str, Any], entropy: float, out: pathlib.Path,
+         params: int | None = None) -> list[pathlib.Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, r in results.items():
-        losses = r["history"]["loss"]
-        line, = ax.plot(range(1, len(losses) + 1), losses, alpha=0.35, lw=0.8)
-        ema, smooth = losses[0], []
-        for v in losses:
-            ema = 0.9 * ema + 0.1 * v
-            smooth.append(ema)
-        ax.plot(range(1, len(losses) + 1), smooth, color=line.get_color(), label=f"{name} train (EMA)")
-        steps, held = zip(*r["history"]["held_out"])
-        ax.plot(steps, held, "o--", color=line.get_color(), label=f"{name} held-out")
-    ax.axhline(entropy, color="gray", ls=":", label=f"unigram entropy {entropy:.2f}")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats / byte)", title="small LLaMA on the Python docs")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for name, r in results.items():
-        ax.plot(range(len(r["history"]["lr"])), r["history"]["lr"], label=name)
-    ax.set(xlabel="step", ylabel="learning rate", yscale="log", title="learning rate per step")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "lr.png", dpi=120)
-    plt.close(fig)
-    return [out / "loss.png", out / "lr.png"]
+    files = []
+    for fig, file in ((loss_figure(results, cfg, entropy, params), "loss.png"), (lr_figure(results, cfg), "lr.png")):
+        fig.savefig(out / file, dpi=120)
+        plt.close(fig)
+        files.append(out / file)
+    return files
 
 
-def run(cfg: dict[str, Any], *, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> int:
+def resume_hint(out: pathlib.Path, world: parallel.World) -> str:
+    prog = "python -m optimizer" if world.mode == "none" else f"torchrun --nproc_per_node {world.size} -m optimizer"
+    return f"continue with: {prog} demo --resume --out {out}"
+
+
+def run(cfg: dict[str, Any], *, checkpoints: dict[str, dict[str, Any]] | None = None, overwrite: bool = False,
+        stop_after: int | None = None, progress: bool = True) -> int:
+    """Train each optimizer of ``cfg`` (resolved and checked settings), from ``checkpoints`` where given;
+    ``overwrite`` first deletes the results of an earlier run in ``cfg["out"]``. Returns the exit code:
+    0, or 128 + the signal's number when SIGINT / SIGTERM stopped it (after a checkpoint)."""
     world, device = parallel.start(cfg["distributed"], cfg["device"])
     try:
-        return _run(cfg, resume=resume, stop_after=stop_after, progress=progress, world=world, device=device)
+        with Interrupt() as interrupt:
+            return _run(cfg, checkpoints or {}, overwrite=overwrite, stop_after=stop_after, progress=progress,
+                        interrupt=interrupt, world=world, device=device)
     finally:
         parallel.stop(world)
 
 
-def _run(cfg: dict[str, Any], *, resume: bool, stop_after: int | None, progress: bool, world: parallel.World,
-         device: torch.device) -> int:
+def _run(cfg: dict[str, Any], checkpoints: dict[str, dict[str, Any]], *, overwrite: bool, stop_after: int | None,
+         progress: bool, interrupt: Interrupt, world: parallel.World, device: torch.device) -> int:
     out = pathlib.Path(cfg["out"])
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for file in (*RESULT_FILES, *(f"{n}.ckpt" for n in OPTIMIZERS), *(f"{n}.ckpt.tmp" for n in OPTIMIZERS)):
+                (out / file).unlink(missing_ok=True)
+    parallel.barrier(world)
     say = print if world.main else (lambda *a, **k: None)
     text, source = load_text()
     train_data, held_out = split(text)
     entropy = unigram_entropy(bytes(held_out.tolist()))
     say(f"text: {source}, {len(text):,} bytes ({len(train_data):,} train / {len(held_out):,} held out); "
         f"unigram entropy of the held-out text {entropy:.3f} nats/byte")
-    results = {}
+    results, stopped, resuming = {}, {}, bool(checkpoints)
     for name in cfg["optimizers"]:
-        r = train_one(name, cfg, train_data, held_out, out, resume=resume, stop_after=stop_after, progress=progress,
-                      world=world, device=device)
-        if not r["finished"]:
-            say(f"{name}: stopped after step {r['step']}; continue with --resume --out {out}")
-            return 0
-        say(f"  {r['groups']}")
-        results[name] = r
+        if resuming and name not in checkpoints:
+            say(f"{name}: no checkpoint yet, starting at step 0")
+        r = train_one(name, cfg, train_data, held_out, out, ckpt=checkpoints.pop(name, None), stop_after=stop_after,
+                      progress=progress, interrupt=interrupt, world=world, device=device)
+        if not r["finished"] and r["interrupted"]:
+            signum = interrupt.signum or signal.SIGTERM  # None: the signal reached another rank
+            say(f"{signal.Signals(signum).name}: {name} checkpointed at step {r['step']} of {cfg['steps']} in "
+                f"{out / f'{name}.ckpt'}; {resume_hint(out, world)}", file=sys.stderr)
+            return 128 + signum
+        if r["finished"]:
+            say(f"  {r['groups']}")
+            results[name] = r
+        else:
+            stopped[name] = r["step"]
+    if stopped:
+        at = ", ".join(f"{n} at step {s}" for n, s in stopped.items())
+        say(f"--stop-after {stop_after}: stopped {at} of {cfg['steps']}; {resume_hint(out, world)}")
+        return 0
     if not world.main:
         return 0
     params = next(iter(results.values()))["params"]
@@ -234,7 +375,7 @@ def _run(cfg: dict[str, Any], *, resume: bool, stop_after: int | None, progress:
         print(f"{name:10s} {r['final_train_loss']:10.3f} {r['held_out_loss']:9.3f} {r['tokens_per_s']:9,.0f} "
               f"{r['optimizer_step_ms']:12.2f} {r['state_bytes'] / 2**20:9.2f}")
     print(f"(held-out loss of a model that ignores context: {entropy:.3f})")
-    files = plot(results, entropy, out)
+    files = plot(results, cfg, entropy, out, params)
     summary = {"config": cfg, "text": source, "unigram_entropy": entropy, "world_size": world.size,
                "results": {n: {k: v for k, v in r.items() if k != "finished"} for n, r in results.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
