@@ -294,7 +294,7 @@ class Optimizer(torch.optim.Optimizer):
                 self.state.update(prep.new)
                 self._run(prep.group, prep.lists, prep.routes, amp)
 
-    @torch.compiler.disable  # the fused kernels run outside the graph, as torch's own fused optimizers do
+    @torch._disable_dynamo  # outside the graph, as torch keeps its fused steps (imports Dynamo lazily, on first call)
     def _step_outside_graph(self) -> None:
         self._step()
 

@@ -349,6 +349,6 @@ def _traced_step(backends: Backends, lists: list[list[Tensor]], hyper: dict[str,
     getattr(backends, backend)(*lists, **hyper)
 
 
-@torch.compiler.disable  # the fused kernels run outside the graph, as torch's own fused optimizers do
+@torch._disable_dynamo  # outside the graph, as torch keeps its fused steps (imports Dynamo lazily, on first call)
 def _step_outside_graph(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], **flags: Any) -> None:
     step(backends, lists, hyper, **flags)

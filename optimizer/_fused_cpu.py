@@ -8,7 +8,7 @@ operation (about 6 for Lion, 9 for AdamW); a fused kernel makes one.
 
 * AdamW with float32/float64 parameters and ``correct_bias=True`` is exactly
   torch's update, so it runs torch's own fused CPU kernel
-  (``torch._fused_adamw_``): nothing to compile.
+  (``torch._fused_adamw_``); the C library only counts its steps (Note [step counters]).
 * Everything else (Lion; AdamW with ``correct_bias=False`` or with bf16/fp16
   parameters and float32 state) runs a small C loop: each algorithm file states
   its per-element update as a few lines of C (a :class:`Kernel`), and this

@@ -64,10 +64,11 @@ class AdamW(Optimizer):
     Note [eps placement]: the CMU minllama assignment's ``optimizer.py`` writes the same update as
     ``step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t)`` and
     ``theta -= step_size * m_t / (sqrt(v_t) + eps)``. Multiplying through shows
-    that form equals ours with ``eps`` replaced by ``eps * sqrt(1 - beta2^t)``:
+    that form equals ours with ``eps`` replaced by ``eps / sqrt(1 - beta2^t)``:
     identical when eps is 0, different only in how strongly eps damps the first
-    steps. We add eps to the *bias-corrected* root, as the Adam paper, the
-    AdamW paper and torch.optim do, so eps means the same thing at every step
+    steps (it is the Adam paper's "more efficient" ordering, end of its Section 2). We
+    add eps to the *bias-corrected* root, as Algorithm 1 of the Adam paper, the AdamW paper and
+    torch.optim do, so eps means the same thing at every step
     and our results equal torch's.
 
     The weight decay is applied first, to the parameter before the Adam step

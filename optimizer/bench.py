@@ -169,13 +169,21 @@ def run(model: str, device_name: str, reps: int, only: list[str] | None, json_pa
     print the table; optionally write the JSON (a list for a suite) and the README's table."""
     results = []
     for name in SUITES.get(model, [model]):
-        results.append(run_one(name, device_name, reps, only, None, dtype, state_dtype, compile))
+        results.append({**run_one(name, device_name, reps, only, None, dtype, state_dtype, compile), "command": command})
     if json_path:
         with open(json_path, "w") as f:
             json.dump(results[0] if len(results) == 1 else results, f, indent=1)
         print(f"wrote {json_path}")
     if readme:
-        update_readme("README.md", readme, markdown(results, command))
+        update_readme("README.md", readme, markdown(results))
+    return 0
+
+
+def readme_from_json(path: str, name: str) -> int:
+    """Rewrite the README's table ``name`` from a JSON file that ``--json`` wrote."""
+    with open(path) as f:
+        data = json.load(f)
+    update_readme("README.md", name, markdown(data if isinstance(data, list) else [data]))
     return 0
 
 
@@ -239,6 +247,8 @@ def run_one(model: str, device_name: str, reps: int, only: list[str] | None, jso
                     timed(r[0], s)
             s = None
             torch.cuda.empty_cache()
+    after = bandwidth(n, device)  # measured again: a machine busy at the start would inflate the fractions
+    bw = {k: max(bw[k], after[k]) for k in bw}
     medians = {name: statistics.median(t) for name, t in times.items()}
     base = {k: medians.get(f"torch AdamW {k}") for k in ("fused", "foreach")}
     base["lion-pytorch"] = medians.get("lion-pytorch triton", medians.get("lion-pytorch"))
@@ -292,8 +302,9 @@ def machine(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-def markdown(results: list[dict[str, Any]], command: str) -> str:
-    """The README's table of one or more runs (``run``'s results), with date, machine and command."""
+def markdown(results: list[dict[str, Any]]) -> str:
+    """The README's table of one or more runs (``run``'s results, or its JSON), with date, machine
+    and the command that measured them."""
     lines = []
     for r in results:
         lines += [f"`{r['model']}` ({r['tensors']} tensors, {r['params'] / 1e6:.1f} M params, {r['dtype']}):", "",
@@ -304,7 +315,7 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
         lines.append("")
     first = results[0]
     lines.append(f"Measured {first['date']} on {first['machine']} ({first['device']}, torch {first['torch']}) with "
-                 f"`{command}`; medians of {first['reps']} steps{', interleaved' if first['interleaved'] else ''}.")
+                 f"`{first.get('command', 'python -m optimizer bench')}`; medians of {first['reps']} steps{', interleaved' if first['interleaved'] else ''}.")
     return "\n".join(lines)
 
 
@@ -312,13 +323,20 @@ def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
-def update_readme(path: str, name: str, table: str) -> None:
-    """Put ``table`` between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in ``path``."""
+def check_markers(path: str, name: str) -> str:
+    """``path``'s text, which must hold one ``<!-- bench:NAME -->`` ... ``<!-- /bench:NAME -->`` pair."""
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     with open(path) as f:
         text = f.read()
     if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
         raise ValueError(f"Invalid --readme: {path} has no single {start} ... {end} pair")
+    return text
+
+
+def update_readme(path: str, name: str, table: str) -> None:
+    """Put ``table`` between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in ``path``."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    text = check_markers(path, name)
     head, rest = text.split(start)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:

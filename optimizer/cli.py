@@ -1,7 +1,11 @@
-"""The command line: ``python -m optimizer demo | plot-schedule | bench``.
+"""The command line: ``python -m optimizer demo | plot-schedule | bench | kernel-source``.
 
 Bad flags or config values end with one line naming the key and the allowed
 values, exit code 2, and no traceback.
+
+(About 590 lines: most of it turns each flag and config key into one checked
+setting with a one-line error; the commands share those checks, so they stay in
+one file.)
 """
 
 from __future__ import annotations
@@ -515,6 +519,8 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--readme", metavar="NAME",
                    help="also write the table into ./README.md between <!-- bench:NAME --> and <!-- /bench:NAME -->")
+    p.add_argument("--from-json", metavar="FILE",
+                   help="with --readme: write the table from FILE (written by --json) instead of measuring")
     p.add_argument("--compile", action="store_true",
                    help="also time each of ours and torch's AdamW with torch.compile(opt.step), with the ratio "
                    "to the same implementation in eager mode")
@@ -534,6 +540,18 @@ def bench(args: argparse.Namespace) -> int:
     model = args.model or ("gpt2-30m" if device == "cpu" else "llama-1.1b")
     if args.readme is not None and not pathlib.Path("README.md").is_file():
         raise ConfigError("Invalid --readme: there is no README.md in the current folder")
+    if args.readme is not None:  # before minutes of measuring
+        from .bench import check_markers
+
+        check_markers("README.md", args.readme)
+    if args.from_json is not None:
+        if args.readme is None:
+            raise ConfigError("Invalid --from-json: it needs --readme NAME (the table to write)")
+        if not pathlib.Path(args.from_json).is_file():
+            raise ConfigError(f"Invalid --from-json: {args.from_json!r} is not a file")
+        from .bench import readme_from_json
+
+        return readme_from_json(args.from_json, args.readme)
     command = f"{PROG} {shlex.join(sys.argv[1:] if argv_given() else ['bench'])}"
     return run(model, device, args.reps, args.only, args.json, dtype=args.dtype, state_dtype=args.state_dtype,
                compile=args.compile, readme=args.readme, command=command)

@@ -45,7 +45,7 @@ class Lion(Optimizer):
 
     What Lion is not (the Intro2LLM lesson L07 says otherwise): "Lion" stands for
     Evo\ *L*\ ved S\ *i*\ gn M\ *o*\ me\ *n*\ tum, found by program search; it is
-    not "Layer-wise Adaptive Rate". The lesson's update
+    not "Layer-wise Adaptive Rate". L07's update
     ``v = b1 v + (1 - b1) g; theta -= lr sign(v)`` is the special case
     ``beta1 == beta2`` of the paper's (pass ``betas=(b, b)`` to get it).
 

@@ -242,7 +242,7 @@ class WarmupCosineScheduler(ScheduleLR):
     Step 0 is never 0 (Note [warmup]), the peak is reached at ``s = W``, the
     floor at ``s = T`` and held after it (Note [end of the schedule]).
 
-    ``step(step)`` sets the rate for ``step`` (the lesson's call);
+    ``step(step)`` sets the rate for ``step`` (the call of the Intro2LLM lesson L07);
     ``step()`` advances by one (torch's). ``get_lr(step)`` returns a float.
     """
 

@@ -33,7 +33,7 @@ def test_many_small_runs_both_lists_and_writes_the_readme_table(tmp_path):
     readme.write_text("# x\n\n<!-- bench:cpu-many-small -->\nold table\n<!-- /bench:cpu-many-small -->\ntail\n")
     done = subprocess.run(
         [sys.executable, "-m", "optimizer", "bench", "--device", "cpu", "--model", "many-small", "--reps", "1",
-         "--only", "torch AdamW fused", "ours AdamW default", "--readme", "cpu-many-small"],
+         "--only", "torch AdamW fused", "ours AdamW default", "--readme", "cpu-many-small", "--json", "r.json"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
@@ -43,6 +43,18 @@ def test_many_small_runs_both_lists_and_writes_the_readme_table(tmp_path):
     assert "`small-400x64x64` (400 tensors" in text and "`small-2000x256` (2000 tensors" in text
     assert text.count("| torch AdamW fused |") == 2 and "| ours AdamW default |" in text
     assert "Measured " in text and "--model many-small" in text
+    # the same table again from the JSON alone; a README without the markers is refused in one line
+    measured = text
+    readme.write_text("# x\n\n<!-- bench:cpu-many-small -->\n<!-- /bench:cpu-many-small -->\ntail\n")
+    again = subprocess.run([sys.executable, "-m", "optimizer", "bench", "--from-json", "r.json", "--readme",
+                            "cpu-many-small"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert readme.read_text() == measured
+    readme.write_text("# no markers\n")
+    refused = subprocess.run([sys.executable, "-m", "optimizer", "bench", "--from-json", "r.json", "--readme",
+                              "cpu-many-small"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert refused.returncode == 2 and "Invalid --readme" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_bench_takes_a_models_own_parameters_and_dtypes():

@@ -39,3 +39,14 @@ def test_the_source_shows_the_algorithms_body_and_the_shared_loop(info):
         assert line.strip() in text
     assert "void FN(int64_t n_tensors" in text and "static inline bf16 store_bf16" in text
     assert text.count("\nvoid FN(") == len(_fused_cpu._VARIANTS)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_kernel_source_command_prints_what_is_compiled(info):
+    import sys
+
+    name = info.cls.backends.c_kernel.name
+    done = subprocess.run([sys.executable, "-m", "optimizer", "kernel-source", name], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == _fused_cpu.source(info.cls.backends.c_kernel)

@@ -201,7 +201,7 @@ def test_lion_sign_of_zero_is_zero():
     torch.testing.assert_close(p.detach(), torch.tensor([1.0, 1.5, 3.5]))
 
 
-def test_lion_with_equal_betas_is_the_seeds_simplified_form():
+def test_lion_with_equal_betas_is_l07s_simplified_form():
     """v = b v + (1 - b) g; theta -= lr sign(v): the special case beta1 == beta2."""
     from optimizer import Lion
 

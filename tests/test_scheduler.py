@@ -35,7 +35,7 @@ BOUNDARIES = [0, 1, W - 1, W, W + 1, (W + T) // 2, T - 1, T, T + 1, 10 * T]
 def test_warmup_cosine_closed_form(s):
     sched = WarmupCosineScheduler(opt_with(), W, T, min_lr_ratio=F / P)
     assert sched.get_lr(s) == pytest.approx(closed_form_warmup_cosine(s), rel=1e-12)
-    sched.step(s)  # the seed's call: set the rate for step s
+    sched.step(s)  # the call of the Intro2LLM lesson L07: set the rate for step s
     assert sched.optimizer.param_groups[0]["lr"] == pytest.approx(closed_form_warmup_cosine(s), rel=1e-12)
 
 
@@ -132,8 +132,8 @@ def test_resume_from_last_epoch_after_loading_the_optimizer():
         WarmupCosineScheduler(opt_with(), W, T, last_epoch=5)
 
 
-def test_epoch_stepped_loop_like_the_first_seed():
-    """The first seed steps its scheduler once per epoch: total_steps counts epochs then."""
+def test_epoch_stepped_loop_like_minllama():
+    """The minllama assignment's loop steps its scheduler once per epoch: total_steps counts epochs then."""
     model = torch.nn.Linear(3, 1)
     opt = Lion(model.parameters(), lr=1e-3)
     sched = WarmupCosineScheduler(opt, warmup_steps=2, total_steps=10, min_lr_ratio=0.0)

@@ -1,4 +1,5 @@
-"""The seed documents' API as they write it, the README's example, and the demo command."""
+"""The API of the sources this library grew from, as they write it (the CMU 11-711 minllama
+assignment's optimizer.py, the Intro2LLM lesson L07), the README's example, and the demo command."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_first_seed_adamw_signature_and_llama_loop():
-    """optimizer.py of the course: AdamW(params, lr, betas, eps, weight_decay, correct_bias), a
+def test_minllama_adamw_signature_and_llama_loop():
+    """The minllama assignment's optimizer.py: AdamW(params, lr, betas, eps, weight_decay, correct_bias), a
     CosineAnnealingLR stepped once per epoch."""
     from optimizer.adamw import AdamW
 
@@ -31,17 +32,17 @@ def test_first_seed_adamw_signature_and_llama_loop():
     assert set(state) == {"step", "exp_avg", "exp_avg_sq"} and int(state["step"]) == 15
 
 
-def test_second_seed_layout_and_signatures():
+def test_intro2llm_l07_layout_and_signatures():
     from optimizer.adamw import AdamW
     from optimizer.lion import Lion
     from optimizer.scheduler import WarmupCosineScheduler
 
     params = [torch.nn.Parameter(torch.randn(3))]
-    opt = AdamW(params, 1e-3, (0.9, 0.999), 1e-8, 0.01)  # positional, as the lesson writes it
+    opt = AdamW(params, 1e-3, (0.9, 0.999), 1e-8, 0.01)  # positional, as L07 writes it
     Lion([torch.nn.Parameter(torch.randn(3))], 1e-4, (0.9, 0.99), 0.0)
     sched = WarmupCosineScheduler(opt, 100, 1000, 0.1)
     for step in range(1000):
-        sched.step(step)  # the lesson's call: "update the learning rate for this step"
+        sched.step(step)  # L07's call: "update the learning rate for this step"
     floor, peak = 0.1 * 1e-3, 1e-3  # step 999 of warmup 100, total 1000
     expected = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * 899 / 900))
     assert abs(opt.param_groups[0]["lr"] - expected) < 1e-15
@@ -65,3 +66,13 @@ def test_example_config_is_valid():
 
     cfg = cli._demo_settings(argparse.Namespace(config=str(ROOT / "examples" / "demo.yaml")))
     assert cfg["optimizer_args"]["adamw"]["betas"] == (0.9, 0.95)
+
+
+def test_docs_quote_the_code_as_it_is():
+    """docs/check_docs.py: the guides' quoted code lines exist verbatim, links resolve, the README
+    keeps its two set-up commands and paired bench markers."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "docs" / "check_docs.py")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,5 +1,8 @@
 """Train the small LLaMA once per optimizer, with checkpoints that resume exactly,
-then write the table, ``loss.png``, ``lr.png`` and ``summary.json``."""
+then write the table, ``loss.png``, ``lr.png`` and ``summary.json``.
+
+(About 380 lines: the loop, its checkpoints, resume and interrupt handling must agree
+step for step, so they are read together.)"""
 
 from __future__ import annotations
 
