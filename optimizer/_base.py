@@ -390,10 +390,10 @@ class Optimizer(torch.optim.Optimizer):
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._checked = {}  # (the old state tensors are not kept alive)
         """Load a checkpoint, as torch.optim does (pre- and post-hooks, ``param_names``, state of
         non-parameters kept as is), after checking that it fits this optimizer: if it does
         not, nothing changes. State is restored as Note [state precision] says."""
+        self._checked = {}  # states are checked afresh (and the old ones not kept alive)
         name = type(self).__name__
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError(f"Invalid state_dict for {name}: expected a dict with 'state' and 'param_groups'")

@@ -70,7 +70,8 @@ import torch
 from torch import Tensor
 
 from . import _fused_cpu
-from ._tensors import PARAM_DTYPES, Meta, amp_grads, as_real, device_types, local, pick, same_dense_layout
+from ._tensors import (PARAM_DTYPES, Meta, amp_grads, as_real, device_types, group_by_device_and_dtype, local, pick,
+                       same_dense_layout)
 
 __all__ = ["Backends", "TRITON_DEVICES", "check_lists", "count", "group_backend", "load_triton", "route", "run", "step"]
 
@@ -275,10 +276,7 @@ def count(backends: Backends, counters: list[list[Tensor]], skipped: Tensor | No
             if torch.compiler.is_compiling() or not _fused_cpu.count(backends.c_kernel, steps):
                 torch._foreach_add_(steps, 1.0)
         else:
-            by_device: dict[torch.device, list[Tensor]] = {}
-            for s in steps:
-                by_device.setdefault(s.device, []).append(s)
-            for device, group in by_device.items():
+            for (device, _), (group,) in group_by_device_and_dtype(steps).items():
                 flag = skipped.to(device=device, dtype=torch.float32, non_blocking=True)
                 torch._foreach_sub_(group, [flag] * len(group))
 

@@ -345,7 +345,7 @@ def _fused_c_adamw(
     scalars = [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps]
     if correct_bias:  # per tensor: -lr / (1 - b1^t), sqrt(1 - b2^t), t already counted (Note [step counters])
         t = _stack(state_steps)
-        per_tensor = torch.stack([-lr / (1 - torch.pow(beta1, t)), (1 - torch.pow(beta2, t)).sqrt()], dim=1)
+        per_tensor = torch.stack([-lr / _one_minus_pow(beta1, t), _one_minus_pow(beta2, t).sqrt()], dim=1)
     else:
         per_tensor = torch.tensor([[-lr, 1.0]], dtype=torch.float64).expand(len(params), 2)
     _fused_cpu.run(_ADAMW_KERNEL, params, grads, [exp_avgs, exp_avg_sqs], scalars, per_tensor, maximize=maximize)

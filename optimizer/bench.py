@@ -169,7 +169,7 @@ def run(model: str, device_name: str, reps: int, only: list[str] | None, json_pa
     print the table; optionally write the JSON (a list for a suite) and the README's table."""
     results = []
     for name in SUITES.get(model, [model]):
-        results.append({**run_one(name, device_name, reps, only, None, dtype, state_dtype, compile), "command": command})
+        results.append({**run_one(name, device_name, reps, only, dtype, state_dtype, compile), "command": command})
     if json_path:
         with open(json_path, "w") as f:
             json.dump(results[0] if len(results) == 1 else results, f, indent=1)
@@ -187,9 +187,9 @@ def readme_from_json(path: str, name: str) -> int:
     return 0
 
 
-def run_one(model: str, device_name: str, reps: int, only: list[str] | None, json_path: str | None,
+def run_one(model: str, device_name: str, reps: int, only: list[str] | None,
             dtype: str = "fp32", state_dtype: str | None = None, compile: bool = False) -> dict[str, Any]:
-    """One parameter list: the table printed, the results returned (and written as JSON)."""
+    """One parameter list: the table printed, the results returned."""
     device = torch.device(device_name)
     shapes = model_shapes(model)
     param_dtype = DTYPES[dtype]
@@ -282,10 +282,6 @@ def run_one(model: str, device_name: str, reps: int, only: list[str] | None, jso
               "device": str(device), "machine": machine(device), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "bandwidth_gb_per_s": bw, "reps": reps, "interleaved": interleave,
               "rows": out, "unavailable": failed}
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {json_path}")
     return result
 
 

@@ -527,7 +527,8 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def bench(args: argparse.Namespace) -> int:
+def bench(args: argparse.Namespace, argv: list[str]) -> int:
+    """``argv``: the command line as given, which a table written into the README records."""
     import torch
 
     from .bench import run
@@ -538,11 +539,11 @@ def bench(args: argparse.Namespace) -> int:
     if args.reps < 1:
         raise ConfigError(f"Invalid --reps: {args.reps} (must be >= 1)")
     model = args.model or ("gpt2-30m" if device == "cpu" else "llama-1.1b")
-    if args.readme is not None and not pathlib.Path("README.md").is_file():
-        raise ConfigError("Invalid --readme: there is no README.md in the current folder")
-    if args.readme is not None:  # before minutes of measuring
+    if args.readme is not None:  # checked before minutes of measuring
         from .bench import check_markers
 
+        if not pathlib.Path("README.md").is_file():
+            raise ConfigError("Invalid --readme: there is no README.md in the current folder")
         check_markers("README.md", args.readme)
     if args.from_json is not None:
         if args.readme is None:
@@ -552,14 +553,8 @@ def bench(args: argparse.Namespace) -> int:
         from .bench import readme_from_json
 
         return readme_from_json(args.from_json, args.readme)
-    command = f"{PROG} {shlex.join(sys.argv[1:] if argv_given() else ['bench'])}"
     return run(model, device, args.reps, args.only, args.json, dtype=args.dtype, state_dtype=args.state_dtype,
-               compile=args.compile, readme=args.readme, command=command)
-
-
-def argv_given() -> bool:
-    """Whether this process was started as the command line (not ``main([...])`` from Python)."""
-    return bool(sys.argv) and sys.argv[0].endswith(("__main__.py", "clearoptim", "cli.py"))
+               compile=args.compile, readme=args.readme, command=f"{PROG} {shlex.join(argv)}")
 
 
 def _kernel_source_parser(sub) -> argparse.ArgumentParser:
@@ -587,11 +582,12 @@ def main(argv: list[str] | None = None) -> int:
     _plot_parser(sub)
     _bench_parser(sub)
     _kernel_source_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     command = args.__dict__.pop("command")
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # under torchrun: rank 0
     try:
-        return {"demo": demo, "plot-schedule": plot_schedule, "bench": bench,
+        return {"demo": demo, "plot-schedule": plot_schedule, "bench": lambda a: bench(a, argv),
                 "kernel-source": kernel_source}[command](args)
     except ValueError as err:  # ConfigError and the library's argument checks: the user's input
         say(f"{PROG} {command}: error: {err}", file=sys.stderr)

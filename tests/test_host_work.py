@@ -7,15 +7,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_unchanged, snapshot
+from helpers import BACKENDS, assert_unchanged, snapshot
 from optim_table import OPTIMIZERS, ids
-
-BACKENDS = {"reference": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 
 
 def _params(n=5, size=33):
     g = torch.Generator().manual_seed(0)
     return [torch.nn.Parameter(torch.randn(size, generator=g)) for _ in range(n)]
+
+
+def _stepped_twice(info, backend):
+    """Parameters and an optimizer after two steps: its states are now "checked before"."""
+    params = _params()
+    opt = info.cls(params, **BACKENDS[backend])
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.step()
+    return params, opt
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -40,12 +49,7 @@ def test_new_gradient_tensors_every_step_give_the_reference_result(info, backend
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
 def test_state_replaced_after_some_steps_is_checked_again(info, backend):
-    params = _params()
-    opt = info.cls(params, **BACKENDS[backend])
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt.step()
-    opt.step()  # the states are now "checked before"
+    params, opt = _stepped_twice(info, backend)
     key = info.state_tensor_keys[0]
     opt.state[params[-1]][key] = torch.zeros(7)
     snap = snapshot(opt)
@@ -57,12 +61,7 @@ def test_state_replaced_after_some_steps_is_checked_again(info, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
 def test_a_parameter_resized_in_place_is_caught(info, backend):
-    params = _params()
-    opt = info.cls(params, **BACKENDS[backend])
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt.step()
-    opt.step()
+    params, opt = _stepped_twice(info, backend)
     params[0].data = torch.zeros(40)  # the same Parameter object, a new shape: its state no longer fits
     params[0].grad = torch.ones(40)
     snap = snapshot(opt)
