@@ -2,6 +2,8 @@
 
 - ``optimizer.adamw``: :class:`AdamW` and the functional :func:`adamw`
 - ``optimizer.lion``: :class:`Lion` and the functional :func:`lion`
+- ``optimizer.adamw8bit``, ``optimizer.lion8bit``: :class:`AdamW8bit`, :class:`Lion8bit`
+  (8-bit states, Note [8-bit states] in ``optimizer._quant``)
 - ``optimizer.scheduler``: schedules as pure functions of the step, the
   :class:`WarmupCosineScheduler` and :class:`ScheduleLR` adapters, :func:`get_scheduler`
 
@@ -11,13 +13,17 @@
 # The functional entries stay in their modules (optimizer.adamw.adamw, optimizer.lion.lion):
 # exported here they would hide the modules of the same name.
 from .adamw import AdamW
+from .adamw8bit import AdamW8bit
 from .lion import Lion
+from .lion8bit import Lion8bit
 from .scheduler import SCHEDULES, ScheduleLR, WarmupCosineScheduler, get_scheduler, make_schedule
 
 __all__ = [
     "SCHEDULES",
     "AdamW",
+    "AdamW8bit",
     "Lion",
+    "Lion8bit",
     "ScheduleLR",
     "WarmupCosineScheduler",
     "get_scheduler",

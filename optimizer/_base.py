@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _dispatch
+from . import _dispatch, _quant
 from ._checks import check_fits
 from ._tensors import _LOW_PRECISION, Meta, state_dtype, step_device
 
@@ -64,14 +64,33 @@ _GRAD, _LAYOUT, _SHAPE = operator.attrgetter("grad"), operator.attrgetter("layou
 _DTYPE, _DEVICE, _IS_CPU = operator.attrgetter("dtype"), operator.attrgetter("device"), operator.attrgetter("is_cpu")
 
 
+# group options that say how states are stored: load_state_dict keeps the loading optimizer's
+# and converts the saved states (Note [8-bit states])
+_PRECISION_KEYS = ("state_dtype", "min_8bit_size")
+
+
+@dataclass
+class _Part:
+    """Tensors of a group that one set of backends updates: all of them, or, with 8-bit
+    states, the quantised ones and the others (Note [8-bit states])."""
+
+    backends: _dispatch.Backends
+    lists: list[list[Any]]  # params, grads, one list per state key, one per counter key
+    routes: dict[str, list[int]]
+    hyper: dict[str, Any]
+
+
 @dataclass
 class _Prepared:
     """A group checked and planned for this step (Note [two-phase step])."""
 
     group: dict[str, Any]
-    lists: list[list[Any]]  # params, grads, one list per state key, one per counter key
+    parts: list[_Part]
     new: dict[Tensor, dict[str, Any]] = field(default_factory=dict)  # state to create
-    routes: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def lists(self) -> list[list[Any]]:
+        return self.parts[0].lists
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -156,7 +175,8 @@ class Optimizer(torch.optim.Optimizer):
         self._check_group(group)
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
-            return _Prepared(group, [[] for _ in range(2 + len(self.state_keys) + len(self.counter_keys))])
+            empty = [[] for _ in range(2 + len(self.state_keys) + len(self.counter_keys))]
+            return _Prepared(group, [_Part(self.backends, empty, {}, {})])
         grads = list(map(_GRAD, params))
         # the common case checked with C-level maps (this runs every step), the culprit found after
         meta = Meta(params)
@@ -175,30 +195,97 @@ class Optimizer(torch.optim.Optimizer):
             if not state:
                 state = new[p] = self._new_state(p, group)
             states.append(state)
+        check_fits(self._scalars(group), params)
+        hyper = self._hyper(group)
+        if group.get("stochastic_rounding"):  # Note [stochastic rounding]
+            hyper["rounding_seeds"] = _quant.rounding_seeds(group.get("seed", 0), group.get("rounding_step", 0),
+                                                            len(params))
+        eight = self._quantized_indices(params, group)
+        if not eight:
+            parts = [self._part(gi, group, params, grads, states, meta, hyper, new, eight=False)]
+        else:  # Note [8-bit states]: the quantised tensors, and the others
+            split = [[i for i in range(len(params)) if i not in eight], eight]
+            parts = []
+            for idx, is_8bit in zip(split, (False, True)):
+                if idx:
+                    sub = [params[i] for i in idx]
+                    sub_hyper = dict(hyper)
+                    if "rounding_seeds" in hyper:
+                        sub_hyper["rounding_seeds"] = [hyper["rounding_seeds"][i] for i in idx]
+                    parts.append(self._part(gi, group, sub, [grads[i] for i in idx], [states[i] for i in idx],
+                                            Meta(sub), sub_hyper, new, eight=is_8bit))
+        return _Prepared(group, parts, new)
+
+    def _quantized_indices(self, params: list[Tensor], group: dict[str, Any]) -> list[int]:
+        """Which of a step's parameters keep 8-bit states (Note [8-bit states])."""
+        if group.get("state_dtype") != torch.uint8:
+            return []
+        size = group.get("min_8bit_size", _quant.MIN_8BIT_SIZE)
+        return [i for i, p in enumerate(params) if _quant.quantized(p, size)]
+
+    def _zero_states(self, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """Zero states for ``state_keys``: 8-bit codes and their scales where Note [8-bit states]
+        says, else tensors in ``state_dtype`` (Note [state precision])."""
+        if self._quantized_indices([param], group):
+            codes = {key: torch.zeros_like(param, dtype=torch.uint8, memory_format=torch.contiguous_format)
+                     for key in self.state_keys}
+            return {**codes, **{f"{key}_scale": _quant.new_scales(param) for key in self.state_keys}}
+        dtype = state_dtype(param, group.get("state_dtype"))
+        return {key: torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+                for key in self.state_keys}
+
+    def _state_keys(self, eight: bool) -> tuple[str, ...]:
+        """The state keys in the backends' order; with 8-bit states, each state's scales follow."""
+        scales = tuple(f"{key}_scale" for key in self.state_keys) if eight else ()
+        return (*self.state_keys, *scales, *self.counter_keys)
+
+    def _part(self, gi: int, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+              states: list[dict[str, Any]], meta: Meta, hyper: dict[str, Any], new: dict[Tensor, Any], *,
+              eight: bool) -> _Part:
+        """Gather, check and route the tensors that one set of backends updates."""
         lists: list[list[Any]] = [params, grads]
-        for key in (*self.state_keys, *self.counter_keys):
+        for key in self._state_keys(eight):
             try:
                 lists.append([s[key] for s in states])
             except KeyError:
                 p = next(p for p, s in zip(params, states) if key not in s)
-                raise RuntimeError(f"{self._where(gi, group, p)} has state {sorted(self.state[p])} without "
-                                   f"{key!r}: was it changed by hand, or loaded from another optimizer?") from None
-        if len(new) < len(params) and not self._checked_before(gi, lists, meta):
-            self._check_states(gi, group, params, lists, meta)
-            self._checked[gi] = (meta.shapes, meta.dtypes, meta.device_indices(), lists[:1] + lists[2:])
-        check_fits(self._scalars(group), params)
-        routes = _dispatch.route(self.backends, lists, self._hyper(group), foreach=group["foreach"],
-                                 fused=group["fused"])
-        return _Prepared(group, lists, new, routes)
+                raise RuntimeError(f"{self._where(gi, group, p)} has state {sorted(self.state.get(p, states[0]))} "
+                                   f"without {key!r}: was it changed by hand, or loaded from another optimizer "
+                                   "(load_state_dict converts between state precisions)?") from None
+        check_key = (gi, eight)
+        if any(p not in new for p in params) and not self._checked_before(check_key, lists, meta):
+            if eight:
+                self._check_8bit_states(gi, group, params, lists)
+            else:
+                self._check_states(gi, group, params, lists, meta)
+            self._checked[check_key] = (meta.shapes, meta.dtypes, meta.device_indices(), lists[:1] + lists[2:])
+        backends = self.backends_8bit if eight else self.backends
+        routes = _dispatch.route(backends, lists, hyper, foreach=group["foreach"], fused=group["fused"])
+        return _Part(backends, lists, routes, hyper)
 
-    def _checked_before(self, gi: int, lists: list[list[Any]], meta: Meta) -> bool:
+    def _check_8bit_states(self, gi: int, group: dict[str, Any], params: list[Tensor],
+                           lists: list[list[Any]]) -> None:
+        """8-bit states must be what this optimizer would create: uint8 codes shaped like the
+        parameter, float32 scales of ``_quant.scale_shape``, on the parameter's device."""
+        n = len(self.state_keys)
+        keys = self._state_keys(True)
+        for j, key in enumerate(keys[:2 * n]):
+            for p, v in zip(params, lists[2 + j]):
+                shape, dtype = (p.shape, torch.uint8) if j < n else (_quant.scale_shape(p.shape), torch.float32)
+                if not isinstance(v, Tensor):
+                    raise RuntimeError(f"{self._where(gi, group, p)} has state[{key!r}] = {v!r}, not a tensor")
+                if tuple(v.shape) != tuple(shape) or v.dtype != dtype or v.device != p.device:
+                    self._bad_tensor(gi, group, p, f"state[{key!r}]", v, dtype, p.device, shape)
+        self._check_counters(gi, group, params, lists[2 + 2 * n:], Meta(params))
+
+    def _checked_before(self, gi: tuple[int, bool], lists: list[list[Any]], meta: Meta) -> bool:
         """The same parameters (same shapes, dtypes, devices) with the same state tensors as
         at this group's last check: nothing to check again. State replaced by any of torch's
         ways (``load_state_dict``, assigning ``opt.state[p]`` or one of its entries) is new
         objects, so it is checked; a tensor changed in place (``.data =``, ``resize_``) is not."""
         checked = getattr(self, "_checked", None)
         if checked is None:
-            self._checked: dict[int, tuple[Any, ...]] = {}
+            self._checked: dict[tuple[int, bool], tuple[Any, ...]] = {}
             return False
         last = checked.get(gi)
         if last is None or last[0] != meta.shapes or last[1] != meta.dtypes or last[2] != meta.device_indices():
@@ -209,6 +296,8 @@ class Optimizer(torch.optim.Optimizer):
                       meta: Meta) -> None:
         """Existing state must be what this optimizer would create (a user may have replaced it)."""
         requested = group.get("state_dtype")
+        if requested == torch.uint8:  # the tensors Note [8-bit states] leaves in float
+            requested = None
         expected_of = {d: requested if requested is not None and not d.is_complex else _LOW_PRECISION.get(d, d)
                        for d in set(meta.dtypes)}
         expected = list(map(expected_of.__getitem__, meta.dtypes))
@@ -224,8 +313,12 @@ class Optimizer(torch.optim.Optimizer):
                         raise RuntimeError(f"{self._where(gi, group, p)} has state[{key!r}] = {v!r}, not a tensor")
                     if v.shape != p.shape or v.dtype != dtype or v.device != p.device:
                         self._bad_tensor(gi, group, p, f"state[{key!r}]", v, dtype, p.device)
+        self._check_counters(gi, group, params, lists[2 + n:], meta)
+
+    def _check_counters(self, gi: int, group: dict[str, Any], params: list[Tensor], counters: list[list[Any]],
+                        meta: Meta) -> None:
         cpu = torch.device("cpu")
-        for key, values in zip(self.counter_keys, lists[2 + n:]):
+        for key, values in zip(self.counter_keys, counters):
             try:  # one-element float tensors, on the CPU or on the parameter's device
                 ok = (set(map(Tensor.numel, values)) == {1} and all(map(Tensor.is_floating_point, values))
                       and (all(map(_IS_CPU, values)) or meta.same_devices(values)))
@@ -243,7 +336,7 @@ class Optimizer(torch.optim.Optimizer):
         return f"{type(self).__name__}: parameter {i} of group {gi} (shape {tuple(p.shape)})"
 
     def _bad_tensor(self, gi: int, group: dict[str, Any], p: Tensor, what: str, t: Tensor, dtype: torch.dtype,
-                    device: torch.device) -> None:
+                    device: torch.device, shape: Any = None) -> None:
         where = self._where(gi, group, p)
         if t.layout != torch.strided:
             raise RuntimeError(
@@ -251,7 +344,7 @@ class Optimizer(torch.optim.Optimizer):
                 f"{t.layout} {what}); use torch.optim.SparseAdam for sparse embeddings, or nn.Embedding(sparse=False)"
             )
         raise RuntimeError(f"{where} has a {what} of shape {tuple(t.shape)}, {t.dtype} on {t.device}; "
-                           f"expected shape {tuple(p.shape)}, {dtype} on {device}")
+                           f"expected shape {tuple(p.shape if shape is None else shape)}, {dtype} on {device}")
 
     def _amp(self) -> dict[str, Tensor | None]:
         """``grad_scale`` and ``found_inf``, set by torch.amp.GradScaler.step for the duration of
@@ -263,10 +356,9 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"Invalid {name}: {value!r} (GradScaler sets a one-element float tensor)")
         return amp
 
-    def _run(self, group: dict[str, Any], lists: list[list[Any]], routes: dict[str, list[int]] | None,
-             amp: dict[str, Tensor | None]) -> None:
-        _dispatch.step(self.backends, lists, self._hyper(group), foreach=group["foreach"], fused=group["fused"],
-                       routes=routes, **amp)
+    def _run(self, group: dict[str, Any], part: _Part, amp: dict[str, Tensor | None]) -> None:
+        _dispatch.step(part.backends, part.lists, part.hyper, foreach=group["foreach"], fused=group["fused"],
+                       routes=part.routes, **amp)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -277,9 +369,11 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         if not torch.compiler.is_compiling():
             self._step()
-        elif (any(g["fused"] or (g["fused"] is None and g["foreach"] is None) for g in self.param_groups)
+        elif (any(g["fused"] or (g["fused"] is None and g["foreach"] is None) or g.get("stochastic_rounding")
+                  or g.get("state_dtype") == torch.uint8 for g in self.param_groups)
               or getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None):
-            # fused, or the default (fused on CPU and CUDA), or GradScaler's flag to read: Note [torch.compile]
+            # fused, or the default (fused on CPU and CUDA), or lean states, or GradScaler's flag to
+            # read: Note [torch.compile]
             self._step_outside_graph()
         else:
             self._compiled_step()
@@ -290,9 +384,12 @@ class Optimizer(torch.optim.Optimizer):
         amp = self._amp()  # phase 1
         prepared = [self._prepare(gi, group) for gi, group in enumerate(self.param_groups)]
         for prep in prepared:  # phase 2
-            if prep.lists[0]:
-                self.state.update(prep.new)
-                self._run(prep.group, prep.lists, prep.routes, amp)
+            self.state.update(prep.new)
+            for part in prep.parts:
+                if part.lists[0]:
+                    self._run(prep.group, part, amp)
+            if prep.group.get("stochastic_rounding") and any(part.lists[0] for part in prep.parts):  # Note [stochastic rounding]
+                prep.group["rounding_step"] = prep.group.get("rounding_step", 0) + 1
 
     @torch._disable_dynamo  # outside the graph, as torch keeps its fused steps (imports Dynamo lazily, on first call)
     def _step_outside_graph(self) -> None:
@@ -316,18 +413,26 @@ class Optimizer(torch.optim.Optimizer):
             lists: list[list[Any]] = [[] for _ in range(2 + len(self.state_keys) + len(self.counter_keys))]
             self._init_group(group, *lists)
             if lists[0]:
-                self._run(group, lists, None, {"grad_scale": None, "found_inf": None})
+                part = _Part(self.backends, lists, None, self._hyper(group))
+                self._run(group, part, {"grad_scale": None, "found_inf": None})
 
     # ----- checkpoints ---------------------------------------------------------
 
     def _check_saved_state(self, p: Tensor, state: dict[str, Any], where: str) -> None:
         keys = set(state)
         expected = {*self.state_keys, *self.counter_keys}
-        if keys != expected:
+        if keys != expected and keys != set(self._state_keys(True)):  # float states, or 8-bit ones
             raise ValueError(
                 f"Invalid state for {where}: {type(self).__name__} keeps {sorted(expected)}, "
                 f"found {sorted(map(str, keys))} (is it another optimizer's checkpoint?)"
             )
+        if keys != expected:
+            for key in self.state_keys:
+                codes, scale = state[key], state[f"{key}_scale"]
+                if not (isinstance(codes, Tensor) and codes.dtype == torch.uint8 and isinstance(scale, Tensor)
+                        and tuple(scale.shape) == _quant.scale_shape(p.shape)):
+                    raise ValueError(f"Invalid 8-bit state[{key!r}] for {where}: uint8 codes of shape "
+                                     f"{tuple(p.shape)} and scales of shape {_quant.scale_shape(p.shape)} expected")
         for key in self.counter_keys:
             v = state[key]
             if not (isinstance(v, (int, float)) or (isinstance(v, Tensor) and v.numel() == 1)):
@@ -376,7 +481,13 @@ class Optimizer(torch.optim.Optimizer):
         where ``step_device`` says, tensors in ``state_dtype`` (Note [state precision]) and in
         the parameter's layout (so that the fused kernels take them), always copies."""
         state: dict[str, Any] = {}
+        eight = bool(self._quantized_indices([p], group))
+        if eight or f"{self.state_keys[0]}_scale" in saved:  # 8-bit states saved or wanted: convert
+            saved = _quant.convert_states(p, saved, self.state_keys, eight)
         for key, value in saved.items():
+            if eight and key not in self.counter_keys:  # already this optimizer's own copies
+                state[key] = value
+                continue
             if key in self.counter_keys:
                 state[key] = torch.as_tensor(value, dtype=torch.float32).detach().to(
                     step_device(p), copy=True).reshape(())
@@ -392,7 +503,8 @@ class Optimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint, as torch.optim does (pre- and post-hooks, ``param_names``, state of
         non-parameters kept as is), after checking that it fits this optimizer: if it does
-        not, nothing changes. State is restored as Note [state precision] says."""
+        not, nothing changes. State is restored as Note [state precision] says, in this
+        optimizer's ``state_dtype`` (8-bit states are decoded, float ones encoded, as needed)."""
         self._checked = {}  # states are checked afresh (and the old ones not kept alive)
         name = type(self).__name__
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
@@ -404,6 +516,10 @@ class Optimizer(torch.optim.Optimizer):
                 state_dict = result
         saved_groups = copy.deepcopy(state_dict["param_groups"])
         index_to_param = self._check_checkpoint(saved_groups, state_dict["state"])
+        for saved, group in zip(saved_groups, self.param_groups):
+            for key in _PRECISION_KEYS:  # this optimizer's choice: the saved states are converted to it
+                if key in group:
+                    saved[key] = group[key]
         group_of = {index: {**self.defaults, **saved} for saved in saved_groups for index in saved["params"]}
         state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
         for index, saved in state_dict["state"].items():

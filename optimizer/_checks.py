@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ._tensors import STATE_DTYPES
 
-__all__ = ["check_backend", "check_betas", "check_fits", "check_flag", "check_lr", "check_nonnegative",
+__all__ = ["check_backend", "check_betas", "check_fits", "check_flag", "check_lean", "check_lr", "check_nonnegative",
            "check_state_dtype", "plain"]
 
 
@@ -71,7 +71,20 @@ def check_flag(name: str, value: Any, allow_none: bool = False) -> None:
 
 def check_state_dtype(value: Any) -> None:
     if value not in STATE_DTYPES:
-        raise ValueError(f"Invalid state_dtype: {value!r} (must be None, torch.float32 or torch.bfloat16)")
+        raise ValueError(f"Invalid state_dtype: {value!r} (must be None, torch.float32, torch.bfloat16 "
+                         "or torch.uint8)")
+
+
+def check_lean(group: dict[str, Any]) -> None:
+    """The options of lean states (Note [8-bit states], Note [stochastic rounding])."""
+    check_state_dtype(group.get("state_dtype"))
+    check_flag("stochastic_rounding", group.get("stochastic_rounding", False))
+    seed = group.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"Invalid seed: {seed!r} (an int in [0, 2**32))")
+    size = group.get("min_8bit_size", 4096)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"Invalid min_8bit_size: {size!r} (a positive int)")
 
 
 def check_backend(group: dict[str, Any]) -> None:

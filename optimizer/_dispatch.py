@@ -56,6 +56,13 @@ torch      ``torch._fused_adamw_`` (AdamW, ``correct_bias``)   test_fused_cpu: a
 triton     ``_adamw_kernel``, ``_lion_kernel`` in              test_fused_triton: kernel_matches_reference_every_step
            _fused_triton.py                                    (Triton's interpreter on CPU; CUDA where present)
 =========  =================================================  =========================================
+
+8-bit states (Note [8-bit states] in _quant.py) have their own backends, with the same rows:
+``_single_tensor_adamw8bit``/``_lion8bit`` (the references, in adamw8bit.py, lion8bit.py, tied to
+a float64 transcription by test_lean), their C bodies beside them (test_lean_c) and the
+``adamw8bit``/``lion8bit`` Triton kernels (test_lean_triton); the foreach path takes the reference.
+Stochastic rounding (Note [stochastic rounding]) is done by the reference, the C loops and the
+Triton kernels (``Backends.rounding``), against ``_quant.round_stochastic`` in the same tests.
 """
 
 from __future__ import annotations
@@ -88,10 +95,15 @@ class Backends:
     foreach: Callable[..., None]
     c: Callable[..., None]  # runs c_kernel through _fused_cpu.run
     c_kernel: _fused_cpu.Kernel
-    n_states: int  # element-wise state lists after params and grads; counters (AdamW's steps) follow
+    n_states: int  # state lists after params and grads; counters (AdamW's steps) follow
     triton: str  # the name of the algorithm's function in _fused_triton
     torch: Callable[..., None] | None = None  # torch's own fused kernel, where it computes our update
     torch_applies: Callable[[dict[str, Any]], bool] = lambda hyper: False
+    # 8-bit states (Note [8-bit states]): codes and their block scales, routed whole (:func:`_route_blockwise`)
+    blockwise: bool = False
+    # the backends that round bf16/fp16 parameters stochastically (Note [stochastic rounding]);
+    # such parameters go to the reference elsewhere when ``rounding_seeds`` is given
+    rounding: frozenset[str] = frozenset({"reference"})
 
 
 # device types whose tensors the fused backends send to the Triton kernels; the tests add
@@ -167,12 +179,35 @@ def route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], 
           foreach: bool | None, fused: bool | None) -> Routes:
     """Phase 1 of a step (Note [backends]): which backend updates which of the tensors.
     Raises, before anything has changed, where ``fused=True`` cannot be met."""
+    routes = _route(backends, lists, hyper, foreach=foreach, fused=fused)
+    if hyper.get("rounding_seeds") is None:
+        return routes
+    # stochastic rounding: bf16/fp16 parameters only to the backends that do it, and to the fused
+    # ones only if contiguous (their random bits follow memory, the reference's the logical order)
+    params, moved = lists[0], []
+    for name in [name for name in routes if name != "reference"]:
+        def elsewhere(i: int) -> bool:
+            return params[i].dtype in _ROUNDED and (name not in backends.rounding or not params[i].is_contiguous())
+        moved += [i for i in routes[name] if elsewhere(i)]
+        routes[name] = [i for i in routes[name] if not elsewhere(i)]
+    if moved:
+        routes["reference"] = sorted(routes.get("reference", []) + moved)
+    return {name: idx for name, idx in routes.items() if idx}
+
+
+_ROUNDED = (torch.bfloat16, torch.float16)
+
+
+def _route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], *,
+           foreach: bool | None, fused: bool | None) -> Routes:
     params = lists[0]
     n = len(params)
     everything = list(range(n))
     backend = group_backend(device_types(params), foreach, fused)
     if backend != "fused" or not n:
         return {backend: everything}
+    if backends.blockwise:
+        return {_blockwise_kernel(backends, lists, strict=bool(fused)): everything}
     strict = bool(fused)
     tensors = lists[:2 + backends.n_states]  # parameter, gradient, states (shaped like the parameter)
     counters = lists[2 + backends.n_states:]  # AdamW's step counts
@@ -208,6 +243,28 @@ def route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], 
             chosen[key] = _fused_kernel(backends, hyper, *key, strict=strict)
         routes.setdefault(chosen[key], []).append(i)
     return routes
+
+
+def _blockwise_kernel(backends: Backends, lists: list[list[Tensor]], *, strict: bool) -> str:
+    """The fused kernel for 8-bit states (Note [8-bit states]): the C loop on the CPU, Triton on
+    CUDA, for contiguous tensors of one device; else the reference."""
+    tensors = lists[:2 + backends.n_states]
+    counters = lists[2 + backends.n_states:]
+    if type(tensors[0][0]).__name__ == "DTensor":
+        tensors = [list(map(local, lst)) for lst in tensors]
+        counters = [list(map(local, lst)) for lst in counters]
+    devices = device_types(tensors[0])
+    ok = len(devices) == 1 and all(all(map(Tensor.is_contiguous, lst)) for lst in tensors)
+    device = next(iter(devices))
+    if device in TRITON_DEVICES:
+        kernels = load_triton(strict)
+        if kernels is not None and hasattr(kernels, backends.triton) and ok and _counters_on(tensors[0], counters):
+            return "triton"
+    elif device == "cpu" and ok:
+        fns = _fused_cpu.library(backends.c_kernel, strict=strict)
+        if fns is not None:
+            return "c"
+    return "reference"
 
 
 def _counters_on(params: list[Tensor], counters: list[list[Tensor]]) -> bool:
@@ -248,6 +305,16 @@ def run(backends: Backends, routes: Routes, lists: list[list[Tensor]], hyper: di
     def part(idx: list[int]) -> list[list[Tensor]]:
         return lists if len(idx) == n else pick(lists, idx)
 
+    seeds = hyper.get("rounding_seeds")
+
+    def hyper_of(name: str, idx: list[int]) -> dict[str, Any]:
+        """The keyword arguments of one backend: each tensor's rounding seed where it rounds."""
+        if seeds is None:
+            return hyper
+        if name not in backends.rounding:
+            return {k: v for k, v in hyper.items() if k != "rounding_seeds"}
+        return {**hyper, "rounding_seeds": [seeds[i] for i in idx]}
+
     host = [(name, idx) for name, idx in routes.items() if name != "triton" and idx]
     if found_inf is not None and host:  # read on the host (one sync, as GradScaler's own path)
         if float(found_inf) != 0:  # inf/nan in the gradients: skip the step, count nothing
@@ -256,15 +323,15 @@ def run(backends: Backends, routes: Routes, lists: list[list[Tensor]], hyper: di
     counters = lists[2 + backends.n_states:]
     count(backends, counters)
     if routes.get("triton"):
-        getattr(load_triton(False), backends.triton)(*part(routes["triton"]), **hyper, grad_scale=grad_scale,
-                                                     found_inf=found_inf)
+        getattr(load_triton(False), backends.triton)(*part(routes["triton"]), **hyper_of("triton", routes["triton"]),
+                                                     grad_scale=grad_scale, found_inf=found_inf)
         if found_inf is not None:  # the kernels skipped on the device: take the count back there
             count(backends, counters, found_inf)
     for name, idx in host:
         sub = part(idx)
         if grad_scale is not None:
             sub = [sub[0], amp_grads(sub[1], grad_scale, None), *sub[2:]]
-        getattr(backends, name)(*sub, **hyper)
+        getattr(backends, name)(*sub, **hyper_of(name, idx))
 
 
 def count(backends: Backends, counters: list[list[Tensor]], skipped: Tensor | None = None) -> None:

@@ -34,10 +34,23 @@ operation (about 6 for Lion, 9 for AdamW); a fused kernel makes one.
   channels_last, a transposed parameter with a gradient of the same strides);
   others go the foreach way, which follows indices.
 
-The C loops use the operations of the references (torch's ``lerp`` formula,
-``sign`` with sign(0) = sign(nan) = 0, ``sqrt``), in the state's precision, and
-round into bf16/fp16 parameters once, to nearest even, as torch does; they are
-tested against the references at every step.
+* 8-bit states (Note [8-bit states] in _quant.py) run csrc/blockwise_loop.c, the
+  same way (a :class:`Kernel` with ``codes``): its unit of work is a block of 256
+  values of a row, decoded, updated and encoded again while it sits in the cache
+  (the block's scale needs all its new values), one call per step and parameter dtype.
+
+The C loops use the operations of the references, in their order, as torch's CPU
+kernels compute them (``lerp`` and ``addcmul`` with one fused multiply-add each,
+``sign`` with sign(0) = sign(nan) = 0, ``sqrt``), in the state's precision, and round
+into bf16/fp16 parameters once: to nearest even as torch does, or stochastically
+(Note [stochastic rounding] in _quant.py; the random bits of an element are those of
+its offset in memory, its index in a contiguous tensor). They are compiled with
+``-ffp-contract=off`` (every rounding as written) and tested against the references at
+every step: bit for bit where torch's float32 ``sqrt`` is correctly rounded (torch's
+CPU ``sqrt`` is MKL's vector math where torch is built with it, which may be an ulp
+off; tests/test_lean_c.py). A division by a loop invariant (a scale, a bias correction,
+the 127 or 255 of a code) is done as Markstein's correction of a product by the
+reciprocal, which rounds as the division does (``quotient`` in csrc/fused_prelude.h).
 """
 
 from __future__ import annotations
@@ -57,17 +70,20 @@ import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import _quant
 from ._tensors import as_real, local
 
-__all__ = ["BLOCK", "Kernel", "library", "run"]
+__all__ = ["BLOCK", "QBLOCK", "Kernel", "library", "run", "source", "variants"]
 
 log = logging.getLogger("optimizer")
 BLOCK = 1 << 14  # elements a thread takes at a time
+QBLOCK = _quant.BLOCK  # values per scale of 8-bit states (Note [8-bit states]; QBLOCK in csrc/blockwise_prelude.h)
 
 
 @dataclass(frozen=True)
@@ -75,13 +91,24 @@ class Kernel:
     """An element-wise update in C. ``body`` reads and assigns the locals ``p`` (the
     parameter), ``g`` (the gradient, already negated when maximising) and one local per
     state, all of type ``T`` (the state's precision), and may read the ``scalars`` (the
-    same for every tensor) and ``per_tensor`` values (one per tensor) by name."""
+    same for every tensor) and ``per_tensor`` values (one per tensor) by name.
+
+    With ``codes`` (one per state: "signed" or "root", Note [8-bit states] in _quant.py) the
+    states are 8-bit codes with a float32 scale per block of 256 values of a row: the kernel
+    runs in csrc/blockwise_loop.c, its states decoded into float32 locals before ``body`` and
+    encoded after it, a block at a time."""
 
     name: str
     states: tuple[str, ...]
     scalars: tuple[str, ...]
     body: str
     per_tensor: tuple[str, ...] = ()
+    codes: tuple[str, ...] = ()
+
+    @property
+    def loop(self) -> str:
+        """The C file of the loop that runs ``body`` (in csrc/)."""
+        return "blockwise_loop.c" if self.codes else "fused_loop.c"
 
 
 # (parameter dtype, state dtype) -> the C storage types of parameter and state, and the compute type T
@@ -91,6 +118,16 @@ _VARIANTS: dict[tuple[torch.dtype, torch.dtype], tuple[str, str, str]] = {
     **{(p, s): (_C_TYPES[p], _C_TYPES[s], "float")
        for p in (torch.float32, torch.bfloat16, torch.float16) for s in (torch.float32, torch.bfloat16)},
 }
+# the 8-bit kernels: uint8 codes (and float32 scales), any of these parameter dtypes, float32 math
+_VARIANTS_8BIT: dict[tuple[torch.dtype, torch.dtype], tuple[str, str, str]] = {
+    (p, torch.uint8): (_C_TYPES[p], "u8", "float") for p in (torch.float32, torch.bfloat16, torch.float16)}
+ROUNDED = (torch.bfloat16, torch.float16)  # the parameter dtypes rounded stochastically (Note [stochastic rounding])
+
+
+def variants(kernel: Kernel) -> dict[tuple[torch.dtype, torch.dtype], tuple[str, str, str]]:
+    """The dtype variants compiled for ``kernel``: (parameter dtype, state dtype) -> C types."""
+    return _VARIANTS_8BIT if kernel.codes else _VARIANTS
+
 
 _CSRC = pathlib.Path(__file__).with_name("csrc")  # shipped as package data
 
@@ -109,25 +146,46 @@ def _macro(name: str, lines: list[str]) -> str:
 
 
 def source(kernel: Kernel) -> str:
-    """The C translation unit for ``kernel``: csrc/fused_prelude.h, the kernel's own macros, and
-    csrc/fused_loop.c once per dtype variant (one function each). Compiled as it is printed."""
-    loop = (_CSRC / "fused_loop.c").read_text()
+    """The C translation unit for ``kernel``: csrc/fused_prelude.h (and csrc/blockwise_prelude.h
+    for 8-bit states), the kernel's own macros, and its loop (csrc/fused_loop.c or
+    csrc/blockwise_loop.c) once per dtype variant (one function each). Compiled as it is printed."""
+    loop = (_CSRC / kernel.loop).read_text()
     n = len(kernel.per_tensor)
     parts = [
         f"/* generated by optimizer._fused_cpu.source for the kernel {kernel.name!r} */\n#define BLOCK {BLOCK}\n",
         (_CSRC / "fused_prelude.h").read_text(),
+        "\n" + (_CSRC / "blockwise_prelude.h").read_text() if kernel.codes else "",
         f"\n/* the {kernel.name} kernel (written beside its Python reference) */\n",
         _macro("KERNEL_SCALARS", [f"const T {s} = (T)scalars[{j}];" for j, s in enumerate(kernel.scalars)]),
-        _macro("KERNEL_STATES", [f"STYPE *restrict S_{s} = (STYPE *)tp[{2 + j}];" for j, s in enumerate(kernel.states)]),
-        _macro("KERNEL_PER_TENSOR", [f"const T {s} = (T)per_tensor[t * {n} + {j}];" for j, s in enumerate(kernel.per_tensor)]),
-        _macro("KERNEL_LOAD", [f"T {s} = CAT(load_, STYPE)(S_{s}[i]);" for s in kernel.states]),
-        _macro("KERNEL_BODY", [line.strip() for line in kernel.body.strip().splitlines()]),
-        _macro("KERNEL_STORE", [f"S_{s}[i] = CAT(store_, STYPE)({s});" for s in kernel.states]),
     ]
+    if kernel.codes:  # Note [8-bit states]: codes, then scales, per tensor; decoded, updated, encoded
+        k = len(kernel.states)
+        parts += [
+            _macro("KERNEL_STATES", [line for j, s in enumerate(kernel.states) for line in (
+                f"uint8_t *restrict C_{s} = (uint8_t *)tp[{2 + j}] + base;",
+                f"float *restrict Z_{s} = (float *)tp[{2 + k + j}] + blk;",
+                f"const float z_{s} = *Z_{s};",
+                f"float buf_{s}[QBLOCK];")]),
+            _macro("KERNEL_PER_TENSOR", [f"const T {s} = (T)per_tensor[t * {n} + {j}];" for j, s in enumerate(kernel.per_tensor)]),
+            _macro("KERNEL_LOAD", [f"T {s} = decode_{code}(C_{s}[i], z_{s});" for s, code in zip(kernel.states, kernel.codes)]),
+            _macro("KERNEL_BODY", [line.strip() for line in kernel.body.strip().splitlines()]),
+            _macro("KERNEL_KEEP", [f"buf_{s}[i] = {s};" for s in kernel.states]),
+            _macro("KERNEL_ENCODE", [f"encode_{code}(buf_{s}, n, C_{s}, Z_{s});" for s, code in zip(kernel.states, kernel.codes)]),
+        ]
+        n_ptrs = 2 + 2 * k
+    else:
+        parts += [
+            _macro("KERNEL_STATES", [f"STYPE *restrict S_{s} = (STYPE *)tp[{2 + j}];" for j, s in enumerate(kernel.states)]),
+            _macro("KERNEL_PER_TENSOR", [f"const T {s} = (T)per_tensor[t * {n} + {j}];" for j, s in enumerate(kernel.per_tensor)]),
+            _macro("KERNEL_LOAD", [f"T {s} = CAT(load_, STYPE)(S_{s}[i]);" for s in kernel.states]),
+            _macro("KERNEL_BODY", [line.strip() for line in kernel.body.strip().splitlines()]),
+            _macro("KERNEL_STORE", [f"S_{s}[i] = CAT(store_, STYPE)({s});" for s in kernel.states]),
+        ]
+        n_ptrs = 2 + len(kernel.states)
     body_only = loop[loop.index("*/") + 2:].lstrip("\n")  # the loop's header comment once, at the first variant
-    for index, (ptype, stype, ctype) in enumerate(_VARIANTS.values()):
+    for index, (ptype, stype, ctype) in enumerate(variants(kernel).values()):
         defines = {"FN": _function_name(kernel, ptype, stype), "T": ctype, "PTYPE": ptype, "STYPE": stype,
-                   "N_PTRS": 2 + len(kernel.states)}
+                   "N_PTRS": n_ptrs, "ROUNDS": int(ptype in ("bf16", "f16"))}
         parts += [f"\n/* parameters {ptype}, states {stype}, computed in {ctype} */\n",
                   "#ifdef HAVE_F16\n" if ptype == "f16" else "",
                   "".join(f"#define {name} {value}\n" for name, value in defines.items()), loop if index == 0 else body_only,
@@ -140,6 +198,10 @@ _failed: list[str] = []
 _warned: list[bool] = []
 _lock = threading.Lock()
 _FLAG_SETS = (["-march=native", "-fopenmp"], ["-fopenmp"], [])  # best first; the last is single-threaded
+# every operation rounded as written (no contraction into fma but where the source says FMA), no
+# errno; -fno-trapping-math (as torch's own CPU kernels are built) lets loops with a select be
+# vectorised, and changes no result (floating-point traps are never enabled)
+_CFLAGS = ("-O3", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fPIC", "-shared")
 _DIR_PREFIX = "clearoptim-build-"
 
 
@@ -181,8 +243,7 @@ def _compile(kernel: Kernel) -> tuple[dict[tuple[torch.dtype, torch.dtype], ctyp
             f.write(source(kernel))
         errors = []
         for flags in _FLAG_SETS:
-            cmd = [*cc, "-O3", "-std=gnu11", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", *flags, src,
-                   "-o", lib_path]
+            cmd = [*cc, *_CFLAGS, *flags, src, "-o", lib_path]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             except (OSError, subprocess.SubprocessError) as err:
@@ -197,11 +258,11 @@ def _compile(kernel: Kernel) -> tuple[dict[tuple[torch.dtype, torch.dtype], ctyp
         except OSError as err:
             raise RuntimeError(f"the compiled library cannot be loaded ({err})") from err
     fns = {}
-    for dtypes, (ptype, stype, _) in _VARIANTS.items():
+    for dtypes, (ptype, stype, _) in variants(kernel).items():
         fn = getattr(lib, _function_name(kernel, ptype, stype), None)  # no fp16 variant where C lacks _Float16
         if fn is not None:
             fn.restype = None
-            fn.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 5, ctypes.c_int, ctypes.c_int]
+            fn.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 5, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
             fns[dtypes] = fn
     if not fns:
         raise RuntimeError(f"the compiled library has none of the {kernel.name} functions")
@@ -257,12 +318,13 @@ def _plan(kernel: Kernel, lists: list[list[Tensor]]) -> list[tuple[ctypes._CFunc
     their count, and the pointer, size and block-count arrays the function reads). Cached under
     a signature read with C-level maps (every address and size, the dtypes): from the second
     step of a training loop on, nothing is rebuilt (gradients that are new tensors each step
-    make a new signature only if their addresses change)."""
+    make a new signature only if their addresses change). For 8-bit states (``kernel.codes``)
+    the sizes are the row lengths and the blocks are QBLOCK values of a row (Note [8-bit states])."""
     if lists[0] and type(lists[0][0]).__name__ == "DTensor":  # FSDP2: the local shards
         lists = [list(map(local, lst)) for lst in lists]
     signature = (kernel.name, *itertools.chain(*[map(Tensor.data_ptr, lst) for lst in lists],
                                                map(Tensor.numel, lists[0]), map(_DTYPE, lists[0]),
-                                               map(_DTYPE, lists[2])))
+                                               map(_DTYPE, lists[2]), map(len, lists[0]) if kernel.codes else ()))
     plan = _PLANS.get(signature)
     if plan is not None:
         _PLANS.move_to_end(signature)
@@ -274,10 +336,16 @@ def _plan(kernel: Kernel, lists: list[list[Tensor]]) -> list[tuple[ctypes._CFunc
     plan = []
     for key, idx in calls.items():
         ptrs = [t.data_ptr() for i in idx for t in (lst[i] for lst in lists)]
-        numel = [as_real(lists[0][i]).numel() for i in idx]
-        first = [0, *itertools.accumulate(-(-n // BLOCK) for n in numel)]
+        if kernel.codes:  # per tensor: its row length, and rows x ceil(cols / QBLOCK) blocks
+            rows = [len(lists[0][i]) for i in idx]
+            sizes = [lists[0][i].numel() // r if r else 0 for i, r in zip(idx, rows)]
+            blocks = [r * -(-c // QBLOCK) for r, c in zip(rows, sizes)]
+        else:
+            sizes = [as_real(lists[0][i]).numel() for i in idx]
+            blocks = [-(-n // BLOCK) for n in sizes]
+        first = [0, *itertools.accumulate(blocks)]
         plan.append((fns[key], None if len(calls) == 1 else idx, len(idx), (ctypes.c_void_p * len(ptrs))(*ptrs),
-                     (ctypes.c_int64 * len(numel))(*numel), (ctypes.c_int64 * len(first))(*first)))
+                     (ctypes.c_int64 * len(sizes))(*sizes), (ctypes.c_int64 * len(first))(*first)))
     _PLANS[signature] = plan
     if len(_PLANS) > _PLANS_KEPT:
         _PLANS.popitem(last=False)
@@ -301,19 +369,27 @@ def count(kernel: Kernel, steps: list[Tensor]) -> bool:
 
 
 def run(kernel: Kernel, params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]],
-        scalars: list[float], per_tensor: Tensor | None = None, *, maximize: bool) -> None:
+        scalars: list[float], per_tensor: Sequence[Sequence[float]] | None = None, *, maximize: bool,
+        rounding_seeds: Sequence[int] | None = None) -> None:
     """One fused pass of ``kernel`` over all the tensors, one call per dtype variant.
 
-    ``states`` holds one list per state of the kernel; row ``i`` of ``per_tensor`` (float64, one
-    column per value of ``kernel.per_tensor``) the values of tensor ``i``. The dispatcher
-    (``_dispatch.route``) sends only tensors the kernel takes: on the CPU, a compiled dtype
-    variant, and one dense layout shared by the parameter, its gradient and its states (so
-    that the i-th element in memory is the same element in each).
+    ``states`` holds one list per state of the kernel (for 8-bit states: the codes of each
+    state, then the scales of each); ``per_tensor[i]`` the values of tensor ``i``, one per name
+    in ``kernel.per_tensor``; ``rounding_seeds`` one 32-bit seed per tensor, to round bf16/fp16
+    parameters stochastically (Note [stochastic rounding]), or None to round them to nearest.
+    The dispatcher (``_dispatch.route``) sends only tensors the kernel takes: on the CPU, a
+    compiled dtype variant, and one dense layout shared by the parameter, its gradient and its
+    states (so that the i-th element in memory is the same element in each; 8-bit states:
+    contiguous tensors). The random bits of element i are those of its offset in memory.
     """
     n_threads = torch.get_num_threads()
     c_scalars = (ctypes.c_double * max(len(scalars), 1))(*scalars)
-    for fn, idx, n, ptrs, numel, first in _plan(kernel, [params, grads, *states]):
-        values = None
-        if per_tensor is not None:
-            values = (per_tensor if idx is None else per_tensor[idx]).contiguous()
-        fn(n, ptrs, numel, first, c_scalars, None if values is None else values.data_ptr(), int(maximize), n_threads)
+    width = len(kernel.per_tensor)
+    for fn, idx, n, ptrs, sizes, first in _plan(kernel, [params, grads, *states]):
+        values = seeds = None
+        if width:
+            rows = per_tensor if idx is None else [per_tensor[i] for i in idx]
+            values = (ctypes.c_double * (n * width))(*itertools.chain.from_iterable(rows))
+        if rounding_seeds is not None and params[0 if idx is None else idx[0]].dtype in ROUNDED:
+            seeds = (ctypes.c_uint32 * n)(*(rounding_seeds if idx is None else [rounding_seeds[i] for i in idx]))
+        fn(n, ptrs, sizes, first, c_scalars, values, int(maximize), seeds, n_threads)

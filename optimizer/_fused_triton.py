@@ -29,13 +29,57 @@ tensors of every size. Here:
   anything, and the step counters are put back: the step is skipped with
   nothing changed, without a sync.
 * Math in float32 whatever the storage (fp32, bf16 or fp16 parameters; fp32 or
-  bf16 states), rounded once into each stored value, to nearest even.
+  bf16 states), rounded once into each stored value, to nearest even; or, for
+  bf16/fp16 parameters given ``rounding_seeds``, stochastically (Note [stochastic
+  rounding] in _quant.py; ``ROUND``, a compile-time flag: without seeds the kernels
+  are unchanged). The seeds change every step, so they travel beside the cached
+  tables, one int64 a tensor copied from pinned memory; the random bits of an
+  element are a hash of its tensor's seed and its offset in the tensor's memory,
+  whatever block or launch updates it. That offset is the element's index in
+  ``_quant.round_stochastic``'s (logical) order where the tensor is contiguous; for
+  other dense layouts the bits are as random, but not the reference's.
 * No autotuning: a block is 2048 elements (x 4 warps: 16 per thread, four
   16-byte loads per fp32 stream), so nothing ever runs twice on the same data.
 
 The element-wise math is the same as the references' (docstrings of AdamW and
 Lion) and is tested against them at every step, in CI through Triton's
 interpreter (``TRITON_INTERPRET=1``, CPU tensors) and on a GPU for real.
+
+Note [8-bit kernels]
+~~~~~~~~~~~~~~~~~~~~
+``adamw8bit`` and ``lion8bit`` update tensors with 8-bit states (Note [8-bit states]
+in _quant.py), as the launches above: one per group and parameter dtype, a table row
+per tensor (its addresses, its rows x cols, blocks per row, and whether its rows
+start at multiples of 16 elements, for vector accesses), a program per
+``PER_PROGRAM`` = 4 consecutive blocks of 256 values of one tensor. Block q of a
+tensor is row ``q // per_row``, values ``256 (q % per_row) ..`` of it (the last
+block of a row masked), and its scales sit at offset q; the program holds its
+blocks as a [4, 256] tile: it decodes, updates, takes each block's largest
+magnitude (a row of the tile), encodes and stores, reading and writing each value
+once. The largest magnitude is taken without the NaNs, which are counted apart:
+a block with one gets the scale NaN and codes 0, the same on every device
+whatever its max instruction does with a NaN.
+
+The update is the reference's (``_single_tensor_adamw8bit``, ``_single_tensor_lion8bit``)
+operation for operation, in its order, each correctly rounded: divisions ``div_rn``,
+square roots ``sqrt_rn``, fused multiply-adds exactly where torch's own kernels fuse
+(``lerp``: ATen's vector kernel and CUDA's compute ``w (b - a) + a`` in one rounding;
+``addcmul``'s ``(w g) g + v``), and no others (the kernels are compiled with
+``enable_fp_fusion=False``); scalars as the reference rounds them: float64 on the
+host there, rounded once to float32 (``1 - lr wd``, ``-lr / (1 - beta1^t)``:
+the learning rate and weight decay are float64 arguments, the bias corrections
+float64 on the device). So the kernels equal the reference bit for bit wherever the
+reference's own operations are correctly rounded (in the interpreter, with numpy's;
+on a GPU, with its IEEE instructions). Two are not: torch's CPU float32 ``sqrt``
+(its x86 vector kernel is within 0.75 ulp, and misses the correctly rounded value
+for about one value in six), and torch's CUDA division by a Python number (a
+multiplication by its reciprocal: the decodes' ``/ 127``, ``/ 255`` and
+``r / sqrt(1 - beta2^t)``). Against those the kernels' scales and parameters are
+within an ulp a step and their codes within 1 (nearly always equal);
+tests/test_lean_triton.py checks both. (One more, in principle: the bias corrections
+are ``1 - exp(t ln beta)`` in float64 where the reference has Python's ``1 - beta**t``;
+they differ in the last bits of a float64 at most, which changes their float32
+rounding only where it falls within those bits of a tie.)
 """
 
 from __future__ import annotations
@@ -44,6 +88,8 @@ import contextlib
 import itertools
 import math
 import operator
+import struct
+from collections.abc import Sequence
 from typing import Any
 from collections import OrderedDict
 
@@ -52,9 +98,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _quant
 from ._tensors import local
 
-__all__ = ["BLOCK", "SUPPORTED", "adamw", "lion"]
+__all__ = ["BLOCK", "SUPPORTED", "adamw", "adamw8bit", "lion", "lion8bit"]
 
 BLOCK = 2048
 NUM_WARPS = 4
@@ -74,6 +121,65 @@ def _store(ptr, offs, mask, x, DTYPE: tl.constexpr):
         tl.store(ptr.to(tl.pointer_type(tl.uint16)) + offs, r, mask=mask)
     else:
         tl.store(ptr + offs, x.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _mix32(x):
+    """``_quant.mix32`` on uint32 values: the products wrap modulo 2^32, as its ``& 0xFFFFFFFF``."""
+    x = x ^ (x >> 16)
+    x = x * tl.full((), 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full((), 0x1B873593, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _round_stochastic(ptr, offs, mask, x, seed, DTYPE: tl.constexpr):
+    """Store float32 ``x`` as bf16/fp16, rounded stochastically: ``_quant.round_stochastic`` bit
+    for bit (Note [stochastic rounding]). ``offs``: the elements' indices in their tensor."""
+    r16 = _mix32(offs.to(tl.uint32) ^ seed) >> 16  # 16 random bits, _quant.random16
+    u16 = ptr.to(tl.pointer_type(tl.uint16))
+    if DTYPE == tl.bfloat16:
+        # the value toward zero is x's upper half; frac * 65536 is exactly x's lower half
+        u = x.to(tl.uint32, bitcast=True)
+        lo = u & 0xFFFF0000
+        out = tl.where(r16 < (u & 0xFFFF), lo + 0x10000, lo) >> 16
+        # to nearest (even) where the value above is infinite: |lo| the largest finite bf16, inf, nan
+        nearest = tl.where(x != x, 0x7FC0, (u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+        out = tl.where((u & 0x7FFFFFFF) >= 0x7F7F0000, nearest, out)
+        tl.store(u16 + offs, out.to(tl.uint16), mask=mask)
+    else:
+        nearest = x.to(tl.float16)  # to nearest even
+        nb = nearest.to(tl.uint16, bitcast=True).to(tl.uint32)
+        # the value toward zero and the next one away from it (sign-magnitude bits: -1, +1)
+        lo = tl.where(tl.abs(nearest.to(tl.float32)) > tl.abs(x), nb - 1, nb).to(tl.uint16)
+        hi = (lo.to(tl.uint32) + 1).to(tl.uint16)
+        lo_f = lo.to(tl.float16, bitcast=True).to(tl.float32)
+        hi_f = hi.to(tl.float16, bitcast=True).to(tl.float32)
+        frac = tl.div_rn(tl.abs(x) - tl.abs(lo_f), tl.abs(hi_f) - tl.abs(lo_f))  # exact: the gap is a power of 2
+        out = tl.where(r16.to(tl.float32) < frac * 65536.0, hi, lo)
+        # to nearest where the value above is infinite: |lo| the largest finite fp16, inf, nan
+        out = tl.where((lo.to(tl.uint32) & 0x7FFF) >= 0x7BFF, nb.to(tl.uint16), out)
+        tl.store(u16 + offs, out, mask=mask)
+
+
+@triton.jit
+def _store_param(ptr, offs, mask, x, seed, DTYPE: tl.constexpr, ROUND: tl.constexpr):
+    """Store the float32 parameter ``x``: stochastically where ROUND (bf16/fp16 only), else to nearest."""
+    if ROUND:
+        _round_stochastic(ptr, offs, mask, x, seed, DTYPE)
+    else:
+        _store(ptr, offs, mask, x, DTYPE)
+
+
+@triton.jit
+def _seed(seeds_ptr, t, ROUND: tl.constexpr):
+    """Tensor ``t``'s 32-bit rounding seed (0 where nothing rounds stochastically)."""
+    if ROUND:
+        seed = tl.load(seeds_ptr + t).to(tl.uint32)
+    else:
+        seed = tl.full((), 0, tl.uint32)
+    return seed
 
 
 @triton.jit
@@ -98,8 +204,9 @@ def _lerp(a, b, w):
 
 @triton.jit
 def _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, bc1, bc2_sqrt, grad_scale_ptr,
-                    weight_decay, beta2, w1, w2, eps,
-                    P: tl.constexpr, S: tl.constexpr, SCALED: tl.constexpr, MAXIMIZE: tl.constexpr):
+                    weight_decay, beta2, w1, w2, eps, seed,
+                    P: tl.constexpr, S: tl.constexpr, SCALED: tl.constexpr, MAXIMIZE: tl.constexpr,
+                    ROUND: tl.constexpr):
     """The AdamW update of one block (mask None: a whole block, vector loads)."""
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
@@ -116,17 +223,17 @@ def _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, bc1, bc2_sqrt, g
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps          # sqrt(v_hat) + eps
     p = p + tl.div_rn((-lr / bc1) * m, denom)                 # theta - lr m_hat / denom
 
-    _store(p_ptr, offs, mask, p, P)
+    _store_param(p_ptr, offs, mask, p, seed, P, ROUND)
     _store(m_ptr, offs, mask, m, S)
     _store(v_ptr, offs, mask, v, S)
 
 
 @triton.jit
-def _adamw_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr, log_betas,
+def _adamw_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr, log_betas, seeds_ptr,
                   weight_decay, beta2, w1, w2, eps,
                   P: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, LR_TENSOR: tl.constexpr,
                   SCALED: tl.constexpr, SKIPPABLE: tl.constexpr, CORRECT_BIAS: tl.constexpr,
-                  MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr):
+                  MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, ROUND: tl.constexpr = False):
     if SKIPPABLE:
         if tl.load(found_inf_ptr) != 0:  # GradScaler found inf/nan: change nothing
             return
@@ -142,6 +249,7 @@ def _adamw_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr
     step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))  # already counted
     numel = tl.load(row + 5)
     lr = tl.load(lr_ptr).to(tl.float32) if LR_TENSOR else lr_value
+    seed = _seed(seeds_ptr, t, ROUND)
     if CORRECT_BIAS:  # in float64: 1 - b2^t in float32 would lose the digits that matter
         t = step.to(tl.float64)
         bc1 = (1.0 - tl.exp(t * tl.load(log_betas))).to(tl.float32)                   # 1 - b1^t
@@ -151,15 +259,16 @@ def _adamw_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr
         bc2_sqrt = 1.0
     if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be vectors
         _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, offs, None, lr, bc1, bc2_sqrt, grad_scale_ptr,
-                        weight_decay, beta2, w1, w2, eps, P, S, SCALED, MAXIMIZE)
+                        weight_decay, beta2, w1, w2, eps, seed, P, S, SCALED, MAXIMIZE, ROUND)
     else:                       # the tensor's last, partial block
         _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < numel, lr, bc1, bc2_sqrt, grad_scale_ptr,
-                        weight_decay, beta2, w1, w2, eps, P, S, SCALED, MAXIMIZE)
+                        weight_decay, beta2, w1, w2, eps, seed, P, S, SCALED, MAXIMIZE, ROUND)
 
 
 @triton.jit
-def _lion_elements(p_ptr, g_ptr, m_ptr, offs, mask, lr, grad_scale_ptr, weight_decay, w1, w2,
-                   P: tl.constexpr, S: tl.constexpr, SCALED: tl.constexpr, MAXIMIZE: tl.constexpr):
+def _lion_elements(p_ptr, g_ptr, m_ptr, offs, mask, lr, grad_scale_ptr, weight_decay, w1, w2, seed,
+                   P: tl.constexpr, S: tl.constexpr, SCALED: tl.constexpr, MAXIMIZE: tl.constexpr,
+                   ROUND: tl.constexpr):
     """The Lion update of one block (mask None: a whole block, vector loads)."""
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
@@ -174,14 +283,15 @@ def _lion_elements(p_ptr, g_ptr, m_ptr, offs, mask, lr, grad_scale_ptr, weight_d
     p = p * (1 - lr * weight_decay) - lr * sign               # theta (1 - lr wd) - lr sign(c)
     m = _lerp(m, g, w2)                                       # m_t = b2 m + (1 - b2) g
 
-    _store(p_ptr, offs, mask, p, P)
+    _store_param(p_ptr, offs, mask, p, seed, P, ROUND)
     _store(m_ptr, offs, mask, m, S)
 
 
 @triton.jit
-def _lion_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr, weight_decay, w1, w2,
+def _lion_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr, seeds_ptr, weight_decay, w1, w2,
                  P: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, LR_TENSOR: tl.constexpr,
-                 SCALED: tl.constexpr, SKIPPABLE: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr):
+                 SCALED: tl.constexpr, SKIPPABLE: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
+                 ROUND: tl.constexpr = False):
     if SKIPPABLE:
         if tl.load(found_inf_ptr) != 0:  # GradScaler found inf/nan: change nothing
             return
@@ -195,12 +305,223 @@ def _lion_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr,
     m_ptr = _address(row + 2, S, ALIGNED)
     numel = tl.load(row + 3)
     lr = tl.load(lr_ptr).to(tl.float32) if LR_TENSOR else lr_value
+    seed = _seed(seeds_ptr, t, ROUND)
     if start + BLOCK <= numel:  # a whole block: no mask, so the loads can be vectors
-        _lion_elements(p_ptr, g_ptr, m_ptr, offs, None, lr, grad_scale_ptr, weight_decay, w1, w2,
-                       P, S, SCALED, MAXIMIZE)
+        _lion_elements(p_ptr, g_ptr, m_ptr, offs, None, lr, grad_scale_ptr, weight_decay, w1, w2, seed,
+                       P, S, SCALED, MAXIMIZE, ROUND)
     else:                       # the tensor's last, partial block
-        _lion_elements(p_ptr, g_ptr, m_ptr, offs, offs < numel, lr, grad_scale_ptr, weight_decay, w1, w2,
-                       P, S, SCALED, MAXIMIZE)
+        _lion_elements(p_ptr, g_ptr, m_ptr, offs, offs < numel, lr, grad_scale_ptr, weight_decay, w1, w2, seed,
+                       P, S, SCALED, MAXIMIZE, ROUND)
+
+
+# ----- 8-bit states (Note [8-bit states] in _quant.py, Note [8-bit kernels]) -------------------
+
+
+@triton.jit
+def _lerp_fma(a, b, w):
+    """torch.lerp as torch's CPU vector kernel and its CUDA kernel compute it: one fused
+    multiply-add, w (b - a) + a for w < 0.5, else (w - 1)(b - a) + b."""
+    if w < 0.5:
+        r = tl.fma(b - a, w, a)
+    else:
+        r = tl.fma(b - a, w - 1.0, b)
+    return r
+
+
+@triton.jit
+def _decode_signed(codes, scale):
+    """int8 codes [B, QBLOCK], float32 scales [B] -> sign(c) ((|c| / 127)^2 scale), as _quant.decode_signed."""
+    c = codes.to(tl.float32)
+    a = tl.div_rn(tl.abs(c), 127.0)
+    sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
+    return sign * (a * a * scale[:, None])
+
+
+@triton.jit
+def _decode_root(codes, scale):
+    """uint8 codes [B, QBLOCK], float32 scales [B] -> (c / 255)^2 scale, as _quant.decode_root."""
+    a = tl.div_rn(codes.to(tl.float32), 255.0)
+    return a * a * scale[:, None]
+
+
+@triton.jit
+def _encode(a, mask, LEVELS: tl.constexpr):
+    """|x| or r [B, QBLOCK] (>= 0 or nan) -> (codes floor(LEVELS sqrt(a / scale) + 0.5) as float32,
+    scales [B]): _quant._code over each row's block maximum; a nan in a block makes its scale
+    nan and its codes 0 (the maximum is taken without the nans, which are counted apart: the
+    same on every device, whatever its max instruction does with a nan)."""
+    a = tl.where(mask, a, 0.0)
+    is_nan = a != a
+    top = tl.max(tl.where(is_nan, 0.0, a), axis=1)
+    scale = tl.where(tl.max(is_nan.to(tl.int32), axis=1) > 0, float("nan"), top)
+    s = scale[:, None]
+    u = tl.where(s > 0, tl.div_rn(a, tl.where(s > 0, s, 1.0)), 0.0)
+    c = tl.floor(tl.sqrt_rn(u) * LEVELS + 0.5)
+    c = tl.where(s != s, 0.0, c)   # the nan of u where s is nan (and of inf / inf): nan_to_num -> 0
+    c = tl.where(c != c, 0.0, c)
+    return c, scale
+
+
+@triton.jit
+def _lr64(lr_ptr, lr_value, LR_TENSOR: tl.constexpr):
+    """The learning rate as a float64 tensor: the tensor's value, or the float64 argument (added
+    to a float64 zero first: Triton's interpreter would make a float32 of a bare Python float
+    that flows out of an ``if``)."""
+    lr = lr_value + tl.zeros((), tl.float64)
+    if LR_TENSOR:
+        lr = tl.load(lr_ptr).to(tl.float64)
+    return lr
+
+
+@triton.jit
+def _blocks_of(entry, first, QBLOCK: tl.constexpr, PER_PROGRAM: tl.constexpr, ALIGNED: tl.constexpr):
+    """The blocks ``first ..`` of one tensor (rows x cols, blocks of QBLOCK values per row):
+    their indices q (= their scales' offsets), which are real, each value's offset and mask."""
+    cols = tl.load(entry)
+    per_row = tl.load(entry + 1)   # ceil(cols / QBLOCK)
+    n = tl.load(entry + 2)         # rows * per_row
+    if ALIGNED:  # every row starts at a multiple of 16 elements: vector accesses
+        cols = tl.multiple_of(cols, 16)
+    q = first + tl.arange(0, PER_PROGRAM)
+    real = q < n
+    row = q // per_row
+    col = (q - row * per_row) * QBLOCK
+    offs = (row * cols + col)[:, None] + tl.arange(0, QBLOCK)[None, :]
+    mask = real[:, None] & (col[:, None] + tl.arange(0, QBLOCK)[None, :] < cols)
+    return q, real, offs, mask
+
+
+@triton.jit
+def _adamw8bit_blocks(entry, first, seed, decay, step_size, bc2_sqrt, grad_scale_ptr, beta2, w1, w2, eps,
+                      P: tl.constexpr, QBLOCK: tl.constexpr, PER_PROGRAM: tl.constexpr, SCALED: tl.constexpr,
+                      MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, ROUND: tl.constexpr):
+    """AdamW on PER_PROGRAM blocks of one tensor: _single_tensor_adamw8bit's operations in its order."""
+    p_ptr = _address(entry, P, ALIGNED)
+    g_ptr = _address(entry + 1, P, ALIGNED)
+    m_ptr = _address(entry + 2, tl.int8, ALIGNED)
+    v_ptr = _address(entry + 3, tl.uint8, ALIGNED)
+    m_scales = tl.load(entry + 4).to(tl.pointer_type(tl.float32))
+    v_scales = tl.load(entry + 5).to(tl.pointer_type(tl.float32))
+    q, real, offs, mask = _blocks_of(entry + 7, first, QBLOCK, PER_PROGRAM, ALIGNED)
+
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SCALED:
+        g = tl.div_rn(g, tl.load(grad_scale_ptr))
+    if MAXIMIZE:
+        g = -g
+    m = _decode_signed(tl.load(m_ptr + offs, mask=mask, other=0), tl.load(m_scales + q, mask=real, other=0.0))
+    r = _decode_root(tl.load(v_ptr + offs, mask=mask, other=0), tl.load(v_scales + q, mask=real, other=0.0))
+    v = r * r
+
+    p = p * decay                                             # theta (1 - lr wd)
+    m = _lerp_fma(m, g, w1)                                   # m_t = b1 m + (1 - b1) g
+    v = tl.fma(w2 * g, g, v * beta2)                          # v_t = b2 v + (1 - b2) g^2 (addcmul)
+    r = tl.sqrt_rn(v)
+    denom = tl.div_rn(r, bc2_sqrt) + eps                      # sqrt(v_hat) + eps
+    p = p + tl.div_rn(step_size * m, denom)                   # theta - lr m_hat / denom (addcdiv)
+
+    c, scale = _encode(tl.abs(m), mask, 127)
+    c = tl.where(m > 0, c, tl.where(m < 0, -c, 0.0))          # m's sign; 0 for nan
+    tl.store(m_ptr + offs, c.to(tl.int8), mask=mask)
+    tl.store(m_scales + q, scale, mask=real)
+    c, scale = _encode(r, mask, 255)
+    c = tl.where(r > 0, tl.maximum(c, 1.0), c)                # a positive r never decodes to 0
+    tl.store(v_ptr + offs, c.to(tl.uint8), mask=mask)
+    tl.store(v_scales + q, scale, mask=real)
+    _store_param(p_ptr, offs, mask, p, seed, P, ROUND)
+
+
+@triton.jit
+def _adamw8bit_kernel(table, blocks, lr_ptr, lr_value: tl.float64, weight_decay: tl.float64, grad_scale_ptr,
+                      found_inf_ptr, log_betas, seeds_ptr, beta2, w1, w2, eps,
+                      P: tl.constexpr, QBLOCK: tl.constexpr, PER_PROGRAM: tl.constexpr, LR_TENSOR: tl.constexpr,
+                      SCALED: tl.constexpr, SKIPPABLE: tl.constexpr, CORRECT_BIAS: tl.constexpr,
+                      MAXIMIZE: tl.constexpr, ROUND: tl.constexpr):
+    """AdamW over 8-bit states, PER_PROGRAM blocks a program (Note [8-bit kernels])."""
+    if SKIPPABLE:
+        if tl.load(found_inf_ptr) != 0:  # GradScaler found inf/nan: change nothing
+            return
+    program = tl.program_id(0)
+    t = tl.load(blocks + 2 * program)
+    first = tl.load(blocks + 2 * program + 1)
+    entry = table + 11 * t  # p, g, m, v, m scales, v scales, step, cols, blocks a row, blocks, aligned
+    step = tl.load(tl.load(entry + 6).to(tl.pointer_type(tl.float32)))  # already counted
+    seed = _seed(seeds_ptr, t, ROUND)
+    # the scalars as the reference's: float64 on the host there, rounded once to float32
+    lr = _lr64(lr_ptr, lr_value, LR_TENSOR)
+    if CORRECT_BIAS:
+        tf = step.to(tl.float64)
+        bc1 = 1.0 - tl.exp(tf * tl.load(log_betas))                                  # 1 - b1^t
+        bc2_sqrt = tl.sqrt(1.0 - tl.exp(tf * tl.load(log_betas + 1))).to(tl.float32)  # sqrt(1 - b2^t)
+    else:
+        bc1 = 1.0
+        bc2_sqrt = 1.0
+    decay = tl.cast(1.0 - lr * weight_decay, tl.float32)
+    step_size = tl.cast(-lr / bc1, tl.float32)
+    if tl.load(entry + 10) != 0:  # the tensor's rows start at multiples of 16 elements: vector accesses
+        _adamw8bit_blocks(entry, first, seed, decay, step_size, bc2_sqrt, grad_scale_ptr, beta2, w1, w2, eps,
+                          P, QBLOCK, PER_PROGRAM, SCALED, MAXIMIZE, True, ROUND)
+    else:
+        _adamw8bit_blocks(entry, first, seed, decay, step_size, bc2_sqrt, grad_scale_ptr, beta2, w1, w2, eps,
+                          P, QBLOCK, PER_PROGRAM, SCALED, MAXIMIZE, False, ROUND)
+
+
+@triton.jit
+def _lion8bit_blocks(entry, first, seed, decay, lr, grad_scale_ptr, w1, w2,
+                     P: tl.constexpr, QBLOCK: tl.constexpr, PER_PROGRAM: tl.constexpr, SCALED: tl.constexpr,
+                     MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, ROUND: tl.constexpr):
+    """Lion on PER_PROGRAM blocks of one tensor: _single_tensor_lion8bit's operations in its order."""
+    p_ptr = _address(entry, P, ALIGNED)
+    g_ptr = _address(entry + 1, P, ALIGNED)
+    m_ptr = _address(entry + 2, tl.int8, ALIGNED)
+    m_scales = tl.load(entry + 3).to(tl.pointer_type(tl.float32))
+    q, real, offs, mask = _blocks_of(entry + 4, first, QBLOCK, PER_PROGRAM, ALIGNED)
+
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SCALED:
+        g = tl.div_rn(g, tl.load(grad_scale_ptr))
+    if MAXIMIZE:
+        g = -g
+    m = _decode_signed(tl.load(m_ptr + offs, mask=mask, other=0), tl.load(m_scales + q, mask=real, other=0.0))
+
+    c = _lerp_fma(m, g, w1)                                   # c = b1 m + (1 - b1) g
+    sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))  # torch.sign: 0 at 0 and at nan
+    p = p * decay                                             # theta (1 - lr wd)
+    p = p - sign * lr                                         # theta - lr sign(c)
+    m = _lerp_fma(m, g, w2)                                   # m_t = b2 m + (1 - b2) g
+
+    c, scale = _encode(tl.abs(m), mask, 127)
+    c = tl.where(m > 0, c, tl.where(m < 0, -c, 0.0))          # m's sign; 0 for nan
+    tl.store(m_ptr + offs, c.to(tl.int8), mask=mask)
+    tl.store(m_scales + q, scale, mask=real)
+    _store_param(p_ptr, offs, mask, p, seed, P, ROUND)
+
+
+@triton.jit
+def _lion8bit_kernel(table, blocks, lr_ptr, lr_value: tl.float64, weight_decay: tl.float64, grad_scale_ptr,
+                     found_inf_ptr, seeds_ptr, w1, w2,
+                     P: tl.constexpr, QBLOCK: tl.constexpr, PER_PROGRAM: tl.constexpr, LR_TENSOR: tl.constexpr,
+                     SCALED: tl.constexpr, SKIPPABLE: tl.constexpr, MAXIMIZE: tl.constexpr, ROUND: tl.constexpr):
+    """Lion over an 8-bit momentum, PER_PROGRAM blocks a program (Note [8-bit kernels])."""
+    if SKIPPABLE:
+        if tl.load(found_inf_ptr) != 0:  # GradScaler found inf/nan: change nothing
+            return
+    program = tl.program_id(0)
+    t = tl.load(blocks + 2 * program)
+    first = tl.load(blocks + 2 * program + 1)
+    entry = table + 8 * t  # p, g, m, m scales, cols, blocks a row, blocks, aligned
+    seed = _seed(seeds_ptr, t, ROUND)
+    lr = _lr64(lr_ptr, lr_value, LR_TENSOR)
+    decay = tl.cast(1.0 - lr * weight_decay, tl.float32)
+    lr32 = lr.to(tl.float32)
+    if tl.load(entry + 7) != 0:  # the tensor's rows start at multiples of 16 elements: vector accesses
+        _lion8bit_blocks(entry, first, seed, decay, lr32, grad_scale_ptr, w1, w2,
+                         P, QBLOCK, PER_PROGRAM, SCALED, MAXIMIZE, True, ROUND)
+    else:
+        _lion8bit_blocks(entry, first, seed, decay, lr32, grad_scale_ptr, w1, w2,
+                         P, QBLOCK, PER_PROGRAM, SCALED, MAXIMIZE, False, ROUND)
 
 
 # ----- the launch plan: which tensors, in which tables -----------------------------------
@@ -211,15 +532,17 @@ _PLANS_KEPT = 32
 _DTYPE = operator.attrgetter("dtype")
 
 
-def _tables(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor, int]:
+def _tables(rows: list[list[int]], device: torch.device, per_program: int = BLOCK, size: int = -1
+            ) -> tuple[Tensor, Tensor, int]:
     """(the tensor table, the block table, the number of blocks) for these rows of addresses
-    and sizes (size last), copied to ``device`` without a host sync."""
+    and sizes (size last, or at ``size``), copied to ``device`` without a host sync. A program
+    takes ``per_program`` of a tensor's units (elements; for 8-bit states, blocks of 256 values)."""
     table = torch.tensor(rows, dtype=torch.int64)
-    counts = torch.tensor([-(-row[-1] // BLOCK) for row in rows], dtype=torch.int64)
+    counts = torch.tensor([-(-row[size] // per_program) for row in rows], dtype=torch.int64)
     n_blocks = int(counts.sum())
     owner = torch.repeat_interleave(torch.arange(len(rows)), counts)
     first = torch.cumsum(counts, 0) - counts
-    start = (torch.arange(n_blocks) - first[owner]) * BLOCK
+    start = (torch.arange(n_blocks) - first[owner]) * per_program
     blocks = torch.stack([owner, start], 1).contiguous()
     if device.type != "cpu":  # pinned, so that the copy is asynchronous
         table = table.pin_memory().to(device, non_blocking=True)
@@ -295,43 +618,170 @@ def _log_betas(beta1: float, beta2: float, device: torch.device) -> Tensor:
     return _LOG_BETAS[key]
 
 
+_ROUNDED = (torch.bfloat16, torch.float16)
+
+
+def _seeds(rounding_seeds: Sequence[int] | None, pdt: torch.dtype, idx: list[int], device: torch.device
+           ) -> tuple[Tensor | None, bool]:
+    """(the rounding seeds of a launch's tensors, in its table's order, on ``device``; whether it
+    rounds stochastically): bf16/fp16 parameters with seeds (Note [stochastic rounding]). The seeds
+    change every step, so they travel apart from the cached tables (pinned, non-blocking)."""
+    if rounding_seeds is None or pdt not in _ROUNDED:
+        return None, False
+    seeds = torch.tensor([rounding_seeds[i] & 0xFFFFFFFF for i in idx], dtype=torch.int64)
+    if device.type != "cpu":
+        seeds = seeds.pin_memory().to(device, non_blocking=True)
+    return seeds, True
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32 (to nearest even), as torch rounds a scalar for a float32 op: the
+    kernels get these exact values on every device (Triton's interpreter computes with the Python
+    floats themselves, a GPU with float32 arguments)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 # ----- the backends (the signatures of adamw's and lion's backends, Note [backends]) --------
 
 def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
           state_steps: list[Tensor], *, lr: float | Tensor, beta1: float, beta2: float, eps: float,
-          weight_decay: float, correct_bias: bool, maximize: bool, grad_scale: Tensor | None = None,
-          found_inf: Tensor | None = None) -> None:
-    """One fused AdamW step (the signature of adamw's backends)."""
+          weight_decay: float, correct_bias: bool, maximize: bool, rounding_seeds: Sequence[int] | None = None,
+          grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+    """One fused AdamW step (the signature of adamw's backends). ``rounding_seeds``: one 32-bit
+    seed per tensor; bf16/fp16 parameters are then rounded stochastically (Note [stochastic rounding])."""
     launches = _plan(params, grads, [exp_avgs, exp_avg_sqs], state_steps)
     for pdt, sdt, aligned, idx, table, blocks, n_blocks in launches:
         device = params[idx[0]].device
         lr_t, lr_value, lr_tensor = _lr_args(lr, device)
         scale, inf = _amp_args(grad_scale, found_inf, device)
+        seeds, rounds = _seeds(rounding_seeds, pdt, idx, device)
         if n_blocks:
             with _on(device):
                 _adamw_kernel[(n_blocks,)](
-                    table, blocks, lr_t, lr_value, scale, inf, _log_betas(beta1, beta2, device),
+                    table, blocks, lr_t, lr_value, scale, inf, _log_betas(beta1, beta2, device), seeds,
                     weight_decay, beta2, 1 - beta1, 1 - beta2, eps,
                     P=_TL[pdt], S=_TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
                     SKIPPABLE=found_inf is not None, CORRECT_BIAS=correct_bias, MAXIMIZE=maximize, ALIGNED=aligned,
+                    ROUND=rounds,
                     num_warps=NUM_WARPS, enable_fp_fusion=True,  # fused multiply-adds, as nvcc compiles torch's
                 )
 
 
 def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float | Tensor,
-         beta1: float, beta2: float, weight_decay: float, maximize: bool, grad_scale: Tensor | None = None,
-         found_inf: Tensor | None = None) -> None:
-    """One fused Lion step (the signature of lion's backends)."""
+         beta1: float, beta2: float, weight_decay: float, maximize: bool, rounding_seeds: Sequence[int] | None = None,
+         grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+    """One fused Lion step (the signature of lion's backends); ``rounding_seeds`` as :func:`adamw`'s."""
     launches = _plan(params, grads, [exp_avgs], None)
     for pdt, sdt, aligned, idx, table, blocks, n_blocks in launches:
         device = params[idx[0]].device
         lr_t, lr_value, lr_tensor = _lr_args(lr, device)
         scale, inf = _amp_args(grad_scale, found_inf, device)
+        seeds, rounds = _seeds(rounding_seeds, pdt, idx, device)
         if n_blocks:
             with _on(device):
                 _lion_kernel[(n_blocks,)](
-                    table, blocks, lr_t, lr_value, scale, inf, weight_decay, 1 - beta1, 1 - beta2,
+                    table, blocks, lr_t, lr_value, scale, inf, seeds, weight_decay, 1 - beta1, 1 - beta2,
                     P=_TL[pdt], S=_TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
-                    SKIPPABLE=found_inf is not None, MAXIMIZE=maximize, ALIGNED=aligned,
+                    SKIPPABLE=found_inf is not None, MAXIMIZE=maximize, ALIGNED=aligned, ROUND=rounds,
                     num_warps=NUM_WARPS, enable_fp_fusion=True,  # fused multiply-adds, as nvcc compiles torch's
+                )
+
+
+# ----- 8-bit states: the launch plan and the backends (Note [8-bit kernels]) ---------------
+
+PER_PROGRAM = 4       # blocks of 256 values a program updates: 1024 values, 8 a thread
+NUM_WARPS_8BIT = 4
+EIGHT_BIT = tuple(_TL)  # parameter dtypes the 8-bit kernels take
+
+
+def _plan_8bit(params: list[Tensor], grads: list[Tensor], codes: list[list[Tensor]], scales: list[list[Tensor]],
+               counters: list[Tensor] | None) -> list[tuple[torch.dtype, list[int], Tensor, Tensor, int]]:
+    """The launches of an 8-bit step: one per device and parameter dtype, with its tables (cached
+    as :func:`_plan`'s). A table row: the addresses of the parameter, gradient, codes, scales (and
+    step counter), then the parameter's cols, blocks per row, blocks, and whether its rows start
+    at multiples of 16 elements (and its addresses at multiples of 16 bytes)."""
+    lists = [params, grads, *codes, *scales, *([counters] if counters is not None else [])]
+    if params and type(params[0]).__name__ == "DTensor":  # FSDP2: the local shards (rows of the parameter)
+        lists = [list(map(local, lst)) for lst in lists]
+    signature = tuple(itertools.chain(
+        ("8-bit", len(lists)), *[map(Tensor.data_ptr, lst) for lst in lists],
+        map(operator.attrgetter("shape"), lists[0]), map(_DTYPE, lists[0]),
+        map(operator.attrgetter("device"), lists[0]),
+    ))
+    plan = _PLANS.get(signature)
+    if plan is not None:
+        _PLANS.move_to_end(signature)
+        return plan
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[list[int]]]] = {}
+    n_values = 2 + len(codes)  # parameter, gradient, codes: the element-wise streams
+    for i, ts in enumerate(zip(*lists)):
+        row = [t.data_ptr() for t in ts]
+        rows, cols = _quant.rows_cols(ts[0].shape)
+        per_row = -(-cols // _quant.BLOCK)
+        aligned = cols % 16 == 0 and all(a % 16 == 0 for a in row[:n_values])
+        idx, table = groups.setdefault((ts[0].device, ts[0].dtype), ([], []))
+        idx.append(i)
+        table.append(row + [cols, per_row, rows * per_row, int(aligned)])
+    launches = [(pdt, idx, *_tables(table, device, PER_PROGRAM, size=-2))
+                for (device, pdt), (idx, table) in groups.items()]
+    _PLANS[signature] = launches
+    if len(_PLANS) > _PLANS_KEPT:
+        _PLANS.popitem(last=False)
+    return launches
+
+
+def _lr_args_8bit(lr: float | Tensor, device: torch.device) -> tuple[Tensor | None, float, bool]:
+    """The learning rate at the reference's precision: a tensor's own value (float64 in the
+    kernel), or the Python float itself (a float64 argument)."""
+    if isinstance(lr, Tensor):
+        dtype = lr.dtype if lr.dtype in (torch.float32, torch.float64) else torch.float32
+        return lr.to(device=device, dtype=dtype), 0.0, True
+    return None, float(lr), False
+
+
+def adamw8bit(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+              exp_avg_scales: list[Tensor], exp_avg_sq_scales: list[Tensor], state_steps: list[Tensor], *,
+              lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float, correct_bias: bool,
+              maximize: bool, rounding_seeds: Sequence[int] | None = None, grad_scale: Tensor | None = None,
+              found_inf: Tensor | None = None) -> None:
+    """One fused AdamW step on 8-bit states (the signature of adamw8bit's backends): contiguous
+    tensors; codes uint8 shaped like the parameter, float32 scales (rows, ceil(cols / 256))."""
+    launches = _plan_8bit(params, grads, [exp_avgs, exp_avg_sqs], [exp_avg_scales, exp_avg_sq_scales], state_steps)
+    for pdt, idx, table, blocks, n_programs in launches:
+        device = params[idx[0]].device
+        lr_t, lr_value, lr_tensor = _lr_args_8bit(lr, device)
+        scale, inf = _amp_args(grad_scale, found_inf, device)
+        seeds, rounds = _seeds(rounding_seeds, pdt, idx, device)
+        if n_programs:
+            with _on(device):
+                _adamw8bit_kernel[(n_programs,)](
+                    table, blocks, lr_t, lr_value, float(weight_decay), scale, inf, _log_betas(beta1, beta2, device),
+                    seeds, _f32(beta2), _f32(1 - beta1), _f32(1 - beta2), _f32(eps),
+                    P=_TL[pdt], QBLOCK=_quant.BLOCK, PER_PROGRAM=PER_PROGRAM, LR_TENSOR=lr_tensor,
+                    SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None, CORRECT_BIAS=correct_bias,
+                    MAXIMIZE=maximize, ROUND=rounds,
+                    num_warps=NUM_WARPS_8BIT, enable_fp_fusion=False,  # only the reference's fused multiply-adds
+                )
+
+
+def lion8bit(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_scales: list[Tensor], *,
+             lr: float | Tensor, beta1: float, beta2: float, weight_decay: float, maximize: bool,
+             rounding_seeds: Sequence[int] | None = None, grad_scale: Tensor | None = None,
+             found_inf: Tensor | None = None) -> None:
+    """One fused Lion step on an 8-bit momentum (the signature of lion8bit's backends)."""
+    launches = _plan_8bit(params, grads, [exp_avgs], [exp_avg_scales], None)
+    for pdt, idx, table, blocks, n_programs in launches:
+        device = params[idx[0]].device
+        lr_t, lr_value, lr_tensor = _lr_args_8bit(lr, device)
+        scale, inf = _amp_args(grad_scale, found_inf, device)
+        seeds, rounds = _seeds(rounding_seeds, pdt, idx, device)
+        if n_programs:
+            with _on(device):
+                _lion8bit_kernel[(n_programs,)](
+                    table, blocks, lr_t, lr_value, float(weight_decay), scale, inf, seeds,
+                    _f32(1 - beta1), _f32(1 - beta2),
+                    P=_TL[pdt], QBLOCK=_quant.BLOCK, PER_PROGRAM=PER_PROGRAM, LR_TENSOR=lr_tensor,
+                    SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None, MAXIMIZE=maximize,
+                    ROUND=rounds,
+                    num_warps=NUM_WARPS_8BIT, enable_fp_fusion=False,  # only the reference's fused multiply-adds
                 )

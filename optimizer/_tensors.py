@@ -26,14 +26,14 @@ import torch
 from torch import Tensor
 
 _LOW_PRECISION = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
-STATE_DTYPES = (None, torch.float32, torch.bfloat16)  # the choices of the state_dtype option
+STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.uint8)  # the choices of the state_dtype option
 
 
 def state_dtype(param: Tensor, requested: torch.dtype | None = None) -> torch.dtype:
     """dtype of the optimizer state for ``param`` (Note [state precision]): ``requested`` (the
     state_dtype option) for real parameters, else float32 for bf16/fp16, else the parameter's."""
-    if requested is not None and not param.is_complex():
-        return requested
+    if requested is not None and requested != torch.uint8 and not param.is_complex():
+        return requested  # (uint8: the tensors it does not quantise keep the default, Note [8-bit states])
     return _LOW_PRECISION.get(param.dtype, param.dtype)
 
 

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import _dispatch, _fused_cpu
+from . import _dispatch, _fused_cpu, _quant
 from ._base import Optimizer
-from ._checks import check_backend, check_betas, check_flag, check_lr, check_nonnegative, check_state_dtype, plain
+from ._checks import check_backend, check_betas, check_flag, check_lr, check_lean, check_nonnegative, plain
 from ._tensors import (
     as_real,
     compute_dtype,
@@ -121,10 +122,14 @@ class AdamW(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        min_8bit_size: int = 4096,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
             maximize=maximize, foreach=foreach, fused=fused, state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding, seed=seed, min_8bit_size=min_8bit_size,
         )
         super().__init__(params, defaults)
 
@@ -136,15 +141,11 @@ class AdamW(Optimizer):
         check_flag("correct_bias", group["correct_bias"])
         check_flag("maximize", group["maximize"])
         check_backend(group)
-        check_state_dtype(group.get("state_dtype"))
+        check_lean(group)
 
     def _new_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        dtype = state_dtype(param, group.get("state_dtype"))
-        return {
-            "step": torch.tensor(0.0, dtype=torch.float32, device=step_device(param)),
-            "exp_avg": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format),
-        }
+        return {"step": torch.tensor(0.0, dtype=torch.float32, device=step_device(param)),
+                **self._zero_states(param, group)}
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         beta1, beta2 = map(plain, group["betas"])
@@ -184,6 +185,7 @@ def adamw(
     maximize: bool = False,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    rounding_seeds: Sequence[int] | None = None,
 ) -> None:
     """Functional AdamW: updates ``params``, the moments and ``state_steps`` in place.
 
@@ -192,6 +194,8 @@ def adamw(
     """
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                  correct_bias=correct_bias, maximize=maximize)
+    if rounding_seeds is not None:  # Note [stochastic rounding]: one 32-bit seed per tensor
+        hyper["rounding_seeds"] = list(rounding_seeds)
     _dispatch.step(_BACKENDS, [params, grads, exp_avgs, exp_avg_sqs, state_steps], hyper, foreach=foreach,
                    fused=fused, grad_scale=grad_scale, found_inf=found_inf)
 
@@ -210,10 +214,11 @@ def _single_tensor_adamw(
     weight_decay: float,
     correct_bias: bool,
     maximize: bool,
+    rounding_seeds: Sequence[int] | None = None,
 ) -> None:
     """The reference: one tensor at a time, one line per equation of :class:`AdamW`."""
     lr = host_value(lr)  # a number (a tensor under torch.compile)
-    for param, grad, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+    for i, (param, grad, m, v, step_t) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
         # math in float32 or better (Note [state precision]); .to() is a no-op where no cast is needed
         m_r, v_r, param_r = as_real(m), as_real(v), as_real(param)
         dtype = compute_dtype(param_r.dtype, m_r.dtype)
@@ -238,9 +243,11 @@ def _single_tensor_adamw(
         else:
             p.addcdiv_(m, denom, value=-step_size)         # theta -= lr m_hat / denom
 
-        for low, high in ((param_r, p), (m_r, m), (v_r, v)):
+        for low, high in ((m_r, m), (v_r, v)):
             if high is not low:                            # low precision: round the result once
                 low.copy_(high)
+        if p is not param_r:                               # to nearest, or stochastically (Note [stochastic rounding])
+            _quant.store_param(param_r, p, None if rounding_seeds is None else rounding_seeds[i])
 
 
 def _one_minus_pow(beta: float, t: float | Tensor) -> float | Tensor:
@@ -318,7 +325,7 @@ _ADAMW_KERNEL = _fused_cpu.Kernel(
     per_tensor=("neg_step_size", "bc2_sqrt"),
     body="""
         m = LERP(m, g, w1);                             /* m_t = b1 m + (1 - b1) g, with w1 = 1 - b1 */
-        v = v * beta2 + w2 * g * g;                     /* v_t = b2 v + (1 - b2) g^2, with w2 = 1 - b2 */
+        v = FMA(w2 * g, g, v * beta2);                  /* v_t = b2 v + (1 - b2) g^2, with w2 = 1 - b2 (addcmul: one fma) */
         T denom = SQRT(v) / bc2_sqrt + eps;             /* sqrt(v_t / (1 - b2^t)) + eps */
         p = p * decay + neg_step_size * m / denom;      /* theta (1 - lr wd) - lr / (1 - b1^t) m_t / denom */
     """,
@@ -339,16 +346,25 @@ def _fused_c_adamw(
     weight_decay: float,
     correct_bias: bool,
     maximize: bool,
+    rounding_seeds: Sequence[int] | None = None,
 ) -> None:
-    """The C loop (Note [fused CPU]): one pass per element over all tensors."""
+    """The C loop (Note [fused CPU]): one pass per element over all tensors; bf16/fp16
+    parameters rounded stochastically where ``rounding_seeds`` are given (Note [stochastic rounding])."""
     lr = float(lr)  # read once on the host; the scalars stay float64 until the kernel
     scalars = [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps]
-    if correct_bias:  # per tensor: -lr / (1 - b1^t), sqrt(1 - b2^t), t already counted (Note [step counters])
-        t = _stack(state_steps)
-        per_tensor = torch.stack([-lr / _one_minus_pow(beta1, t), _one_minus_pow(beta2, t).sqrt()], dim=1)
-    else:
-        per_tensor = torch.tensor([[-lr, 1.0]], dtype=torch.float64).expand(len(params), 2)
-    _fused_cpu.run(_ADAMW_KERNEL, params, grads, [exp_avgs, exp_avg_sqs], scalars, per_tensor, maximize=maximize)
+    _fused_cpu.run(_ADAMW_KERNEL, params, grads, [exp_avgs, exp_avg_sqs], scalars,
+                   _bias_corrections(lr, beta1, beta2, state_steps, correct_bias), maximize=maximize,
+                   rounding_seeds=rounding_seeds)
+
+
+def _bias_corrections(lr: float, beta1: float, beta2: float, steps: list[Tensor],
+                      correct_bias: bool) -> list[tuple[float, float]]:
+    """Per tensor (-lr / (1 - b1^t), sqrt(1 - b2^t)), t already counted (Note [step counters]),
+    computed as the reference does, in Python floats: torch's float64 pow and sqrt round
+    differently (the float32 values the kernels use would then differ in rare steps)."""
+    if not correct_bias:
+        return [(-lr, 1.0)] * len(steps)
+    return [(-lr / _one_minus_pow(beta1, t), _one_minus_pow(beta2, t) ** 0.5) for t in _stack(steps).tolist()]
 
 
 def _stack(steps: list[Tensor]) -> Tensor:
@@ -395,6 +411,7 @@ _BACKENDS = _dispatch.Backends(
     c_kernel=_ADAMW_KERNEL,
     n_states=2,
     triton="adamw",
+    rounding=frozenset({"reference", "c", "triton"}),  # Note [stochastic rounding]
     torch=_fused_torch_adamw,
     torch_applies=operator.itemgetter("correct_bias"),
 )

@@ -6,10 +6,19 @@ An optimizer step reads and writes each element once at best, so its floor is
 bytes / bandwidth: AdamW moves 3 P + 4 S bytes per parameter (read p, g, m, v;
 write p, m, v; P and S the bytes of a parameter and of a state value: 28 in
 fp32), Lion 3 P + 2 S (20 in fp32). Each implementation is credited with the
-bytes of its own state dtype. All candidates share one list of parameters and
-gradients. Where their states fit in memory together (the CPU models) they are
+bytes of its own state as it holds it after the timed steps: ``2 S`` is twice the
+bytes of its per-element state tensors per parameter, so 8-bit states count their
+codes, their scales and the tensors too small to quantise (scalar counters are
+left out: they are not moved per element). The "state B/param" column is the
+memory of all of its state tensors, counters included, per parameter.
+
+All candidates share one list of parameters and gradients (the rows with bf16
+parameters and stochastic rounding, in a run of other parameters, share a bf16
+copy of it). Where their states fit in memory together (the CPU models) they are
 timed in interleaved rounds, so that drift of the machine spreads over all of
-them; otherwise one after the other, each freed before the next is built.
+them; otherwise one after the other, each freed before the next is built. Peers
+that are not installed, or fail their first step on this device, are skipped and
+listed.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import statistics
 import time
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -86,8 +95,16 @@ def bandwidth(n: int, device: torch.device) -> dict[str, float]:
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# (name, algorithm, state dtype: "param" = the parameter's own, build(params) -> optimizer)
-Row = tuple[str, str, Any, Callable[[list[torch.nn.Parameter]], Any]]
+
+
+class Row(NamedTuple):
+    """One implementation to time."""
+
+    name: str
+    algorithm: str  # "adamw" or "lion"
+    make: Callable[[list[torch.nn.Parameter]], Any]  # params -> optimizer (or a namespace with .step, .optimizer)
+    param_dtype: torch.dtype | None = None  # its own parameters' dtype; None: the run's --dtype
+    peer: str | None = None  # another library's: skipped (and listed) where it cannot run
 
 
 def _compiled(make: Callable[[list[torch.nn.Parameter]], Any]) -> Callable[[list[torch.nn.Parameter]], Any]:
@@ -99,52 +116,117 @@ def _compiled(make: Callable[[list[torch.nn.Parameter]], Any]) -> Callable[[list
     return build
 
 
-def candidates(device: torch.device, state_dtype: torch.dtype | None, compile: bool = False) -> list[Row]:
-    """Every implementation worth timing here. ``state_dtype`` is passed to ours. With
-    ``compile``, also each of ours and torch's AdamW with ``torch.compile(opt.step)``."""
-    ours = torch.float32 if state_dtype is None else state_dtype  # our default: fp32 state for any param dtype
+# the 8-bit peers: (row name, algorithm, module, class name); tried wherever importable, and
+# skipped (listed in the output) where not installed or where their first step fails
+PEERS_8BIT = [
+    ("bitsandbytes AdamW8bit", "adamw", "bitsandbytes", "optim.AdamW8bit"),
+    ("bitsandbytes Lion8bit", "lion", "bitsandbytes", "optim.Lion8bit"),
+    ("torchao AdamW8bit", "adamw", "torchao", "optim.AdamW8bit"),
+]
+
+
+def _peer_class(module: str, path: str) -> Any:
+    """``module.path`` (torchao's optimizers also under their older home, prototype.low_bit_optim)."""
+    mod = importlib.import_module(module)
+    for where in (path, f"prototype.low_bit_optim.{path.rsplit('.', 1)[-1]}"):
+        obj: Any = mod
+        try:
+            for part in where.split("."):
+                obj = getattr(obj, part, None) or importlib.import_module(f"{obj.__name__}.{part}")
+            return obj
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"{module} has no {path}")
+
+
+def candidates(device: torch.device, state_dtype: torch.dtype | None, compile: bool = False,
+               skipped: dict[str, str] | None = None) -> list[Row]:
+    """Every implementation worth timing here. ``state_dtype`` is passed to ours (not to the
+    8-bit rows). With ``compile``, also each of ours and torch's AdamW with
+    ``torch.compile(opt.step)``. Peers that cannot be imported go into ``skipped`` with why."""
+    skipped = {} if skipped is None else skipped
     kw = {} if state_dtype is None else {"state_dtype": state_dtype}
+    u8, bf16 = torch.uint8, torch.bfloat16
     rows: list[Row] = [
-        ("torch AdamW fused", "adamw", "param", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
-        ("torch AdamW foreach", "adamw", "param", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
-        ("ours AdamW default", "adamw", ours, lambda ps: AdamW(ps, lr=1e-3, **kw)),
-        ("ours AdamW correct_bias=False", "adamw", ours, lambda ps: AdamW(ps, lr=1e-3, correct_bias=False, **kw)),
-        ("ours AdamW foreach", "adamw", ours, lambda ps: AdamW(ps, lr=1e-3, foreach=True, **kw)),
-        ("ours Lion default", "lion", ours, lambda ps: Lion(ps, lr=1e-4, **kw)),
-        ("ours Lion foreach", "lion", ours, lambda ps: Lion(ps, lr=1e-4, foreach=True, **kw)),
+        Row("torch AdamW fused", "adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
+        Row("torch AdamW foreach", "adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
+        Row("ours AdamW default", "adamw", lambda ps: AdamW(ps, lr=1e-3, **kw)),
+        Row("ours AdamW correct_bias=False", "adamw", lambda ps: AdamW(ps, lr=1e-3, correct_bias=False, **kw)),
+        Row("ours AdamW foreach", "adamw", lambda ps: AdamW(ps, lr=1e-3, foreach=True, **kw)),
+        Row("ours Lion default", "lion", lambda ps: Lion(ps, lr=1e-4, **kw)),
+        Row("ours Lion foreach", "lion", lambda ps: Lion(ps, lr=1e-4, foreach=True, **kw)),
     ]
     if device.type == "cpu" or compile:
         rows += [
-            ("ours AdamW reference", "adamw", ours, lambda ps: AdamW(ps, lr=1e-3, foreach=False, fused=False, **kw)),
-            ("ours Lion reference", "lion", ours, lambda ps: Lion(ps, lr=1e-4, foreach=False, fused=False, **kw)),
+            Row("ours AdamW reference", "adamw", lambda ps: AdamW(ps, lr=1e-3, foreach=False, fused=False, **kw)),
+            Row("ours Lion reference", "lion", lambda ps: Lion(ps, lr=1e-4, foreach=False, fused=False, **kw)),
         ]
     if compile:
-        rows.append(("torch AdamW for-loop", "adamw", "param", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False)))
-        rows += [(f"{name} compiled", algorithm, sdt, _compiled(make)) for name, algorithm, sdt, make in rows
-                 if name.startswith(("ours", "torch AdamW"))]
+        rows.append(Row("torch AdamW for-loop", "adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False)))
+        rows += [r._replace(name=f"{r.name} compiled", make=_compiled(r.make)) for r in rows
+                 if r.name.startswith(("ours", "torch AdamW"))]
+    # lean states and parameters (Note [8-bit states], Note [stochastic rounding]): the default backends
+    rows += [
+        Row("ours AdamW 8-bit", "adamw", lambda ps: AdamW(ps, lr=1e-3, state_dtype=u8)),
+        Row("ours Lion 8-bit", "lion", lambda ps: Lion(ps, lr=1e-4, state_dtype=u8)),
+        Row("ours AdamW bf16 params SR", "adamw", lambda ps: AdamW(ps, lr=1e-3, stochastic_rounding=True, **kw), bf16),
+        Row("ours Lion bf16 params SR", "lion", lambda ps: Lion(ps, lr=1e-4, stochastic_rounding=True, **kw), bf16),
+    ]
     try:
         import lion_pytorch
 
-        rows.append(("lion-pytorch", "lion", "param", lambda ps: lion_pytorch.Lion(ps, lr=1e-4)))
+        rows.append(Row("lion-pytorch", "lion", lambda ps: lion_pytorch.Lion(ps, lr=1e-4), peer="lion-pytorch"))
         if device.type == "cuda":
-            rows.append(("lion-pytorch triton", "lion", "param",
-                         lambda ps: lion_pytorch.Lion(ps, lr=1e-4, use_triton=True)))
+            rows.append(Row("lion-pytorch triton", "lion", lambda ps: lion_pytorch.Lion(ps, lr=1e-4, use_triton=True),
+                            peer="lion-pytorch"))
     except ImportError:
-        pass
+        skipped["lion-pytorch"] = "lion-pytorch is not installed"
     try:
         import bitsandbytes as bnb
 
         if device.type == "cuda":
-            rows.append(("bitsandbytes AdamW32bit", "adamw", torch.float32, lambda ps: bnb.optim.AdamW32bit(ps, lr=1e-3)))
-            rows.append(("bitsandbytes Lion32bit", "lion", torch.float32, lambda ps: bnb.optim.Lion32bit(ps, lr=1e-4)))
+            rows.append(Row("bitsandbytes AdamW32bit", "adamw", lambda ps: bnb.optim.AdamW32bit(ps, lr=1e-3),
+                            peer="bitsandbytes"))
+            rows.append(Row("bitsandbytes Lion32bit", "lion", lambda ps: bnb.optim.Lion32bit(ps, lr=1e-4),
+                            peer="bitsandbytes"))
     except ImportError:
         pass
+    lrs = {"adamw": 1e-3, "lion": 1e-4}
+    for name, algorithm, module, path in PEERS_8BIT:
+        try:
+            cls = _peer_class(module, path)
+        except Exception as err:  # noqa: BLE001 - not installed, or an install that cannot load here
+            missing = isinstance(err, ModuleNotFoundError) and err.name == module
+            skipped[name] = f"{module} is not installed" if missing else f"{module}: {_first_line(err)}"
+            continue
+        rows.append(Row(name, algorithm, lambda ps, cls=cls, lr=lrs[algorithm]: cls(ps, lr=lr), peer=module))
     return rows
 
 
-def bytes_per_param(algorithm: str, param_dtype: torch.dtype, state: torch.dtype) -> int:
-    p, s = param_dtype.itemsize, state.itemsize
-    return 3 * p + (4 if algorithm == "adamw" else 2) * s
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:80]
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """The memory a state tensor holds; a tensor subclass (torchao's 8-bit states) by its inner tensors."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def state_bytes(opt: Any) -> tuple[int, int]:
+    """Bytes of an optimizer's state as it holds it: (every state tensor: codes, scales, counters,
+    all; the per-element ones, which a step reads and writes: all but one-element counters)."""
+    opt = getattr(opt, "optimizer", opt)  # a compiled row's namespace
+    total = per_element = 0
+    for state in opt.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                size = _tensor_bytes(value)
+                total += size
+                per_element += size if value.numel() > 1 else 0
+    return total, per_element
 
 
 def model_shapes(model: str) -> list[tuple[int, ...]]:
@@ -200,27 +282,47 @@ def run_one(model: str, device_name: str, reps: int, only: list[str] | None,
               for s in shapes]
     for p in params:
         p.grad = (torch.randn_like(p) * 1e-3)
-    rows = [r for r in candidates(device, ours_state, compile)
-            if not only or any(o.lower() in r[0].lower() for o in only)]
+    skipped: dict[str, str] = {}
+    chosen = lambda name: not only or any(o.lower() in name.lower() for o in only)  # noqa: E731
+    rows = [r for r in candidates(device, ours_state, compile, skipped) if chosen(r.name)]
+    skipped = {name: why for name, why in skipped.items() if chosen(name)}
+    params_of = {param_dtype: params}  # the rows of other parameters (bf16 with stochastic rounding) share a copy
+    for dt in {r.param_dtype for r in rows} - {None, param_dtype}:
+        params_of[dt] = [torch.nn.Parameter(p.detach().to(dt)) for p in params]
+        for p, q in zip(params, params_of[dt]):
+            q.grad = p.grad.to(dt)
     bw = bandwidth(n, device)
     # interleave where every candidate's state fits at once (the CPU lists), else one at a time
-    state_bytes = sum(n * (4 if r[1] == "lion" else 8) for r in rows)
-    interleave = device.type == "cpu" or state_bytes < 0.5 * torch.cuda.get_device_properties(device).total_memory
+    total_state = sum(n * (4 if r.algorithm == "lion" else 8) for r in rows)
+    interleave = device.type == "cpu" or total_state < 0.5 * torch.cuda.get_device_properties(device).total_memory
     times: dict[str, list[float]] = {}
     failed: dict[str, str] = {}
-    moved: dict[str, int] = {}
+    opts: dict[str, Any] = {}
+    moved: dict[str, float] = {}  # bytes per parameter a step reads and writes
+    held: dict[str, float] = {}  # bytes of state per parameter
 
     def build(row: Row) -> Callable[[], Any] | None:
-        name, algorithm, sdt, make = row
         try:
-            opt = make(params)
+            opt = row.make(params_of[row.param_dtype or param_dtype])
             opt.step()  # state allocation and any one-time compile happen here, untimed
-        except (RuntimeError, TypeError, ValueError) as err:  # e.g. an implementation unsupported here
-            failed[name] = str(err).strip().splitlines()[0][:60]
+        except Exception as err:  # noqa: BLE001 - a peer that does not run on this device
+            if row.peer is not None:
+                skipped[row.name] = f"{row.peer} on {device.type}: {type(err).__name__}: {_first_line(err)}"
+                return None
+            if not isinstance(err, (RuntimeError, TypeError, ValueError)):
+                raise
+            failed[row.name] = str(err).strip().splitlines()[0][:60]  # e.g. an implementation unsupported here
             return None
-        moved[name] = bytes_per_param(algorithm, param_dtype, param_dtype if sdt == "param" else sdt)
-        times[name] = []
+        opts[row.name] = opt
+        times[row.name] = []
         return opt.step
+
+    def measure(row: Row) -> None:
+        """Bytes of the state the row's optimizer holds after its steps."""
+        total, per_element = state_bytes(opts.pop(row.name))
+        size = (row.param_dtype or param_dtype).itemsize
+        moved[row.name] = 3 * size + 2 * per_element / n  # read p, g, states; write p, states
+        held[row.name] = total / n
 
     def timed(name: str, step: Callable[[], Any]) -> None:
         _sync(device)
@@ -230,13 +332,16 @@ def run_one(model: str, device_name: str, reps: int, only: list[str] | None,
         times[name].append((time.perf_counter() - t0) * 1e3)
 
     if interleave:
-        steps = {r[0]: s for r in rows if (s := build(r)) is not None}
+        steps = {r.name: s for r in rows if (s := build(r)) is not None}
         for _ in range(2):
             for s in steps.values():
                 s()
         for _ in range(reps):
             for name, s in steps.items():
                 timed(name, s)
+        for r in rows:
+            if r.name in opts:
+                measure(r)
     else:
         for r in rows:
             s = build(r)
@@ -244,7 +349,8 @@ def run_one(model: str, device_name: str, reps: int, only: list[str] | None,
                 for _ in range(2):
                     s()
                 for _ in range(reps):
-                    timed(r[0], s)
+                    timed(r.name, s)
+                measure(r)
             s = None
             torch.cuda.empty_cache()
     after = bandwidth(n, device)  # measured again: a machine busy at the start would inflate the fractions
@@ -257,18 +363,19 @@ def run_one(model: str, device_name: str, reps: int, only: list[str] | None,
           f"{bw['inplace']:.1f} GB/s; median of {reps}{', interleaved' if interleave else ''}")
     width = max([30, *map(len, medians)])
     best = max(bw.values())  # a CPU copy also reads the destination (write-allocate): in-place is its roofline
-    head = (f"{'implementation':{width}s} {'ms/step':>9s} {'B/param':>8s} {'GB/s':>7s} {'of bw':>6s} "
-            f"{'/torch fused':>13s} {'/torch foreach':>15s} {'/lion-pytorch':>14s}")
+    head = (f"{'implementation':{width}s} {'ms/step':>9s} {'B/param':>8s} {'state B/param':>13s} {'GB/s':>7s} "
+            f"{'of bw':>6s} {'/torch fused':>13s} {'/torch foreach':>15s} {'/lion-pytorch':>14s}")
     print(head + (f" {'/eager':>7s}" if compile else ""))
     out = []
     for name, ms in medians.items():
         gbs = moved[name] * n / ms / 1e6
         ratios = [f"{ms / base[k]:.2f}x" if base[k] else "-" for k in ("fused", "foreach", "lion-pytorch")]
         eager = medians.get(name.removesuffix(" compiled")) if name.endswith(" compiled") else None
-        print(f"{name:{width}s} {ms:9.2f} {moved[name]:8d} {gbs:7.1f} {gbs / best:6.0%} "
+        print(f"{name:{width}s} {ms:9.2f} {_bytes(moved[name]):>8s} {held[name]:13.2f} {gbs:7.1f} {gbs / best:6.0%} "
               f"{ratios[0]:>13s} {ratios[1]:>15s} {ratios[2]:>14s}"
               + (f" {f'{ms / eager:.2f}x' if eager else '-':>7s}" if compile else ""))
-        out.append({"name": name, "ms": ms, "bytes_per_param": moved[name], "gb_per_s": gbs,
+        out.append({"name": name, "ms": ms, "bytes_per_param": moved[name], "state_bytes_per_param": held[name],
+                    "gb_per_s": gbs,
                     "fraction_of_bandwidth": gbs / best,
                     "fraction_of_copy_bandwidth": gbs / bw["copy"],
                     "fraction_of_inplace_bandwidth": gbs / bw["inplace"],
@@ -278,10 +385,14 @@ def run_one(model: str, device_name: str, reps: int, only: list[str] | None,
                     "vs_eager": ms / eager if eager else None})
     for name, why in failed.items():
         print(f"{name:{max(30, len(name))}s} {'n/a':>9s}  {why}")
+    order = ["lion-pytorch", *(peer[0] for peer in PEERS_8BIT)]  # the peers' order, not the order they failed in
+    skipped = dict(sorted(skipped.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    if skipped:
+        print("skipped: " + "; ".join(f"{name} ({why})" for name, why in skipped.items()))
     result = {"model": model, "tensors": len(shapes), "params": n, "dtype": dtype, "state_dtype": state_dtype,
               "device": str(device), "machine": machine(device), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "bandwidth_gb_per_s": bw, "reps": reps, "interleaved": interleave,
-              "rows": out, "unavailable": failed}
+              "rows": out, "unavailable": failed, "skipped": skipped}
     return result
 
 
@@ -304,10 +415,14 @@ def markdown(results: list[dict[str, Any]]) -> str:
     lines = []
     for r in results:
         lines += [f"`{r['model']}` ({r['tensors']} tensors, {r['params'] / 1e6:.1f} M params, {r['dtype']}):", "",
-                  "| implementation | ms/step | B/param | of bandwidth | / torch fused |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {row['name']} | {row['ms']:.2f} | {row['bytes_per_param']} | {row['fraction_of_bandwidth']:.0%} "
+                  "| implementation | ms/step | B/param | state B/param | of bandwidth | / torch fused |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {row['name']} | {row['ms']:.2f} | {_bytes(row['bytes_per_param'])} | "
+                  f"{_held(row.get('state_bytes_per_param'))} | {row['fraction_of_bandwidth']:.0%} "
                   f"| {_ratio(row['vs_torch_fused'])} |"
                   for row in r["rows"]]
+        if r.get("skipped"):
+            lines += ["", "Skipped: " + "; ".join(f"{name} ({why})" for name, why in r["skipped"].items()) + "."]
         lines.append("")
     first = results[0]
     lines.append(f"Measured {first['date']} on {first['machine']} ({first['device']}, torch {first['torch']}) with "
@@ -317,6 +432,16 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
+
+
+def _bytes(x: float) -> str:
+    """Bytes moved per parameter: 28, 20, 16.1 (8-bit codes with their scales)."""
+    return f"{x:.3g}"
+
+
+def _held(x: float | None) -> str:
+    """State bytes per parameter (absent from results written before that column)."""
+    return "-" if x is None else f"{x:.2f}"
 
 
 def check_markers(path: str, name: str) -> str:

@@ -21,7 +21,7 @@ import shlex
 import sys
 from typing import Any
 
-from .factory import OPTIMIZERS, ConfigError, load_config
+from .factory import OPTIMIZERS, ConfigError, keyword_defaults, load_config
 from . import timm_schedules
 from .hf_schedules import NAMES as _HF_NAMES
 from .scheduler import SCHEDULES, HFScheduleLR, TimmScheduleLR, get_scheduler, make_schedule
@@ -56,6 +56,12 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
                        help=f"{name} weight decay (default {spec.weight_decay})")
     g.add_argument("--clip-grad-norm", type=float, metavar="N", help=f"clip the global grad norm, 0 = off "
                    f"(default {D['clip_grad_norm']})")
+    g.add_argument("--state-dtype", choices=["fp32", "bf16", "uint8"], metavar="T",
+                   help=f"states: fp32, bf16 or uint8 (8-bit) (default {D['state_dtype']})")
+    g.add_argument("--param-dtype", choices=["fp32", "bf16"], metavar="T",
+                   help=f"parameters: fp32 or bf16, no fp32 copy (default {D['param_dtype']})")
+    g.add_argument("--stochastic-rounding", action="store_true",
+                   help="round bf16 parameters stochastically")
     g = p.add_argument_group("schedule")
     g.add_argument("--schedule", choices=sorted(SCHEDULES), metavar="NAME",
                    help=f"one of {sorted(SCHEDULES)} (default {D['schedule']})")
@@ -226,6 +232,9 @@ def _check_settings(cfg: dict[str, Any], names: dict[str, str], run: dict[str, A
         raise bad("dim", f"{cfg['dim']} does not split into {names['heads']} {cfg['heads']} heads of even width")
     if not 0 <= cfg["clip_grad_norm"] < math.inf:
         raise bad("clip_grad_norm", f"{cfg['clip_grad_norm']} (must be >= 0; 0 = off)")
+    if cfg["stochastic_rounding"] and cfg["param_dtype"] != "bf16":
+        raise bad("stochastic_rounding", f"it rounds bf16 parameters, and {names['param_dtype']} is "
+                  f"{cfg['param_dtype']!r} (fp32 parameters round exactly); set it to 'bf16'")
     if len(set(cfg["optimizers"])) < len(cfg["optimizers"]):
         raise bad("optimizers", f"{cfg['optimizers']} (each at most once)")
     try:
@@ -251,8 +260,7 @@ def _check_settings(cfg: dict[str, Any], names: dict[str, str], run: dict[str, A
 
     dummy = [torch.zeros(2, 2, requires_grad=True)]
     for name, kwargs in cfg["optimizer_args"].items():  # built on a dummy tensor: a wrong value fails here
-        takes = {k: p.default for k, p in inspect.signature(OPTIMIZERS[name].cls.__init__).parameters.items()
-                 if k not in ("self", "params")}
+        takes = keyword_defaults(OPTIMIZERS[name].cls)
         for key, value in kwargs.items():
             label = names.get(f"optimizer_args.{name}.{key}", f"optimizer_args.{name}.{key}")
             if key not in takes:
@@ -278,9 +286,8 @@ def _check_settings(cfg: dict[str, Any], names: dict[str, str], run: dict[str, A
 def _effective(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments optimizer ``name`` is built with: ``kwargs`` over the registry's lr and weight
     decay, over the class's defaults."""
-    takes = inspect.signature(OPTIMIZERS[name].cls.__init__).parameters
-    defaults = {k: p.default for k, p in takes.items() if k not in ("self", "params")}
-    return {**defaults, "lr": OPTIMIZERS[name].lr, "weight_decay": OPTIMIZERS[name].weight_decay, **kwargs}
+    spec = OPTIMIZERS[name]
+    return {**keyword_defaults(spec.cls), "lr": spec.lr, "weight_decay": spec.weight_decay, **kwargs}
 
 
 def _check_resume(cfg: dict[str, Any], checkpoints: dict[str, dict[str, Any]], names: dict[str, str],
@@ -503,9 +510,11 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     from .bench import MODELS
 
     p = sub.add_parser("bench", help="time every optimizer backend and the peers side by side",
-                       description="Median step time of our backends, torch.optim.AdamW and (when installed) "
-                       "lion-pytorch and bitsandbytes on one parameter list, with GB/s, the fractions of the "
-                       "copy and in-place bandwidths measured in the same run, and ratios to torch's AdamW.")
+                       description="Median step time of our backends (8-bit states and bf16 parameters with "
+                       "stochastic rounding too), torch.optim.AdamW and (when installed) lion-pytorch, bitsandbytes "
+                       "and torchao's AdamW8bit on one parameter list, with the bytes each moves and holds per "
+                       "parameter, GB/s, the fractions of the copy and in-place bandwidths measured in the same run, "
+                       "and ratios to torch's AdamW; peers that cannot run here are listed as skipped.")
     p.add_argument("--device", default=None, metavar="DEV", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--model", default=None, metavar="NAME",
                    help=f"parameter list: one of {sorted(MODELS)}, or many-small (both small-* lists) "

@@ -1,8 +1,12 @@
 """Configuring optimizers for training: one registry of names, parameter groups
 with and without weight decay, and config files (YAML or JSON, loaded safely).
 
-The registry :data:`OPTIMIZERS` is the one list of optimizer names: it feeds
-:func:`create_optimizer`, the command line's choices and the tests.
+The registry :data:`OPTIMIZERS` is the one list of algorithms: it feeds
+:func:`create_optimizer`, the command line's choices and the tests. :data:`VARIANTS`
+adds names for an algorithm with other defaults (``adamw8bit``, ``lion8bit``: 8-bit
+states, as bitsandbytes names them), which :func:`create_optimizer` takes too.
+Options that are a ``torch.dtype`` (``state_dtype``) may be given as text, as a config
+file writes them: ``"fp32"``, ``"bf16"`` or ``"uint8"`` (:data:`STATE_DTYPES`).
 """
 
 from __future__ import annotations
@@ -19,16 +23,22 @@ from typing import Any
 import torch
 
 from .adamw import AdamW
+from .adamw8bit import AdamW8bit
 from .lion import Lion
+from .lion8bit import Lion8bit
 
 __all__ = [
     "OPTIMIZERS",
     "ConfigError",
     "OptimizerSpec",
+    "STATE_DTYPES",
+    "VARIANTS",
     "clip_grad_norm_",
     "create_optimizer",
+    "keyword_defaults",
     "load_config",
     "param_groups",
+    "state_dtype_of",
 ]
 
 log = logging.getLogger("optimizer")
@@ -49,6 +59,16 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     # Lion: lr 3-10x smaller and weight decay 3-10x larger than AdamW's (Chen et al. 2023)
     "lion": OptimizerSpec(Lion, lr=3e-4, weight_decay=1.0, summary="EvoLved Sign Momentum, one state tensor"),
 }
+# an algorithm of OPTIMIZERS under another name, with other defaults (the demo takes
+# --state-dtype uint8 instead; these are for create_optimizer and configs)
+VARIANTS: dict[str, OptimizerSpec] = {
+    "adamw8bit": OptimizerSpec(AdamW8bit, lr=3e-3, weight_decay=0.1,
+                               summary="AdamW with 8-bit states (state_dtype=torch.uint8)"),
+    "lion8bit": OptimizerSpec(Lion8bit, lr=3e-4, weight_decay=1.0,
+                              summary="Lion with an 8-bit momentum (state_dtype=torch.uint8)"),
+}
+# state_dtype as text (config files): the name -> the dtype
+STATE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "uint8": torch.uint8}
 
 
 class ConfigError(ValueError):
@@ -57,9 +77,40 @@ class ConfigError(ValueError):
 
 def _spec(name: str) -> OptimizerSpec:
     key = name.lower() if isinstance(name, str) else name
-    if key not in OPTIMIZERS:
-        raise ConfigError(f"Invalid optimizer name: {name!r}; valid names are {sorted(OPTIMIZERS)}")
-    return OPTIMIZERS[key]
+    names = {**OPTIMIZERS, **VARIANTS}
+    if key not in names:
+        raise ConfigError(f"Invalid optimizer name: {name!r}; valid names are {sorted(names)}")
+    return names[key]
+
+
+def keyword_defaults(cls: type) -> dict[str, Any]:
+    """The keyword arguments ``cls`` takes besides ``params``, with their defaults; through
+    ``**kwargs`` to its base classes' (``AdamW8bit`` passes its others on to ``AdamW``)."""
+    takes: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        forwards = False
+        for k, p in inspect.signature(klass.__init__).parameters.items():
+            if p.kind is p.VAR_KEYWORD:
+                forwards = True
+            elif p.kind is not p.VAR_POSITIONAL and k not in ("self", "params"):
+                takes.setdefault(k, p.default)
+        if not forwards:
+            break
+    return takes
+
+
+def state_dtype_of(value: Any, name: str = "state_dtype") -> torch.dtype | None:
+    """The ``state_dtype`` option as the optimizers take it: None or a ``torch.dtype`` as they
+    are, a name of :data:`STATE_DTYPES` (``"uint8"``, as a config file writes it) as its dtype.
+    Other values are an error naming ``name`` and the allowed names (a dtype the optimizers do
+    not keep states in is theirs to refuse)."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value in STATE_DTYPES:
+        return STATE_DTYPES[value]
+    raise ConfigError(f"Invalid {name}: {value!r}; allowed values are {sorted(STATE_DTYPES)} (or a torch.dtype)")
 
 
 def param_groups(
@@ -114,8 +165,12 @@ def create_optimizer(
 ) -> torch.optim.Optimizer:
     """Build a registered optimizer with decay / no-decay parameter groups (see :func:`param_groups`).
 
+    ``name`` is one of :data:`OPTIMIZERS` or :data:`VARIANTS` (``"adamw8bit"``, ``"lion8bit"``).
     ``lr`` and ``weight_decay`` default to the registry's values for ``name``;
-    other keywords (``betas``, ``eps``, ``correct_bias``, ...) go to the class.
+    other keywords (``betas``, ``eps``, ``correct_bias``, ``state_dtype``,
+    ``stochastic_rounding``, ``seed``, ``min_8bit_size``, ...) go to the class, with
+    ``state_dtype`` also as text (``"fp32"``, ``"bf16"``, ``"uint8"``), as
+    :func:`load_config` reads it from a file.
     The counts are logged on the ``optimizer`` logger and kept in each group's
     ``"group"`` key.
     """
@@ -123,10 +178,12 @@ def create_optimizer(
     lr = spec.lr if lr is None else lr
     weight_decay = spec.weight_decay if weight_decay is None else weight_decay
     groups = param_groups(model_or_params, weight_decay, no_decay, decay_embeddings=decay_embeddings)
-    allowed = [k for k in inspect.signature(spec.cls.__init__).parameters if k not in ("self", "params")]
+    allowed = list(keyword_defaults(spec.cls))
     unknown = [k for k in kwargs if k not in allowed]
     if unknown:
         raise ConfigError(f"Invalid argument for optimizer {name!r}: {unknown[0]!r}; it takes {allowed}")
+    if "state_dtype" in kwargs:
+        kwargs["state_dtype"] = state_dtype_of(kwargs["state_dtype"])
     try:
         opt = spec.cls(groups, lr=lr, **kwargs)
     except TypeError as err:  # a value of the wrong type

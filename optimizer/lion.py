@@ -10,14 +10,15 @@ is in _fused_triton.py.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import _dispatch, _fused_cpu
+from . import _dispatch, _fused_cpu, _quant
 from ._base import Optimizer
-from ._checks import check_backend, check_betas, check_flag, check_lr, check_nonnegative, check_state_dtype, plain
+from ._checks import check_backend, check_betas, check_flag, check_lr, check_lean, check_nonnegative, plain
 from ._tensors import as_real, compute_dtype, foreach_buckets, host_value, state_dtype
 
 __all__ = ["Lion", "lion"]
@@ -89,9 +90,13 @@ class Lion(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+        min_8bit_size: int = 4096,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
-                        fused=fused, state_dtype=state_dtype)
+                        fused=fused, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, seed=seed,
+                        min_8bit_size=min_8bit_size)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -100,11 +105,10 @@ class Lion(Optimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
         check_flag("maximize", group["maximize"])
         check_backend(group)
-        check_state_dtype(group.get("state_dtype"))
+        check_lean(group)
 
     def _new_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        dtype = state_dtype(param, group.get("state_dtype"))
-        return {"exp_avg": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)}
+        return self._zero_states(param, group)
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         beta1, beta2 = map(plain, group["betas"])
@@ -132,11 +136,14 @@ def lion(
     maximize: bool = False,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    rounding_seeds: Sequence[int] | None = None,
 ) -> None:
     """Functional Lion: updates ``params`` and ``exp_avgs`` in place. See :class:`Lion`;
     ``foreach``/``fused`` choose the backend (Note [backends]); ``grad_scale``/``found_inf``
     as torch.amp.GradScaler passes them (Note [GradScaler])."""
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
+    if rounding_seeds is not None:  # Note [stochastic rounding]: one 32-bit seed per tensor
+        hyper["rounding_seeds"] = list(rounding_seeds)
     _dispatch.step(_BACKENDS, [params, grads, exp_avgs], hyper, foreach=foreach, fused=fused,
                    grad_scale=grad_scale, found_inf=found_inf)
 
@@ -151,10 +158,11 @@ def _single_tensor_lion(
     beta2: float,
     weight_decay: float,
     maximize: bool,
+    rounding_seeds: Sequence[int] | None = None,
 ) -> None:
     """The reference: one tensor at a time, one line per equation of :class:`Lion`."""
     lr = host_value(lr)  # a number (a tensor under torch.compile)
-    for param, grad, m in zip(params, grads, exp_avgs):
+    for i, (param, grad, m) in enumerate(zip(params, grads, exp_avgs)):
         # math in float32 or better (Note [state precision]); .to() is a no-op where no cast is needed
         m_r, param_r = as_real(m), as_real(param)
         dtype = compute_dtype(param_r.dtype, m_r.dtype)
@@ -168,9 +176,10 @@ def _single_tensor_lion(
         p.sub_(torch.sign(c).mul_(lr))              # theta <- theta - lr sign(c) (exact product)
         m.lerp_(g, 1 - beta2)                       # m_t = b2 m + (1 - b2) g
 
-        for low, high in ((param_r, p), (m_r, m)):
-            if high is not low:                     # low precision: round the result once
-                low.copy_(high)
+        if m is not m_r:                            # low precision: round the result once
+            m_r.copy_(m)
+        if p is not param_r:                        # to nearest, or stochastically (Note [stochastic rounding])
+            _quant.store_param(param_r, p, None if rounding_seeds is None else rounding_seeds[i])
 
 
 def _multi_tensor_lion(
@@ -218,11 +227,13 @@ def _fused_c_lion(
     beta2: float,
     weight_decay: float,
     maximize: bool,
+    rounding_seeds: Sequence[int] | None = None,
 ) -> None:
-    """The C loop (Note [fused CPU]): one pass per element over all tensors."""
+    """The C loop (Note [fused CPU]): one pass per element over all tensors; bf16/fp16
+    parameters rounded stochastically where ``rounding_seeds`` are given (Note [stochastic rounding])."""
     lr = float(lr)  # read once on the host; the scalars stay float64 until the kernel
     scalars = [1 - lr * weight_decay, lr, 1 - beta1, 1 - beta2]
-    _fused_cpu.run(_LION_KERNEL, params, grads, [exp_avgs], scalars, maximize=maximize)
+    _fused_cpu.run(_LION_KERNEL, params, grads, [exp_avgs], scalars, maximize=maximize, rounding_seeds=rounding_seeds)
 
 
 _BACKENDS = _dispatch.Backends(
@@ -233,5 +244,6 @@ _BACKENDS = _dispatch.Backends(
     c_kernel=_LION_KERNEL,
     n_states=1,
     triton="lion",
+    rounding=frozenset({"reference", "c", "triton"}),  # Note [stochastic rounding]
 )
 Lion.backends = _BACKENDS

@@ -14,9 +14,15 @@ import torch.distributed as dist
 
 from helpers import BACKENDS as ALL_BACKENDS
 from optim_table import OPTIMIZERS
+from optimizer import AdamW8bit, Lion8bit
 
 BACKENDS = {name: kw for name, kw in ALL_BACKENDS.items() if name != "default"}
 STEPS = 4
+# 8-bit states (float32 parameters; min_8bit_size=1 so that every matrix is quantised). Every
+# rank trains on the whole batch: the averaged gradient is then exactly the single process's,
+# and a sharded step can be compared bit for bit with the unsharded one.
+LEAN = [("AdamW8bit", AdamW8bit, dict(lr=1e-2, weight_decay=0.1, min_8bit_size=1)),
+        ("Lion8bit", Lion8bit, dict(lr=1e-3, weight_decay=0.1, min_8bit_size=1))]
 
 
 def setup(rank: int, world: int, port: int) -> None:
@@ -37,16 +43,49 @@ def finish() -> None:
     os._exit(0)
 
 
-def make_model() -> torch.nn.Module:
-    """Small, with sizes that do not divide by 4 (uneven FSDP2 shards, some of them empty)."""
+def make_model(lean: bool = False) -> torch.nn.Module:
+    """Small, with sizes that do not divide by 4 (uneven FSDP2 shards, some of them empty); the
+    8-bit runs' model is float32, with a row longer than one block of 256."""
     torch.manual_seed(0)
+    if lean:
+        return torch.nn.Sequential(torch.nn.Linear(6, 301), torch.nn.GELU(), torch.nn.Linear(301, 3))
     return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.GELU(), torch.nn.Linear(10, 3)).double()
 
 
-def batches(n: int = STEPS, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def runs(which: str) -> list[tuple[str, type, dict, bool]]:
+    """(name, class, hyper-parameters, lean) of the table's optimizers or of the 8-bit ones."""
+    if which == "lean":
+        return [(name, cls, hyper, True) for name, cls, hyper in LEAN]
+    return [(info.name, info.cls, info.dist_hyper, False) for info in OPTIMIZERS]
+
+
+def batches(n: int = STEPS, size: int = 8, dtype: torch.dtype = torch.float64) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(size, 6, generator=gen, dtype=torch.float64), torch.randn(size, 3, generator=gen,
-             dtype=torch.float64)) for _ in range(n)]
+    return [(torch.randn(size, 6, generator=gen, dtype=torch.float64).to(dtype),
+             torch.randn(size, 3, generator=gen, dtype=torch.float64).to(dtype)) for _ in range(n)]
+
+
+def lean_train(model: torch.nn.Module, opt: torch.optim.Optimizer, data) -> None:
+    """Every rank the whole batch (see LEAN)."""
+    train(model, opt, data)
+
+
+def lean_reference(cls, hyper, data, backend: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The single-process run with the same backend: sharding must not change one bit (each
+    backend is tied to the reference in test_lean_c.py and test_lean_triton.py)."""
+    model = make_model(lean=True)
+    opt = cls(model.parameters(), **hyper, **backend)
+    train(model, opt, data)
+    return model, opt
+
+
+def assert_same_state(opt, ref_opt, model, ref, what: str) -> None:
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert sorted(opt.state[p]) == sorted(ref_opt.state[q]), what
+        for key, value in ref_opt.state[q].items():  # float states: torch's fused kernel may round a
+            # shard's elements 1 ulp apart from the whole tensor's (other vector chunks)
+            torch.testing.assert_close(full(opt.state[p][key]), value, rtol=1e-6, atol=1e-12,
+                                       msg=lambda m: f"{what} {key}: {m}")
 
 
 def train(model: torch.nn.Module, opt: torch.optim.Optimizer, data, rank: int = 0, world: int = 1) -> None:
@@ -69,9 +108,9 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if type(t).__name__ == "DTensor" else t
 
 
-def assert_same_params(model: torch.nn.Module, ref: torch.nn.Module, what: str) -> None:
+def assert_same_params(model: torch.nn.Module, ref: torch.nn.Module, what: str, rtol: float = 1e-9) -> None:
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(full(p.detach()), q.detach(), rtol=1e-9, atol=1e-12, msg=lambda m: f"{what}, {name}: {m}")
+        torch.testing.assert_close(full(p.detach()), q.detach(), rtol=rtol, atol=1e-12, msg=lambda m: f"{what}, {name}: {m}")
 
 
 def shard(model: torch.nn.Module, world: int) -> torch.nn.Module:
@@ -145,24 +184,63 @@ def zero(rank: int, world: int, port: int) -> None:
     finish()
 
 
-def dcp_save(rank: int, world: int, port: int, where: str, first: int) -> None:
+def lean(rank: int, world: int, port: int) -> None:
+    """8-bit states under FSDP2 (codes and scales sharded by rows as the parameter) and under
+    ZeroRedundancyOptimizer: parameters and states bit-identical to the unsharded run."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    setup(rank, world, port)
+    data = batches(dtype=torch.float32)
+    for name, cls, hyper, _ in runs("lean"):
+        for backend, kw in BACKENDS.items():
+            ref, ref_opt = lean_reference(cls, hyper, data, kw)
+            model = shard(make_model(lean=True), world)
+            opt = cls(model.parameters(), **hyper, **kw)
+            lean_train(model, opt, data)
+            assert_same_params(model, ref, f"FSDP2 {name} {backend} rank {rank}/{world}", rtol=1e-6)
+            assert_same_state(opt, ref_opt, model, ref, f"FSDP2 {name} {backend} rank {rank}/{world}")
+            for p in model.parameters():
+                for key, value in opt.state[p].items():
+                    if key.endswith("_scale"):  # sharded as the parameter: a shard's scales are its rows'
+                        assert type(value).__name__ == "DTensor" and value.placements == p.placements, key
+                        assert value.to_local().shape[0] == p.to_local().shape[0], key
+
+            model = DistributedDataParallel(make_model(lean=True))
+            opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **hyper, **kw)
+            lean_train(model, opt, data)
+            assert_same_params(model.module, ref, f"ZeRO {name} {backend} rank {rank}/{world}", rtol=1e-6)
+            opt.consolidate_state_dict(to=0)
+            if rank == 0:
+                state, expected = opt.state_dict()["state"], ref_opt.state_dict()["state"]
+                assert sorted(state) == sorted(expected)
+                for i, s in expected.items():
+                    for key, value in s.items():
+                        torch.testing.assert_close(state[i][key], value, rtol=1e-6, atol=1e-12)
+    finish()
+
+
+def dcp_save(rank: int, world: int, port: int, where: str, first: int, which: str = "table") -> None:
     """Train ``first`` steps (FSDP2 if world > 1, else a plain model) and save with DCP."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     setup(rank, world, port)
-    data = batches()[:first]
-    for info in OPTIMIZERS:
+    for name, cls, hyper, is_lean in runs(which):
+        data = batches(dtype=torch.float32 if is_lean else torch.float64)[:first]
         for backend, kw in BACKENDS.items():
-            model = shard(make_model(), world) if world > 1 else make_model()
-            opt = info.cls(model.parameters(), **info.dist_hyper, **kw)
-            train(model, opt, data, rank, world)
+            model = shard(make_model(is_lean), world) if world > 1 else make_model(is_lean)
+            opt = cls(model.parameters(), **hyper, **kw)
+            if is_lean:
+                lean_train(model, opt, data)
+            else:
+                train(model, opt, data, rank, world)
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-            dcp.save(state, checkpoint_id=os.path.join(where, f"{info.name}-{backend}"))
+            dcp.save(state, checkpoint_id=os.path.join(where, f"{name}-{backend}"))
     finish()
 
 
-def dcp_load(rank: int, world: int, port: int, where: str, first: int) -> None:
+def dcp_load(rank: int, world: int, port: int, where: str, first: int, which: str = "table") -> None:
     """Load the checkpoint at another world size, train the remaining steps, and end where a
     single uninterrupted run ends."""
     import torch.distributed.checkpoint as dcp
@@ -174,16 +252,20 @@ def dcp_load(rank: int, world: int, port: int, where: str, first: int) -> None:
     )
 
     setup(rank, world, port)
-    data = batches()
-    for info in OPTIMIZERS:
-        ref, _ = reference(info, data)
+    for name, cls, hyper, is_lean in runs(which):
+        data = batches(dtype=torch.float32 if is_lean else torch.float64)
         for backend, kw in BACKENDS.items():
-            model = shard(make_model(), world) if world > 1 else make_model()
-            opt = info.cls(model.parameters(), **info.dist_hyper, **kw)
+            ref, _ = lean_reference(cls, hyper, data, kw) if is_lean else reference(
+                next(i for i in OPTIMIZERS if i.name == name), data)
+            model = shard(make_model(is_lean), world) if world > 1 else make_model(is_lean)
+            opt = cls(model.parameters(), **hyper, **kw)
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-            dcp.load(state, checkpoint_id=os.path.join(where, f"{info.name}-{backend}"))
+            dcp.load(state, checkpoint_id=os.path.join(where, f"{name}-{backend}"))
             set_model_state_dict(model, state["model"])
             set_optimizer_state_dict(model, opt, state["optim"])
-            train(model, opt, data[first:], rank, world)
-            assert_same_params(model, ref, f"DCP {info.name} {backend}, resumed at world {world}")
+            if is_lean:
+                lean_train(model, opt, data[first:])
+            else:
+                train(model, opt, data[first:], rank, world)
+            assert_same_params(model, ref, f"DCP {name} {backend}, resumed at world {world}", rtol=1e-6 if is_lean else 1e-9)
     finish()

@@ -81,3 +81,87 @@ def test_bench_compile_times_compiled_steps_next_to_eager_ones():
     assert done.returncode == 0, done.stderr
     compiled = next(line for line in done.stdout.splitlines() if line.startswith("ours Lion reference compiled"))
     assert compiled.split()[-1].endswith("x")  # its ratio to the eager row of the same run
+
+
+def test_8bit_and_stochastic_rounding_rows_count_their_real_state(tmp_path):
+    """The 8-bit rows (fp32 parameters) and the bf16-parameter rows with stochastic rounding, with the
+    bytes they move and hold counted from their state after the steps: codes, scales, counters."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "optimizer", "bench", "--device", "cpu", "--model", "small-400x64x64", "--reps", "1",
+         "--only", "torch AdamW fused", "8-bit", "8bit", "params SR", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "state B/param" in done.stdout
+    import json
+
+    from optimizer.bench import PEERS_8BIT
+
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) >= {"torch AdamW fused", "ours AdamW 8-bit", "ours Lion 8-bit", "ours AdamW bf16 params SR",
+                         "ours Lion bf16 params SR"}
+    # per 64x64 tensor: 4096 one-byte codes and 64 float32 scales (a row of 64 is one block) per state
+    code_and_scale = (4096 + 64 * 4) / 4096
+    expected = {  # name: (bytes moved per parameter, state bytes per parameter)
+        "torch AdamW fused": (28, 8 + 4 / 4096),  # + its step counter
+        "ours AdamW 8-bit": (12 + 4 * code_and_scale, 2 * code_and_scale + 4 / 4096),
+        "ours Lion 8-bit": (12 + 2 * code_and_scale, code_and_scale),
+        "ours AdamW bf16 params SR": (3 * 2 + 4 * 4, 8 + 4 / 4096),  # fp32 states for bf16 parameters
+        "ours Lion bf16 params SR": (3 * 2 + 2 * 4, 4),
+    }
+    for name, (moved, held) in expected.items():
+        assert abs(rows[name]["bytes_per_param"] - moved) < 1e-9, name
+        assert abs(rows[name]["state_bytes_per_param"] - held) < 1e-9, name
+        assert rows[name]["vs_torch_fused"] is not None
+    line = next(s for s in done.stdout.splitlines() if s.startswith("ours AdamW 8-bit"))
+    assert line.split()[4:6] == ["16.2", "2.13"]  # B/param, state B/param
+    # every 8-bit peer is timed or listed as skipped (not installed, or failing on this device)
+    for name, *_ in PEERS_8BIT:
+        assert name in rows or name in result["skipped"], name
+    if result["skipped"]:
+        assert "skipped: " in done.stdout
+
+
+def test_peers_are_skipped_and_listed_where_they_cannot_run(monkeypatch, capsys):
+    """A peer that is not installed, or whose first step fails on this device, is listed with why;
+    one that runs is a row like ours."""
+    import types
+
+    import torch
+
+    from optimizer import bench
+
+    class Unsupported(torch.optim.Optimizer):
+        def __init__(self, params, lr):
+            super().__init__(params, {"lr": lr})
+
+        def step(self):
+            raise NotImplementedError("no CPU kernel")
+
+    fake = types.ModuleType("bitsandbytes")
+    fake.optim = types.SimpleNamespace(AdamW8bit=lambda ps, lr: torch.optim.AdamW(ps, lr=lr), Lion8bit=Unsupported)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed
+    result = bench.run_one("small-400x64x64", "cpu", 1, ["torch AdamW fused", "bitsandbytes", "torchao"])
+    out = capsys.readouterr().out
+    assert [r["name"] for r in result["rows"]] == ["torch AdamW fused", "bitsandbytes AdamW8bit"]
+    assert result["skipped"] == {
+        "bitsandbytes Lion8bit": "bitsandbytes on cpu: NotImplementedError: no CPU kernel",
+        "torchao AdamW8bit": "torchao is not installed"}
+    assert ("skipped: bitsandbytes Lion8bit (bitsandbytes on cpu: NotImplementedError: no CPU kernel); "
+            "torchao AdamW8bit (torchao is not installed)") in out
+    table = bench.markdown([result])
+    assert "| state B/param |" in table and "Skipped: bitsandbytes Lion8bit" in table
+
+
+def test_readme_table_of_results_written_before_the_state_column():
+    """--from-json of a file written before "state B/param" existed: that column reads "-"."""
+    from optimizer import bench
+
+    old = {"model": "gpt2-30m", "tensors": 76, "params": 27_800_000, "dtype": "fp32", "device": "cpu",
+           "machine": "AMD EPYC, 2 threads", "date": "2026-11-23", "torch": "2.13.0", "reps": 30, "interleaved": True,
+           "rows": [{"name": "torch AdamW fused", "ms": 23.45, "bytes_per_param": 28, "fraction_of_bandwidth": 0.98,
+                     "vs_torch_fused": 1.0}]}
+    assert "| torch AdamW fused | 23.45 | 28 | - | 98% | 1.00x |" in bench.markdown([old])

@@ -14,31 +14,45 @@ from optim_table import OPTIMIZERS, ids
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
 
+# every C kernel: each optimizer's float-state loop, and its 8-bit one (Note [8-bit states])
+KERNELS = [info.cls.backends.c_kernel for info in OPTIMIZERS] + [info.cls.backends_8bit.c_kernel for info in OPTIMIZERS]
+KERNEL_IDS = [kernel.name for kernel in KERNELS]
 
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "generic"])  # with and without a fast fma
 @pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "single-threaded"])
-@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
-def test_every_variant_compiles_with_warnings_as_errors(info, openmp, tmp_path):
-    kernel = info.cls.backends.c_kernel
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_every_variant_compiles_with_warnings_as_errors(kernel, openmp, native, tmp_path):
     src, lib = tmp_path / f"{kernel.name}.c", tmp_path / f"{kernel.name}.so"
     src.write_text(_fused_cpu.source(kernel))
     cmd = ["cc", "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared",
-           *(["-fopenmp"] if openmp else []), str(src), "-o", str(lib)]
+           *(["-fopenmp"] if openmp else []), *(["-march=native"] if native else []), str(src), "-o", str(lib)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     loaded = ctypes.CDLL(str(lib))
-    for ptype, stype, _ in _fused_cpu._VARIANTS.values():
-        if ptype != "f16" or hasattr(loaded, f"{kernel.name}_f16_float"):  # f16 only where C has _Float16
+    variants = _fused_cpu.variants(kernel).values()
+    has_f16 = any(hasattr(loaded, f"{kernel.name}_f16_{stype}") for _, stype, _ in variants)
+    for ptype, stype, _ in variants:
+        if ptype != "f16" or has_f16:  # f16 only where C has _Float16
             assert hasattr(loaded, f"{kernel.name}_{ptype}_{stype}")
+    assert hasattr(loaded, "count_steps_float") and hasattr(loaded, "count_steps_double")
 
 
-@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
-def test_the_source_shows_the_algorithms_body_and_the_shared_loop(info):
-    kernel = info.cls.backends.c_kernel
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_the_source_shows_the_algorithms_body_and_the_shared_loop(kernel):
     text = _fused_cpu.source(kernel)
     for line in kernel.body.strip().splitlines():
         assert line.strip() in text
     assert "void FN(int64_t n_tensors" in text and "static inline bf16 store_bf16" in text
-    assert text.count("\nvoid FN(") == len(_fused_cpu._VARIANTS)
+    assert "static inline bf16 store_sr_bf16" in text  # stochastic rounding (Note [stochastic rounding])
+    assert text.count("\nvoid FN(") == len(_fused_cpu.variants(kernel))
+    assert ("static inline void encode_signed" in text) == bool(kernel.codes)
+    assert kernel.loop == ("blockwise_loop.c" if kernel.codes else "fused_loop.c")
+
+
+def test_the_compile_flags_are_those_the_tests_assume():
+    """-ffp-contract=off: every rounding as written (the bit-for-bit tests depend on it)."""
+    assert "-ffp-contract=off" in _fused_cpu._CFLAGS and "-ffast-math" not in _fused_cpu._CFLAGS
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
@@ -50,3 +64,16 @@ def test_kernel_source_command_prints_what_is_compiled(info):
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout == _fused_cpu.source(info.cls.backends.c_kernel)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+def test_kernel_source_command_prints_the_8bit_kernel(info):
+    import sys
+
+    kernel = info.cls.backends_8bit.c_kernel
+    done = subprocess.run([sys.executable, "-m", "optimizer", "kernel-source", kernel.name], capture_output=True,
+                          text=True, timeout=300)
+    if done.returncode == 2 and "invalid choice" in done.stderr:
+        pytest.skip(f"the command line does not offer {kernel.name!r} yet")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == _fused_cpu.source(kernel)

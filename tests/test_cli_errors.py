@@ -38,6 +38,9 @@ def fails(capsys, *argv: str) -> str:
     (["--stop-after", "0"], ["Invalid --stop-after: 0"]),
     (["--optimizers", "lion", "lion"], ["Invalid --optimizers:"]),
     (["--distributed", "fsdp2"], ["Invalid --distributed: 'fsdp2' needs torchrun"]),
+    (["--stochastic-rounding"], ["Invalid --stochastic-rounding:", "bf16", "--param-dtype is 'fp32'"]),
+    (["--param-dtype", "fp32", "--stochastic-rounding", "--state-dtype", "uint8"],
+     ["Invalid --stochastic-rounding:", "--param-dtype is 'fp32'"]),
 ])
 def test_a_bad_flag_is_named_and_nothing_is_written(tmp_path, capsys, monkeypatch, argv, words):
     monkeypatch.delenv("RANK", raising=False)
@@ -47,6 +50,19 @@ def test_a_bad_flag_is_named_and_nothing_is_written(tmp_path, capsys, monkeypatc
     for w in words:
         assert w in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--state-dtype", "int8"], ["argument --state-dtype: invalid choice: 'int8'", "uint8"]),
+    (["--param-dtype", "fp16"], ["argument --param-dtype: invalid choice: 'fp16'", "bf16"]),
+])
+def test_a_bad_precision_choice_is_one_line(tmp_path, argv, words):
+    done = subprocess.run([sys.executable, "-m", "optimizer", "demo", *argv, "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    for w in words:
+        assert w in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_config_keys_are_the_flags_and_yaml_numbers_are_numbers(tmp_path):
@@ -66,8 +82,10 @@ def test_every_setting_flag_is_a_config_key_with_underscores(tmp_path):
              "--lion-weight-decay": "0.5", "--clip-grad-norm": "0.5", "--schedule": "linear", "--warmup-steps": "3",
              "--min-lr-ratio": "0.2", "--steps": "30", "--dim": "64", "--layers": "2", "--heads": "4",
              "--seq-len": "16", "--batch-size": "8", "--device": "cpu", "--distributed": "none", "--seed": "7",
-             "--out": str(tmp_path / "o"), "--eval-every": "5", "--checkpoint-every": "10"}
-    argv = [x for flag, value in flags.items() for x in (flag, *([value] if isinstance(value, str) else value))]
+             "--out": str(tmp_path / "o"), "--eval-every": "5", "--checkpoint-every": "10", "--state-dtype": "uint8",
+             "--param-dtype": "bf16", "--stochastic-rounding": True}
+    argv = [x for flag, value in flags.items()
+            for x in (flag, *([value] if isinstance(value, str) else [] if value is True else value))]
     parser = cli.Parser()
     cli._demo_parser(parser.add_subparsers())
     from_flags = cli._demo_settings(parser.parse_args(["demo", *argv]))
@@ -75,6 +93,8 @@ def test_every_setting_flag_is_a_config_key_with_underscores(tmp_path):
     path.write_text("".join(f"{flag[2:].replace('-', '_')}: {value}\n" for flag, value in flags.items()))
     assert cli._demo_settings(argparse.Namespace(config=str(path))) == from_flags
     assert from_flags["optimizer_args"]["lion"] == {"lr": 1e-4, "weight_decay": 0.5}
+    assert (from_flags["state_dtype"], from_flags["param_dtype"], from_flags["stochastic_rounding"]) == (
+        "uint8", "bf16", True)
 
 
 @pytest.mark.parametrize(("name", "text", "words"), [
@@ -84,6 +104,12 @@ def test_every_setting_flag_is_a_config_key_with_underscores(tmp_path):
     ("c.yaml", "schedule: cosin\n", ["Invalid schedule in", "'cosin'", "'cosine'"]),
     ("c.yaml", "optimizer_args:\n  lion: {betas: [0.9, 2]}\n", ["Invalid optimizer_args.lion.betas in", "2"]),
     ("c.yaml", "optimizer_args:\n  lion: {eps: 1e-8}\n", ["Invalid optimizer_args.lion.eps in", "takes no 'eps'"]),
+    ("c.yaml", "state_dtype: int8\n", ["Invalid state_dtype in", "'int8'", "['bf16', 'fp32', 'uint8']"]),
+    ("c.yaml", "param_dtype: bf16\nstochastic_rounding: 1\n",
+     ["Invalid stochastic_rounding in", "expected true or false"]),
+    ("c.yaml", "stochastic_rounding: true\n", ["Invalid stochastic_rounding in", "c.yaml: it rounds bf16", "'fp32'"]),
+    ("c.yaml", "optimizer_args:\n  adamw: {state_dtype: int8}\n", ["Invalid optimizer_args.adamw.state_dtype in",
+                                                                   "'int8'", "['bf16', 'fp32', 'uint8']"]),
     ("c.yaml", "steps: 12\n  warmup_steps: 2\n", ["c.yaml:2:", "not valid YAML"]),
     ("c.json", '{"steps": 12,\n "seed": }', ["c.json:2:10:", "not valid JSON"]),
 ])

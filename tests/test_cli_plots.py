@@ -59,3 +59,13 @@ def test_lr_plot_is_linear_with_warmup_and_end_marked(run):
         marks = {line.get_label(): line.get_xdata()[0] for line in ax.get_lines()}
         assert marks["end of warmup (step 6)"] == 6 and marks["end (step 60)"] == 60
         assert math.isclose(max(ax.get_lines()[0].get_ydata()), peak)
+
+
+def test_loss_plot_title_says_the_precision_when_it_is_not_fp32(run):
+    cfg, results = run
+    assert "params" not in train.loss_figure(results, cfg, entropy=3.1).axes[0].get_title().split("\n")[0]
+    lean = {**cfg, "param_dtype": "bf16", "stochastic_rounding": True, "state_dtype": "uint8"}
+    title = train.loss_figure(results, lean, entropy=3.1).axes[0].get_title()
+    assert "bf16 params (stochastic rounding, no fp32 master copy), uint8 states" in title, title
+    nearest = train.loss_figure(results, {**lean, "stochastic_rounding": False, "state_dtype": "fp32"}, entropy=3.1)
+    assert nearest.axes[0].get_title().split("\n")[0].endswith("bf16 params (round to nearest, no fp32 master copy)")

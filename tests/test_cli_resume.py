@@ -1,5 +1,6 @@
 """The demo survives what users do to it: Ctrl-C or SIGTERM mid-run, resuming with only --out,
-a damaged checkpoint, a second run into the same folder, torchrun without --distributed."""
+a damaged checkpoint, a second run into the same folder, torchrun without --distributed; and
+with 8-bit states or bf16 parameters rounded stochastically, a resumed run is bit-identical."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 import pytest
 import torch
 
+from helpers import assert_same_nested
 from optimizer import cli
 
 TINY = ["--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "32", "--batch-size", "4", "--no-progress"]
@@ -134,3 +136,69 @@ def test_torchrun_without_distributed_trains_as_ddp_and_says_so_once(tmp_path):
     assert done.stdout.count("torchrun started 2 processes: training with --distributed ddp") == 1, done.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["config"]["distributed"] == "ddp"
+
+
+LEAN = {"uint8 states": ["--state-dtype", "uint8"],
+        "bf16 params, stochastic rounding": ["--param-dtype", "bf16", "--stochastic-rounding"]}
+
+
+def final_checkpoints(out) -> dict:
+    return {name: torch.load(out / f"{name}.ckpt", weights_only=True) for name in ("adamw", "lion")}
+
+
+@pytest.mark.parametrize("flags", LEAN.values(), ids=list(LEAN))
+def test_a_lean_run_resumes_bit_identically(tmp_path, capsys, flags):
+    """Stopped mid-run (between two checkpoints) and resumed with only --out, a run with 8-bit states (codes
+    and scales in the checkpoint) or with bf16 parameters rounded stochastically (the rounding step in the
+    checkpoint's param_groups) ends with the losses, parameters and optimizer state of an uninterrupted run."""
+    argv = [*RUN, "--dim", "64", "--checkpoint-every", "4", *flags]  # dim 64: every matrix >= 4096 values
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert cli.main(["demo", *argv, "--out", str(whole)]) == 0
+    assert cli.main(["demo", *argv, "--stop-after", "5", "--out", str(parts)]) == 0
+    for name, ckpt in final_checkpoints(parts).items():
+        assert ckpt["step"] == 5
+        state, groups = ckpt["optimizer"]["state"], ckpt["optimizer"]["param_groups"]
+        if "uint8" in flags:
+            assert any(s["exp_avg"].dtype == torch.uint8 and "exp_avg_scale" in s for s in state.values()), name
+        else:
+            assert all(v.dtype == torch.bfloat16 for v in ckpt["model"].values()), name
+            assert all(g["stochastic_rounding"] and g["rounding_step"] == 5 for g in groups), name
+    capsys.readouterr()
+    assert cli.main(["demo", "--resume", "--out", str(parts), "--no-progress"]) == 0
+    assert "adamw: resuming at step 5 of 16" in capsys.readouterr().out
+    assert histories(parts) == histories(whole)
+    a, b = final_checkpoints(whole), final_checkpoints(parts)
+    for name in a:
+        for key in ("model", "optimizer"):
+            assert_same_nested(a[name][key], b[name][key], f"{name}.{key}")
+
+
+def test_resume_refuses_other_precision_flags(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["demo", "--steps", "12", *TINY, "--state-dtype", "uint8", "--stop-after", "2",
+                     "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["demo", "--resume", "--out", str(out), "--state-dtype", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid --resume: --state-dtype 'bf16' differs from the checkpoint" in err, err
+    assert "(it has state_dtype 'uint8')" in err and len(err.strip().splitlines()) == 1
+
+
+def test_fsdp2_with_8bit_states_checkpoints_and_resumes_bit_identically(tmp_path):
+    """Under torchrun the checkpoints go through torch.distributed.checkpoint's full state dicts, which
+    take no torch.dtype: the optimizer's state_dtype option travels as its name and comes back."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "optimizer", "demo"]
+    argv = ["--steps", "6", "--eval-every", "3", *TINY, "--dim", "64", "--distributed", "fsdp2",
+            "--state-dtype", "uint8"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    for args in ([*argv, "--out", str(whole)], [*argv, "--stop-after", "3", "--out", str(parts)],
+                 ["--resume", "--out", str(parts)]):
+        done = subprocess.run([*torchrun, *args], capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert histories(parts) == histories(whole)
+    groups = torch.load(parts / "adamw.ckpt", weights_only=True)["optimizer"]["param_groups"]
+    assert {g["state_dtype"] for g in groups} == {"torch.uint8"}

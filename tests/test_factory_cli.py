@@ -14,7 +14,9 @@ from optim_table import OPTIMIZERS as TABLE
 from optimizer import cli
 from optimizer.demo.llama import Llama
 from optimizer.scheduler import get_scheduler
-from optimizer.factory import OPTIMIZERS, ConfigError, clip_grad_norm_, create_optimizer, load_config
+from optimizer import AdamW8bit, Lion8bit
+from optimizer.factory import (OPTIMIZERS, STATE_DTYPES, VARIANTS, ConfigError, clip_grad_norm_, create_optimizer,
+                               load_config, state_dtype_of)
 
 TINY = ["--steps", "12", "--warmup-steps", "2", "--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "32",
         "--batch-size", "4", "--eval-every", "6", "--checkpoint-every", "4", "--no-progress"]
@@ -56,12 +58,68 @@ def test_frozen_parameters_are_left_out_and_plain_lists_work():
 
 
 def test_factory_errors_name_the_value_and_the_choices():
-    with pytest.raises(ConfigError, match=r"Invalid optimizer name: 'sgd'; valid names are \['adamw', 'lion'\]"):
+    with pytest.raises(ConfigError, match=r"Invalid optimizer name: 'sgd'; valid names are "
+                       r"\['adamw', 'adamw8bit', 'lion', 'lion8bit'\]"):
         create_optimizer(torch.nn.Linear(2, 2), "sgd")
     with pytest.raises(ConfigError, match=r"Invalid argument for optimizer 'lion'.*eps.*it takes \['lr', 'betas'"):
         create_optimizer(torch.nn.Linear(2, 2), "lion", eps=1e-8)
     with pytest.raises(ValueError, match="beta parameter at index 0: 1.5"):
         create_optimizer(torch.nn.Linear(2, 2), "adamw", betas=(1.5, 0.9))
+
+
+def test_8bit_names_build_8bit_optimizers_with_the_algorithms_defaults():
+    model = Llama(dim=64, layers=1, heads=2)
+    for name, cls, algorithm in (("adamw8bit", AdamW8bit, "adamw"), ("Lion8bit", Lion8bit, "lion")):
+        opt = create_optimizer(model, name)
+        assert type(opt) is cls and opt.defaults["state_dtype"] is torch.uint8
+        assert opt.param_groups[0]["lr"] == OPTIMIZERS[algorithm].lr == VARIANTS[name.lower()].lr
+        assert opt.param_groups[0]["weight_decay"] == OPTIMIZERS[algorithm].weight_decay
+    model(torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16)))[1].backward()
+    opt.step()  # Lion8bit: the 64x64 and larger matrices keep 8-bit momenta, the norms float32
+    embed = opt.state[model.embed.weight]
+    assert embed["exp_avg"].dtype is torch.uint8 and "exp_avg_scale" in embed
+    assert opt.state[model.norm.weight]["exp_avg"].dtype is torch.float32
+
+
+@pytest.mark.parametrize(("text", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16), ("uint8", torch.uint8),
+                                             (None, None), (torch.bfloat16, torch.bfloat16)])
+def test_state_dtype_is_taken_as_text_or_dtype(text, dtype):
+    assert state_dtype_of(text) is dtype
+    opt = create_optimizer(torch.nn.Linear(64, 64), "adamw", state_dtype=text)
+    assert opt.defaults["state_dtype"] is dtype
+
+
+def test_lean_options_reach_the_optimizer_and_bad_values_name_the_argument():
+    opt = create_optimizer(torch.nn.Linear(64, 64).to(torch.bfloat16), "lion", stochastic_rounding=True, seed=7,
+                           min_8bit_size=1024, state_dtype="uint8")
+    assert {k: opt.defaults[k] for k in ("stochastic_rounding", "seed", "min_8bit_size", "state_dtype")} == {
+        "stochastic_rounding": True, "seed": 7, "min_8bit_size": 1024, "state_dtype": torch.uint8}
+    with pytest.raises(ConfigError, match=r"Invalid state_dtype: 'int8'; allowed values are "
+                       r"\['bf16', 'fp32', 'uint8'\]"):
+        create_optimizer(torch.nn.Linear(2, 2), "adamw", state_dtype="int8")
+    with pytest.raises(ValueError, match=r"Invalid state_dtype: torch.float16"):  # a dtype: the optimizer's own check
+        create_optimizer(torch.nn.Linear(2, 2), "adamw8bit", state_dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"Invalid stochastic_rounding: 'yes'"):
+        create_optimizer(torch.nn.Linear(2, 2), "lion8bit", stochastic_rounding="yes")
+    with pytest.raises(ValueError, match=r"Invalid seed: -1"):
+        create_optimizer(torch.nn.Linear(2, 2), "adamw", stochastic_rounding=True, seed=-1)
+    with pytest.raises(ValueError, match=r"Invalid min_8bit_size: 0"):
+        create_optimizer(torch.nn.Linear(2, 2), "adamw", min_8bit_size=0)
+    assert sorted(STATE_DTYPES) == ["bf16", "fp32", "uint8"]
+
+
+def test_a_config_file_builds_an_8bit_optimizer(tmp_path):
+    """create_optimizer(model, **load_config(file)): names and dtypes as text, as a file writes them."""
+    (tmp_path / "opt.yaml").write_text("name: adamw8bit\nlr: 1.0e-3\nbetas: [0.9, 0.95]\nstate_dtype: uint8\n"
+                                       "min_8bit_size: 256\n")
+    opt = create_optimizer(torch.nn.Linear(16, 16), **load_config(tmp_path / "opt.yaml"))
+    assert type(opt) is AdamW8bit and opt.defaults["min_8bit_size"] == 256 and opt.param_groups[0]["lr"] == 1e-3
+    (tmp_path / "opt.json").write_text('{"name": "lion", "state_dtype": "bf16", "stochastic_rounding": true}')
+    opt = create_optimizer(torch.nn.Linear(16, 16), **load_config(tmp_path / "opt.json"))
+    assert opt.defaults["state_dtype"] is torch.bfloat16 and opt.defaults["stochastic_rounding"] is True
+    (tmp_path / "bad.yaml").write_text("name: lion8bit\nstate_dtype: 8bit\n")
+    with pytest.raises(ConfigError, match=r"Invalid state_dtype: '8bit'"):
+        create_optimizer(torch.nn.Linear(16, 16), **load_config(tmp_path / "bad.yaml"))
 
 
 def test_get_scheduler_takes_the_family_names():
@@ -110,6 +168,13 @@ def test_load_config_reads_yaml_and_json_safely(tmp_path):
         ({"optimizer_args": {"adamw": {"lr": -1}}}, ["learning rate", "-1"]),
         ({"warmup_steps": 500}, ["Invalid warmup_steps in", "500", "--steps 300"]),
         ({"adamw_lr": "fast"}, ["Invalid adamw_lr in", "'fast'", "expected a number"]),
+        ({"state_dtype": "int8"}, ["Invalid state_dtype in", "'int8'", "['bf16', 'fp32', 'uint8']"]),
+        ({"param_dtype": "fp16"}, ["Invalid param_dtype in", "'fp16'", "['bf16', 'fp32']"]),
+        ({"stochastic_rounding": "yes"}, ["Invalid stochastic_rounding in", "'yes'", "true or false"]),
+        ({"stochastic_rounding": True}, ["Invalid stochastic_rounding in", "bf16", "'fp32'"]),
+        ({"optimizer_args": {"adamw": {"state_dtype": "int8"}}}, ["optimizer_args.adamw.state_dtype", "'int8'",
+                                                                   "'uint8'"]),
+        ({"optimizer_args": {"lion": {"min_8bit_size": 0}}}, ["optimizer_args.lion.min_8bit_size", "0"]),
     ],
 )
 def test_bad_config_values_exit_2_with_one_line(tmp_path, capsys, config, words):
@@ -135,7 +200,7 @@ def test_every_subcommand_has_help():
     for argv in ([], ["demo"], ["plot-schedule"]):
         done = subprocess.run([sys.executable, "-m", "optimizer", *argv, "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "usage: python -m optimizer" in done.stdout
-        assert len(done.stdout.splitlines()) < 70
+        assert len(done.stdout.splitlines()) < 76  # about a screen
 
 
 def test_plot_schedule_writes_a_png(tmp_path, capsys):
@@ -161,7 +226,7 @@ def read_summary(path):
 def test_demo_short_run_writes_table_and_files(tmp_path, capsys):
     assert cli.main(["demo", *TINY, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "train loss" in out and "held-out" in out and "state MB" in out
+    assert "train loss" in out and "held-out" in out and "state MB" in out and "state B/param" in out
     mpimg = pytest.importorskip("matplotlib.image")
     for name in ("loss.png", "lr.png"):
         assert mpimg.imread(tmp_path / name).ndim == 3
@@ -171,9 +236,34 @@ def test_demo_short_run_writes_table_and_files(tmp_path, capsys):
         assert len(r["history"]["loss"]) == 12 and r["held_out_loss"] < summary["unigram_entropy"] + 3
         assert [s for s, _ in r["history"]["held_out"]] == [0, 6, 12]  # from step 0
         assert r["state_bytes"] > 0 and r["tokens_per_s"] > 0
+        assert r["state_bytes_per_param"] == r["state_bytes"] / r["params"]
     # AdamW keeps two fp32 states per parameter, Lion one
     assert summary["results"]["adamw"]["state_bytes"] == 2 * summary["results"]["lion"]["state_bytes"] + \
         4 * sum(1 for _ in Llama(dim=32, layers=1, heads=2, max_seq=32).parameters())
+    assert summary["config"]["state_dtype"] == summary["config"]["param_dtype"] == "fp32"
+
+
+def test_demo_state_bytes_count_8bit_codes_scales_and_counters(tmp_path, capsys):
+    """--state-dtype uint8: the matrices of 4096 values or more keep a byte per value and a float32 scale
+    per row and block of 256, the others float32 states; every byte is counted, counters too."""
+    argv = [*TINY, "--dim", "64", "--state-dtype", "uint8", "--optimizers", "adamw", "lion"]
+    assert cli.main(["demo", *argv, "--out", str(tmp_path)]) == 0
+    assert ", uint8 states" in capsys.readouterr().out
+    results = read_summary(tmp_path)["results"]
+    model = Llama(dim=64, layers=1, heads=2, max_seq=32)
+    n = sum(p.numel() for p in model.parameters())
+    for name, states in (("adamw", 2), ("lion", 1)):
+        expected = 0
+        for p in model.parameters():
+            if p.dim() >= 2 and p.numel() >= 4096:
+                expected += states * (p.numel() + 4 * p.shape[0] * -(-p[0].numel() // 256))
+            else:
+                expected += states * 4 * p.numel()
+            expected += 4 if name == "adamw" else 0  # the step counter
+        assert results[name]["state_bytes"] == expected, name
+        assert results[name]["state_bytes_per_param"] == expected / n
+    assert 2.0 < results["adamw"]["state_bytes_per_param"] < 2.2
+    assert 1.0 < results["lion"]["state_bytes_per_param"] < 1.1
 
 
 def test_resume_reaches_exactly_the_same_losses(tmp_path, capsys):

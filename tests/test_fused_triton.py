@@ -257,9 +257,9 @@ from optimizer import _fused_triton as FT
 out = {}
 for name in json.loads(sys.argv[1]):  # the kernels' names in _fused_triton
     kernel = getattr(FT, name)
-    constexprs = dict(lr_ptr=None, grad_scale_ptr=None, found_inf_ptr=None, P=triton.language.float32,
+    constexprs = dict(lr_ptr=None, grad_scale_ptr=None, found_inf_ptr=None, seeds_ptr=None, P=triton.language.float32,
                       S=triton.language.float32, BLOCK=FT.BLOCK, LR_TENSOR=False, SCALED=False, SKIPPABLE=False,
-                      MAXIMIZE=False, ALIGNED=True)
+                      MAXIMIZE=False, ALIGNED=True, ROUND=False)
     names = list(inspect.signature(kernel.fn).parameters)
     if "CORRECT_BIAS" in names:
         constexprs["CORRECT_BIAS"] = True

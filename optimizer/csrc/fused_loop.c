@@ -5,18 +5,32 @@
  *   T             the compute type (float or double)
  *   PTYPE, STYPE  the storage types of the parameter and of the states (float, double, bf16, f16)
  *   N_PTRS        pointers per tensor: parameter, gradient, then one per state
+ *   ROUNDS        1 where the parameter (bf16, f16) can be rounded stochastically
  * and the algorithm's own (written beside its Python reference, in optimizer/<name>.py):
  *   KERNEL_SCALARS      declares the scalars shared by all tensors, from scalars[]
  *   KERNEL_STATES       declares a pointer S_<name> per state, from tp[2], tp[3], ...
  *   KERNEL_PER_TENSOR   declares the per-tensor values of tensor t, from per_tensor[]
  *   KERNEL_LOAD, KERNEL_STORE   read and write the states of element i
  *   KERNEL_BODY         the update of one element: reads and assigns p, g and the states
- * ptrs holds, per tensor, N_PTRS addresses; first[] the running count of blocks. */
+ * ptrs holds, per tensor, N_PTRS addresses; first[] the running count of blocks; seeds[] one
+ * 32-bit seed per tensor to round the parameters stochastically (Note [stochastic rounding]
+ * in optimizer/_quant.py), or NULL to round them to nearest. */
+#define FUSED_ELEMENT(STORE_P)                  \
+    {                                           \
+        T p = CAT(load_, PTYPE)(P[i]);          \
+        T g = CAT(load_, PTYPE)(G[i]);          \
+        if (maximize) g = -g;                   \
+        KERNEL_LOAD                             \
+        KERNEL_BODY                             \
+        P[i] = STORE_P;                         \
+        KERNEL_STORE                            \
+    }
 void FN(int64_t n_tensors, void *const *ptrs, const int64_t *numel, const int64_t *first,
-        const double *scalars, const double *per_tensor, int maximize, int n_threads) {
+        const double *scalars, const double *per_tensor, int maximize, const uint32_t *seeds, int n_threads) {
     KERNEL_SCALARS
     (void)scalars;
     (void)per_tensor;
+    (void)seeds;
     (void)n_threads;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(n_threads)
@@ -29,14 +43,14 @@ void FN(int64_t n_tensors, void *const *ptrs, const int64_t *numel, const int64_
         const PTYPE *restrict G = (const PTYPE *)tp[1];
         KERNEL_STATES
         KERNEL_PER_TENSOR
-        for (int64_t i = lo; i < hi; i++) {
-            T p = CAT(load_, PTYPE)(P[i]);
-            T g = CAT(load_, PTYPE)(G[i]);
-            if (maximize) g = -g;
-            KERNEL_LOAD
-            KERNEL_BODY
-            P[i] = CAT(store_, PTYPE)(p);
-            KERNEL_STORE
+#if ROUNDS
+        if (seeds != NULL) {
+            const uint32_t seed = seeds[t];
+            for (int64_t i = lo; i < hi; i++) FUSED_ELEMENT(CAT(store_sr_, PTYPE)(p, random16(i, seed)))
+            continue;
         }
+#endif
+        for (int64_t i = lo; i < hi; i++) FUSED_ELEMENT(CAT(store_, PTYPE)(p))
     }
 }
+#undef FUSED_ELEMENT

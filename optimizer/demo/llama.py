@@ -1,5 +1,13 @@
 """A small LLaMA-style decoder: RMSNorm, rotary positions, SwiGLU, no biases
-(Touvron et al. 2023), sized by four numbers."""
+(Touvron et al. 2023), sized by four numbers.
+
+It computes in the dtype of its rotary tables (float32) whatever dtype its parameters are
+stored in: :meth:`Llama.store_parameters` keeps the weights in bf16 (the demo's
+``--param-dtype bf16``: the optimizer's only copy), and each layer casts its weight to
+its input's dtype where it uses it (a no-op for float32 weights). The gradients are the
+parameters' dtype. Computing in float32 keeps the experiment about how the weights are
+stored and rounded, and fast on CPUs without bf16 units (there, a bf16 matmul runs tens
+of times slower than a float32 one)."""
 
 from __future__ import annotations
 
@@ -21,12 +29,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` in its input's dtype (weights stored in bf16 meet float32 activations as float32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` in its input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.out = nn.Linear(dim, dim, bias=False)
+        self.qkv = Linear(dim, 3 * dim, bias=False)
+        self.out = Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -39,9 +62,9 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.gate = nn.Linear(dim, hidden, bias=False)
-        self.up = nn.Linear(dim, hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
+        self.gate = Linear(dim, hidden, bias=False)
+        self.up = Linear(dim, hidden, bias=False)
+        self.down = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -50,9 +73,9 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int, hidden: int) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(dim)
+        self.attn_norm = RMSNorm(dim)
         self.attn = Attention(dim, heads)
-        self.mlp_norm = nn.RMSNorm(dim)
+        self.mlp_norm = RMSNorm(dim)
         self.mlp = SwiGLU(dim, hidden)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -70,8 +93,8 @@ class Llama(nn.Module):
         hidden = 64 * round(8 * dim / 3 / 64)  # SwiGLU's 2/3 of 4*dim, rounded to a multiple of 64
         self.embed = nn.Embedding(vocab, dim)
         self.blocks = nn.ModuleList(Block(dim, heads, hidden) for _ in range(layers))
-        self.norm = nn.RMSNorm(dim)
-        self.head = nn.Linear(dim, vocab, bias=False)
+        self.norm = RMSNorm(dim)
+        self.head = Linear(dim, vocab, bias=False)
         cos, sin = rotary_tables(max_seq, dim // heads)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -80,6 +103,15 @@ class Llama(nn.Module):
             for w in (block.attn.out.weight, block.mlp.down.weight):
                 nn.init.normal_(w, std=0.02 / (2 * layers) ** 0.5)
 
+    def store_parameters(self, dtype: torch.dtype) -> Llama:
+        """Keep the parameters in ``dtype`` (rounded to nearest from their float32 initialisation); the
+        model still computes in its rotary tables' float32. Returns the model."""
+        for module in self.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and p.dtype != dtype:
+                    module._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+        return self
+
     @staticmethod
     def _init(m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -87,10 +119,10 @@ class Llama(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
         t = tokens.shape[1]
-        x = self.embed(tokens)
+        x = F.embedding(tokens, self.embed.weight.to(self.cos.dtype))  # computes in the tables' dtype
         cos, sin = self.cos[:t], self.sin[:t]
         for block in self.blocks:
             x = block(x, cos, sin)
         logits = self.head(self.norm(x))
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss

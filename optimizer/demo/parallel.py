@@ -97,6 +97,42 @@ def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     return bool(value.item())
 
 
+_DTYPE_KEYS = ("state_dtype",)  # group options that hold a torch.dtype
+
+
+def _dtypes_as_text(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer's ``state_dict`` post-hook: torch.distributed.checkpoint's full state dicts take
+    no ``torch.dtype`` values (``ValueError: Unexpected value type``), so ``state_dtype`` is written
+    as its name (``"torch.uint8"``) in the packed param_groups (copies: the optimizer keeps its own)."""
+    for group in state_dict["param_groups"]:
+        for key in _DTYPE_KEYS:
+            if isinstance(group.get(key), torch.dtype):
+                group[key] = str(group[key])
+    return state_dict
+
+
+def _dtypes_from_text(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The ``load_state_dict`` pre-hook that reads what :func:`_dtypes_as_text` wrote."""
+    groups = []
+    for group in state_dict["param_groups"]:
+        group = dict(group)
+        for key in _DTYPE_KEYS:
+            value = group.get(key)
+            if isinstance(value, str) and isinstance(getattr(torch, value.removeprefix("torch."), None), torch.dtype):
+                group[key] = getattr(torch, value.removeprefix("torch."))
+        groups.append(group)
+    return {**state_dict, "param_groups": groups}
+
+
+def prepare_optimizer(opt: torch.optim.Optimizer, world: World) -> torch.optim.Optimizer:
+    """Under torchrun, let the optimizer's state dict pass through torch.distributed.checkpoint
+    (:func:`full_state`, :func:`load_full_state`) with its dtype options."""
+    if world.mode != "none":
+        opt.register_state_dict_post_hook(_dtypes_as_text)
+        opt.register_load_state_dict_pre_hook(_dtypes_from_text)
+    return opt
+
+
 def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer, world: World) -> tuple[dict, dict]:
     """Model and optimizer state dicts, unsharded on the CPU (every rank must call this)."""
     if world.mode == "none":
@@ -126,6 +162,13 @@ def local_bytes(opt: torch.optim.Optimizer) -> int:
                if torch.is_tensor(v))
 
 
+def local_numel(model: torch.nn.Module) -> int:
+    """Parameters this rank holds (a DTensor counts its local shard): what ``local_bytes`` is per."""
+    from .._tensors import local
+
+    return sum(local(p).numel() for p in model.parameters())
+
+
 def describe(world: World) -> str:
     return "" if world.mode == "none" else f", {world.mode} on {world.size} processes"
 
@@ -135,5 +178,5 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-__all__: list[Any] = ["World", "start", "stop", "wrap", "rows", "mean", "any_rank", "full_state",
-                      "load_full_state", "local_bytes", "describe", "barrier"]
+__all__: list[Any] = ["World", "start", "stop", "wrap", "rows", "mean", "any_rank", "prepare_optimizer", "full_state",
+                      "load_full_state", "local_bytes", "local_numel", "describe", "barrier"]

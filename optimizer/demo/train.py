@@ -1,6 +1,14 @@
 """Train the small LLaMA once per optimizer, with checkpoints that resume exactly,
 then write the table, ``loss.png``, ``lr.png`` and ``summary.json``.
 
+Precision (``--param-dtype``, ``--state-dtype``, ``--stochastic-rounding``): bf16
+parameters (and their gradients) are the model's only copy of its weights (no float32
+master weights: the optimizer does its math in float32 and rounds the result into them,
+to nearest or stochastically, Note [stochastic rounding] in optimizer/_quant.py); the
+model computes in float32 from them (llama.py). ``uint8`` states are 8-bit with a scale
+per row and block of 256 values (Note [8-bit states]). The memory columns count every
+tensor of the optimizer's state (codes, scales, step counters).
+
 (About 380 lines: the loop, its checkpoints, resume and interrupt handling must agree
 step for step, so they are read together.)"""
 
@@ -41,6 +49,9 @@ DEFAULTS: dict[str, Any] = {
     "layers": 4,
     "heads": 4,
     "clip_grad_norm": 1.0,
+    "state_dtype": "fp32",  # the optimizers' states: fp32, bf16 or uint8 (optimizer_args may set one's own)
+    "param_dtype": "fp32",  # the model's parameters: fp32 or bf16 (no fp32 master copy)
+    "stochastic_rounding": False,  # round bf16 parameters stochastically (seeded by --seed)
     "eval_every": None,  # a sixth of the steps: 7 held-out points with step 0
     "checkpoint_every": None,  # a sixth of the steps
     "device": "cpu",
@@ -53,6 +64,31 @@ DEFAULTS: dict[str, Any] = {
 FREE_ON_RESUME = ("device", "distributed", "checkpoint_every", "out")
 RESULT_FILES = ("summary.json", "loss.png", "lr.png")  # with one NAME.ckpt per optimizer
 _CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "data_rng", "torch_rng", "history", "step", "config"}
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def optimizer_options(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """The keyword arguments optimizer ``name`` is built with: what ``--state-dtype`` and
+    ``--stochastic-rounding`` give every optimizer, then its own ``optimizer_args`` (which win).
+    fp32 states are the optimizers' default and pass nothing, so the default run is unchanged."""
+    lean: dict[str, Any] = {}
+    if cfg.get("state_dtype", "fp32") != "fp32":
+        lean["state_dtype"] = cfg["state_dtype"]  # as text: create_optimizer reads it
+    if cfg.get("stochastic_rounding"):
+        lean.update(stochastic_rounding=True, seed=cfg["seed"] % 2**32)
+    return {**lean, **cfg["optimizer_args"].get(name, {})}
+
+
+def describe_precision(cfg: dict[str, Any]) -> str:
+    """The run's precision for its titles, e.g. ``", bf16 params (stochastic rounding, no fp32 master
+    copy), uint8 states"``; empty for fp32 parameters and states (the default run's titles are as before)."""
+    parts = []
+    if cfg.get("param_dtype", "fp32") != "fp32":
+        rounding = "stochastic rounding" if cfg.get("stochastic_rounding") else "round to nearest"
+        parts.append(f"{cfg['param_dtype']} params ({rounding}, no fp32 master copy)")
+    if cfg.get("state_dtype", "fp32") != "fp32":
+        parts.append(f"{cfg['state_dtype']} states")
+    return "".join(f", {p}" for p in parts)
 
 
 def resolve_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -142,9 +178,10 @@ def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib
     "step": N, "interrupted": ...}`` when stopped early (``stop_after`` steps done, or a signal on any rank)."""
     torch.manual_seed(cfg["seed"])
     model = Llama(dim=cfg["dim"], layers=cfg["layers"], heads=cfg["heads"], max_seq=cfg["seq_len"]).to(device)
+    model.store_parameters(PARAM_DTYPES[cfg.get("param_dtype", "fp32")])  # initialised in fp32, computes in fp32
     n_params = sum(p.numel() for p in model.parameters())
     model = parallel.wrap(model, world)
-    opt = create_optimizer(model, name, **cfg["optimizer_args"].get(name, {}))
+    opt = parallel.prepare_optimizer(create_optimizer(model, name, **optimizer_options(cfg, name)), world)
     ckpt_format = "index" if world.mode == "none" else "full"  # opt.state_dict() / unsharded, by parameter name
     sched = get_scheduler(cfg["schedule"], opt, warmup_steps=cfg["warmup_steps"], total_steps=cfg["steps"],
                           min_lr_ratio=cfg["min_lr_ratio"])
@@ -217,6 +254,7 @@ def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib
     if stopped is not None:
         checkpoint(stopped)
         return {"finished": False, "step": stopped, "interrupted": interrupted}
+    state_bytes = parallel.local_bytes(opt)
     return {
         "finished": True,
         "groups": describe_groups(opt),
@@ -225,7 +263,8 @@ def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib
         "held_out_loss": hist["held_out"][-1][1],
         "tokens_per_s": len(hist["wall_s"]) * tokens_per_step / sum(hist["wall_s"]),
         "optimizer_step_ms": statistics.median(hist["step_ms"]),
-        "state_bytes": parallel.local_bytes(opt),  # this rank's
+        "state_bytes": state_bytes,  # this rank's: every state tensor, 8-bit scales and step counters too
+        "state_bytes_per_param": state_bytes / parallel.local_numel(model),  # per parameter this rank holds
         "history": hist,
     }
 
@@ -250,7 +289,8 @@ def describe_run(cfg: dict[str, Any], params: int | None = None) -> str:
         for n in cfg["optimizers"])
     return (f"small LLaMA{size} ({cfg['dim']}x{cfg['layers']}, {cfg['heads']} heads), {cfg['steps']} steps of "
             f"{cfg['batch_size']}x{cfg['seq_len']} bytes, {cfg['schedule']} schedule, warmup {cfg['warmup_steps']}, "
-            f"floor {cfg['min_lr_ratio']:g} x peak, clip {cfg['clip_grad_norm']:g}, seed {cfg['seed']}\n{opts}")
+            f"floor {cfg['min_lr_ratio']:g} x peak, clip {cfg['clip_grad_norm']:g}, seed {cfg['seed']}"
+            f"{describe_precision(cfg)}\n{opts}")
 
 
 def loss_figure(results: dict[str, dict[str, Any]], cfg: dict[str, Any], entropy: float, params: int | None = None):
@@ -370,13 +410,14 @@ def _run(cfg: dict[str, Any], checkpoints: dict[str, dict[str, Any]], *, overwri
     params = next(iter(results.values()))["params"]
     print(f"\nsmall LLaMA, {params / 1e6:.2f} M parameters, {cfg['steps']} steps of "
           f"{cfg['batch_size']}x{cfg['seq_len']} bytes, {cfg['schedule']} schedule, warmup {cfg['warmup_steps']}"
-          f"{parallel.describe(world)}")
+          f"{describe_precision(cfg)}{parallel.describe(world)}")
     state = "state MB" if world.mode == "none" else "state MB/rank"
-    header = f"{'optimizer':10s} {'train loss':>10s} {'held-out':>9s} {'tokens/s':>9s} {'opt step ms':>12s} {state:>9s}"
+    header = (f"{'optimizer':10s} {'train loss':>10s} {'held-out':>9s} {'tokens/s':>9s} {'opt step ms':>12s} "
+              f"{state:>9s} {'state B/param':>13s}")
     print(header)
     for name, r in results.items():
         print(f"{name:10s} {r['final_train_loss']:10.3f} {r['held_out_loss']:9.3f} {r['tokens_per_s']:9,.0f} "
-              f"{r['optimizer_step_ms']:12.2f} {r['state_bytes'] / 2**20:9.2f}")
+              f"{r['optimizer_step_ms']:12.2f} {r['state_bytes'] / 2**20:9.2f} {r['state_bytes_per_param']:13.3f}")
     print(f"(held-out loss of a model that ignores context: {entropy:.3f})")
     files = plot(results, cfg, entropy, out, params)
     summary = {"config": cfg, "text": source, "unigram_entropy": entropy, "world_size": world.size,

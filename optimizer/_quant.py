@@ -1,0 +1,245 @@
+"""Lean number formats, written as plain torch: the spec that the C loop and the Triton
+kernels follow bit for bit (tests/test_lean.py ties them).
+
+Note [8-bit states]
+~~~~~~~~~~~~~~~~~~~
+``state_dtype=torch.uint8`` (and ``AdamW8bit``, ``Lion8bit``) stores each state value of
+a large tensor in one byte, with one float32 scale per block of values (Dettmers et al.,
+2022, "8-bit Optimizers via Block-wise Quantization"; our code map is our own, below).
+
+* Blocks: the parameter is seen as ``rows x cols`` (rows = its first dimension) and each
+  row is cut into blocks of ``BLOCK`` = 256 values (the last block of a row may be shorter).
+  A block never straddles two rows, so it never straddles two shards of FSDP2, which
+  shards the first dimension: codes and scales of a shard are a shard of codes and scales.
+  Scales are float32 of shape ``(rows, ceil(cols / 256))``: 4/256 = 0.016 bytes per value.
+* Which tensors: real floating tensors of at least 2 dimensions and ``min_8bit_size``
+  (4096) values. Others (biases, norms, small tensors) keep float32 states: they are
+  few bytes and the most sensitive ones.
+* First moment (signed, ``exp_avg``): ``scale`` = the block's largest ``|m|``; the code is
+  ``c = floor(127 sqrt(|m| / scale) + 0.5)`` with m's sign, stored as int8 (viewed as the
+  uint8 tensor ``exp_avg``); decoded as ``sign(c) (|c| / 127)^2 scale``. Companding by the
+  square root keeps small values' relative precision: 1/127^2 of the block's largest value
+  is still one code (linear codes would lose everything below 1/254 of it).
+* Second moment (AdamW's ``exp_avg_sq``): what the update uses is ``r = sqrt(v)``, so ``r``
+  is stored: ``scale`` = the block's largest r, ``c = floor(255 sqrt(r / scale) + 0.5)``, at
+  least 1 where r > 0, decoded as ``(c / 255)^2 scale``. A positive r never decodes to 0,
+  so ``m / (r + eps)`` cannot explode where v was small but not zero.
+* Each step decodes, updates in float32 exactly as the float32 optimizer does, and encodes
+  again, in one pass (the kernels keep a block in registers / cache). A NaN or infinity in
+  a block makes its scale NaN and the whole block decodes to NaN (as one NaN gradient
+  poisons a float32 state); a block of zeros has scale 0 and codes 0.
+* Round to nearest (the ``+ 0.5``) is deterministic: a resumed run is bit-identical.
+
+Note [stochastic rounding]
+~~~~~~~~~~~~~~~~~~~~~~~~~~
+With ``stochastic_rounding=True``, a bf16/fp16 parameter's update is computed in float32
+and rounded into the parameter *stochastically*: down to the representable value toward
+zero, or up to the next one away from zero with probability equal to the distance to
+the lower one, in units of the gap. Updates smaller than half a gap are then not lost:
+they move the parameter on average (round to nearest drops every update below half an
+ulp: bf16 weights at 1.0 ignore any step under 0.0039). float32/float64 parameters are
+rounded as usual.
+
+The random bits are a hash, not a generator: 16 bits per element,
+``mix32(index ^ seed_t) >> 16`` with ``seed_t`` = :func:`rounding_seeds` of the group's
+``seed``, the group's count of stochastic steps (``rounding_step``, saved with the group
+in ``state_dict``) and the tensor's position in the step. So a run is reproducible, a
+resumed run is bit-identical, and no generator state needs saving. The parameter rounds
+up iff ``bits < frac * 65536`` (``frac`` in [0, 1), exact in float32). Where the value
+above is infinite (beyond the largest finite value), it rounds to nearest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["BLOCK", "MIN_8BIT_SIZE", "decode_root", "decode_signed", "encode_root", "encode_signed", "mix32",
+           "quantized", "random16", "round_stochastic", "rounding_seeds", "scale_shape", "store_param"]
+
+BLOCK = 256          # values per scale (Note [8-bit states])
+MIN_8BIT_SIZE = 4096  # smaller tensors keep float32 states
+_M32 = 0xFFFFFFFF
+
+
+def quantized(param: Tensor, min_8bit_size: int = MIN_8BIT_SIZE) -> bool:
+    """Whether ``state_dtype=torch.uint8`` stores this parameter's states in 8 bits."""
+    return (param.dim() >= 2 and param.numel() >= min_8bit_size
+            and param.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def rows_cols(shape: Sequence[int]) -> tuple[int, int]:
+    return int(shape[0]), math.prod(shape[1:])  # (an FSDP2 shard may have no rows)
+
+
+def scale_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """Shape of the float32 scales of a state of this shape: one per row and block of 256."""
+    rows, cols = rows_cols(shape)
+    return rows, -(-cols // BLOCK)
+
+
+def _blocks(x: Tensor) -> Tensor:
+    """(rows, cols) -> (rows, blocks, BLOCK), padded with zeros."""
+    rows, cols = x.shape
+    pad = -cols % BLOCK
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(rows, (cols + pad) // BLOCK, BLOCK)
+
+
+def _per_value(scale: Tensor, cols: int) -> Tensor:
+    """(rows, blocks) scales -> (rows, cols): each value's block scale."""
+    return scale.repeat_interleave(BLOCK, dim=1)[:, :cols]
+
+
+def _block_max(a: Tensor) -> Tensor:
+    """Largest of each block of ``a`` (>= 0 or NaN), NaN if the block holds a NaN."""
+    return _blocks(a).amax(dim=2)
+
+
+def _code(u: Tensor, levels: int) -> Tensor:
+    """floor(levels sqrt(u) + 0.5) for u in [0, 1]; 0 where u is NaN (the scale carries the NaN)."""
+    c = torch.floor(torch.sqrt(u) * levels + 0.5)
+    return torch.nan_to_num(c, nan=0.0)
+
+
+def encode_signed(x: Tensor) -> tuple[Tensor, Tensor]:
+    """float32 (rows, cols) -> int8 codes (rows, cols), float32 scales (rows, blocks)."""
+    a = x.abs()
+    scale = _block_max(a)
+    s = _per_value(scale, x.shape[1])
+    u = torch.where(s > 0, a / s, torch.zeros_like(a))
+    u = torch.where(s.isnan(), torch.full_like(a, math.nan), u)
+    c = _code(u, 127)
+    return (torch.sign(x) * c).to(torch.int8), scale
+
+
+def decode_signed(codes: Tensor, scale: Tensor) -> Tensor:
+    """int8 codes (rows, cols), scales (rows, blocks) -> float32 values."""
+    c = codes.to(torch.float32)
+    a = c.abs() / 127
+    return torch.sign(c) * (a * a * _per_value(scale, codes.shape[1]))
+
+
+def encode_root(r: Tensor) -> tuple[Tensor, Tensor]:
+    """float32 r >= 0 (rows, cols) -> uint8 codes, float32 scales; a positive r gets code >= 1."""
+    scale = _block_max(r)
+    s = _per_value(scale, r.shape[1])
+    u = torch.where(s > 0, r / s, torch.zeros_like(r))
+    u = torch.where(s.isnan(), torch.full_like(r, math.nan), u)
+    c = _code(u, 255)
+    c = torch.where(r > 0, c.clamp(min=1), c)
+    return c.to(torch.uint8), scale
+
+
+def decode_root(codes: Tensor, scale: Tensor) -> Tensor:
+    """uint8 codes (rows, cols), scales (rows, blocks) -> float32 r."""
+    a = codes.to(torch.float32) / 255
+    return a * a * _per_value(scale, codes.shape[1])
+
+
+# ----- stochastic rounding, Note [stochastic rounding] ---------------------------------
+
+def mix32(x: int | Tensor) -> int | Tensor:
+    """A 32-bit integer hash (xor-shift-multiply; both multipliers below 2^31, so int64 tensors
+    hold every product exactly). Python ints or int64 tensors of values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x1B873593) & _M32
+    return x ^ (x >> 16)
+
+
+def rounding_seeds(seed: int, step: int, n: int) -> list[int]:
+    """The 32-bit seed of each of the n tensors of a stochastic step."""
+    base = mix32((seed & _M32) ^ mix32(step & _M32))
+    return [mix32(base ^ mix32(i)) for i in range(n)]
+
+
+def random16(seed_t: int, n: int, device: torch.device | str = "cpu") -> Tensor:
+    """16 random bits (int64 in [0, 65536)) for elements 0..n-1 of a tensor with seed ``seed_t``."""
+    index = torch.arange(n, dtype=torch.int64, device=device) & _M32
+    return mix32(index ^ seed_t) >> 16
+
+
+_MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
+
+
+def round_stochastic(x: Tensor, dtype: torch.dtype, seed_t: int) -> Tensor:
+    """float32 ``x`` rounded stochastically into ``dtype`` (bf16 or fp16), elements taken in
+    ``x``'s logical (row-major) order."""
+    x = x.to(torch.float32)
+    nearest = x.to(dtype)
+    toward_zero = torch.where(nearest.to(torch.float32).abs() > x.abs(),
+                              torch.nextafter(nearest, torch.zeros_like(nearest)), nearest)
+    away = torch.nextafter(toward_zero, torch.where(x < 0, -math.inf, math.inf).to(dtype))
+    lo, hi = toward_zero.to(torch.float32), away.to(torch.float32)
+    frac = (x.abs() - lo.abs()) / (hi.abs() - lo.abs())  # exact: the gap is a power of two
+    bits = random16(seed_t, x.numel(), x.device).reshape(x.shape)
+    up = bits.to(torch.float32) < frac * 65536
+    out = torch.where(up, away, toward_zero)
+    return torch.where(torch.isfinite(hi) & ~x.isnan(), out, nearest)
+
+
+def store_param(param: Tensor, value: Tensor, seed_t: int | None) -> None:
+    """Write the float32 ``value`` into ``param``: stochastically for bf16/fp16 where ``seed_t``
+    is given, else rounded to nearest (a plain copy)."""
+    if seed_t is not None and param.dtype in _MANTISSA:
+        param.copy_(round_stochastic(value, param.dtype, seed_t).reshape(param.shape))
+    elif value is not param:
+        param.copy_(value.reshape(param.shape))
+
+
+# ----- checkpoints -------------------------------------------------------------------
+
+_ROOT_KEYS = ("exp_avg_sq",)  # second moments, stored as their square root
+
+
+def new_scales(param: Tensor) -> Tensor:
+    """Zero scales for ``param``'s 8-bit states; for an FSDP2 parameter (a DTensor sharded on
+    its first dimension) a DTensor sharded the same way: a shard's scales are its rows'."""
+    if type(param).__name__ != "DTensor":
+        return torch.zeros(scale_shape(param.shape), dtype=torch.float32, device=param.device)
+    from torch.distributed.tensor import DTensor
+
+    local = param.to_local()
+    shape = scale_shape(param.shape)
+    return DTensor.from_local(torch.zeros((local.shape[0], shape[1]), dtype=torch.float32, device=local.device),
+                              param.device_mesh, param.placements, run_check=False, shape=shape,
+                              stride=(shape[1], 1))
+
+
+def convert_states(param: Tensor, saved: dict[str, object], keys: Sequence[str], to_8bit: bool) -> dict[str, object]:
+    """A saved state converted to the precision this optimizer keeps for ``param``: 8-bit codes
+    and scales decoded to float32, float states encoded, 8-bit ones copied. Counters pass."""
+    out = {k: v for k, v in saved.items() if k not in keys and not any(k == f"{s}_scale" for s in keys)}
+    scales = {}  # after the codes, in the order the optimizer creates them
+    is_8bit = f"{keys[0]}_scale" in saved
+    rows, cols = rows_cols(param.shape)
+    for key in keys:
+        value = saved[key]
+        if is_8bit and to_8bit:
+            scale = saved[f"{key}_scale"]
+            out[key] = value.detach().to(device=param.device, dtype=torch.uint8, copy=True)
+            scales[f"{key}_scale"] = scale.detach().to(device=param.device, dtype=torch.float32, copy=True)
+            continue
+        if type(value).__name__ == "DTensor" or type(param).__name__ == "DTensor":
+            raise ValueError(f"Invalid state[{key!r}]: converting sharded (DTensor) states between 8-bit and "
+                             "float precision is not supported; load with the state_dtype they were saved in")
+        if is_8bit:
+            codes = value.to(param.device).reshape(rows, cols)
+            scale = saved[f"{key}_scale"].to(device=param.device, dtype=torch.float32)
+            if key in _ROOT_KEYS:
+                r = decode_root(codes, scale)
+                out[key] = (r * r).reshape(param.shape)
+            else:
+                out[key] = decode_signed(codes.view(torch.int8), scale).reshape(param.shape)
+        else:
+            x = value.detach().to(device=param.device, dtype=torch.float32).reshape(rows, cols)
+            codes, scale = encode_root(x.sqrt()) if key in _ROOT_KEYS else encode_signed(x)
+            out[key] = codes.view(torch.uint8).reshape(param.shape).clone()
+            scales[f"{key}_scale"] = scale
+    return {**out, **scales}

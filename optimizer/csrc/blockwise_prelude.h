@@ -1,0 +1,75 @@
+/* Helpers of the 8-bit (blockwise) CPU kernels, Note [8-bit states] in optimizer/_quant.py,
+ * pasted after fused_prelude.h: print a kernel's translation unit with
+ *     python -m optimizer kernel-source adamw8bit
+ * Each state value is a byte per value and a float32 scale per block of QBLOCK values of one
+ * row. Every operation is the reference's (_quant.py), in its order, in float32. */
+#define QBLOCK 256
+
+/* first moment, signed: the code is an int8 c, decoded as sign(c) (|c| / 127)^2 scale */
+static inline float decode_signed(uint8_t code, float scale) {
+    const float c = (float)(int8_t)code;
+    const float a = fabsf(c) / 127.0f;
+    return copysignf(a * a * scale, c); /* sign(c) x: -x for c < 0, x for c = 0 (as 0 x) */
+}
+
+/* second moment, stored as its root r: the code is a uint8 c, decoded as (c / 255)^2 scale */
+static inline float decode_root(uint8_t code, float scale) {
+    const float a = quotient((float)code, 255.0f, 1.0f / 255.0f); /* c / 255: exact for every code */
+    return a * a * scale;
+}
+
+/* The block's scale: its largest |x|, NaN if it holds a NaN (as torch.amax). |x| is the float's
+   bits without the sign, and the bits of non-negative floats order as their values, with every
+   NaN above inf: one integer max, no branch. */
+static inline float block_scale(const float *restrict x, int n) {
+    uint32_t top = 0;
+    for (int i = 0; i < n; i++) {
+        const uint32_t a = float_bits(x[i]) & 0x7fffffffu;
+        top = a > top ? a : top;
+    }
+    return top > 0x7f800000u ? NAN : bits_float(top);
+}
+
+/* codes floor(levels sqrt(|x| / scale) + 0.5), in [0, levels] where the scale is positive and
+   finite; where it is 0 (a block of zeros), inf or NaN (|x| / scale is 0 or NaN) the reference's
+   codes are 0 (nan_to_num). |x| / scale by quotient() where the scale and its inverse are normal
+   (every |x| / scale that has a nonzero code is then normal too), else by a division. */
+#define SAFE_SCALE(s) ((s) >= 0x1p-120f && (s) <= 0x1p120f)
+static inline void encode_signed(const float *restrict x, int n, uint8_t *restrict codes, float *restrict scale_out) {
+    const float scale = block_scale(x, n), inv = 1.0f / scale;
+    *scale_out = scale;
+    if (SAFE_SCALE(scale)) {
+        for (int i = 0; i < n; i++) {
+            const int c = (int)floorf(sqrtf(quotient(fabsf(x[i]), scale, inv)) * 127.0f + 0.5f);
+            const int negative = (int32_t)float_bits(x[i]) >> 31; /* -1 where x < 0 (or -0: c is 0) */
+            codes[i] = (uint8_t)((c ^ negative) - negative);      /* sign(x) c, as an int8 */
+        }
+    } else if (scale > 0.0f && scale < INFINITY) {
+        for (int i = 0; i < n; i++) {
+            const int c = (int)floorf(sqrtf(fabsf(x[i]) / scale) * 127.0f + 0.5f);
+            codes[i] = (uint8_t)(x[i] < 0.0f ? -c : c);
+        }
+    } else {
+        for (int i = 0; i < n; i++) codes[i] = 0;
+    }
+}
+
+/* as encode_signed with 255 levels, and at least 1 where r > 0 (also where the scale is inf or
+   NaN: the reference clamps after nan_to_num) */
+static inline void encode_root(const float *restrict r, int n, uint8_t *restrict codes, float *restrict scale_out) {
+    const float scale = block_scale(r, n), inv = 1.0f / scale;
+    *scale_out = scale;
+    if (SAFE_SCALE(scale)) {
+        for (int i = 0; i < n; i++) {
+            const int c = (int)floorf(sqrtf(quotient(r[i], scale, inv)) * 255.0f + 0.5f), positive = r[i] > 0.0f;
+            codes[i] = (uint8_t)(c > positive ? c : positive);
+        }
+    } else if (scale > 0.0f && scale < INFINITY) {
+        for (int i = 0; i < n; i++) {
+            const int c = (int)floorf(sqrtf(r[i] / scale) * 255.0f + 0.5f), positive = r[i] > 0.0f;
+            codes[i] = (uint8_t)(c > positive ? c : positive);
+        }
+    } else {
+        for (int i = 0; i < n; i++) codes[i] = r[i] > 0.0f;
+    }
+}
