@@ -30,7 +30,6 @@ from ._tensors import (
     foreach_buckets,
     group_by_device_and_dtype,
     host_value,
-    state_dtype,
     step_device,
 )
 

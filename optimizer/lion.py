@@ -19,7 +19,7 @@ from torch import Tensor
 from . import _dispatch, _fused_cpu, _quant
 from ._base import Optimizer
 from ._checks import check_backend, check_betas, check_flag, check_lr, check_lean, check_nonnegative, plain
-from ._tensors import as_real, compute_dtype, foreach_buckets, host_value, state_dtype
+from ._tensors import as_real, compute_dtype, foreach_buckets, host_value
 
 __all__ = ["Lion", "lion"]
 
