@@ -425,9 +425,6 @@ def test_float_kernels_round_stochastically_as_the_reference_every_step(cls, dty
     assert differ <= 0.01 * total
 
 
-@pytest.mark.xfail(strict=False, reason="the dispatcher sends dense non-contiguous bf16/fp16 parameters to the "
-                   "Triton kernels with their rounding seeds, whose random bits follow the memory order; "
-                   "_quant.round_stochastic's follow the logical order")
 def test_stochastic_rounding_of_a_non_contiguous_parameter_as_the_reference():
     """A transposed bf16 parameter (its gradient and states transposed alike: one dense layout, which
     the float kernels take) rounds as the reference does, elements in their logical order."""
