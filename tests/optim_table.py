@@ -195,7 +195,8 @@ def hyper(config: dict[str, Any], info: OptimizerInfo) -> dict[str, Any]:
     import inspect
 
     sig = inspect.signature(info.cls.__init__)
-    backends = ("self", "params", "foreach", "fused", "state_dtype")  # not in the formulas
+    # how the update is run and stored, not in the formulas
+    backends = ("self", "params", "foreach", "fused", "state_dtype", "stochastic_rounding", "seed", "min_8bit_size")
     hp = {k: p.default for k, p in sig.parameters.items() if k not in backends}
     hp.update({k: v for k, v in config.items() if k not in backends})
     if isinstance(hp["lr"], torch.Tensor):
