@@ -96,7 +96,8 @@ class Kernel:
     With ``codes`` (one per state: "signed" or "root", Note [8-bit states] in _quant.py) the
     states are 8-bit codes with a float32 scale per block of 256 values of a row: the kernel
     runs in csrc/blockwise_loop.c, its states decoded into float32 locals before ``body`` and
-    encoded after it, a block at a time."""
+    encoded after it, a block at a time. "root" codes round stochastically with the seed
+    ``mix32(step)`` (``_quant.root_seed``): such a kernel has the per-tensor value ``step``."""
 
     name: str
     states: tuple[str, ...]
@@ -170,7 +171,9 @@ def source(kernel: Kernel) -> str:
             _macro("KERNEL_LOAD", [f"T {s} = decode_{code}(C_{s}[i], z_{s});" for s, code in zip(kernel.states, kernel.codes)]),
             _macro("KERNEL_BODY", [line.strip() for line in kernel.body.strip().splitlines()]),
             _macro("KERNEL_KEEP", [f"buf_{s}[i] = {s};" for s in kernel.states]),
-            _macro("KERNEL_ENCODE", [f"encode_{code}(buf_{s}, n, C_{s}, Z_{s});" for s, code in zip(kernel.states, kernel.codes)]),
+            # a second moment's codes round stochastically with the seed of the tensor's step
+            _macro("KERNEL_ENCODE", [f"encode_{code}(buf_{s}, n, C_{s}, Z_{s}{', mix32((uint32_t)step)' if code == 'root' else ''});"
+                                     for s, code in zip(kernel.states, kernel.codes)]),
         ]
         n_ptrs = 2 + 2 * k
     else:

@@ -345,18 +345,29 @@ def _decode_root(codes, scale):
 
 
 @triton.jit
-def _encode(a, mask, LEVELS: tl.constexpr):
-    """|x| or r [B, QBLOCK] (>= 0 or nan) -> (codes floor(LEVELS sqrt(a / scale) + 0.5) as float32,
-    scales [B]): _quant._code over each row's block maximum; a nan in a block makes its scale
-    nan and its codes 0 (the maximum is taken without the nans, which are counted apart: the
-    same on every device, whatever its max instruction does with a nan)."""
+def _encode(a, mask, seed, LEVELS: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """|x| or r [B, QBLOCK] (>= 0 or nan) -> (codes as float32, scales [B]): over each row's
+    block maximum, floor(LEVELS sqrt(a / scale) + 0.5) (_quant._code), or where STOCHASTIC the
+    second moment's stochastic code of _quant.encode_root with ``seed``; a nan in a block makes
+    its scale nan and its codes 0 (the maximum is taken without the nans, which are counted
+    apart: the same on every device, whatever its max instruction does with a nan)."""
     a = tl.where(mask, a, 0.0)
     is_nan = a != a
     top = tl.max(tl.where(is_nan, 0.0, a), axis=1)
     scale = tl.where(tl.max(is_nan.to(tl.int32), axis=1) > 0, float("nan"), top)
     s = scale[:, None]
     u = tl.where(s > 0, tl.div_rn(a, tl.where(s > 0, s, 1.0)), 0.0)
-    c = tl.floor(tl.sqrt_rn(u) * LEVELS + 0.5)
+    if STOCHASTIC:  # lo = floor(x), + 1 iff bits (hi^4 - lo^4) < (x^4 - lo^4) 65536: unbiased for a^2
+        x = tl.sqrt_rn(u) * LEVELS
+        lo = tl.floor(x)
+        hi = lo + 1.0
+        x2 = x * x
+        lo2 = lo * lo
+        hi2 = hi * hi
+        bits = (_mix32((a.to(tl.uint32, bitcast=True) >> 8) ^ seed) >> 16).to(tl.float32)
+        c = lo + (bits * (hi2 * hi2 - lo2 * lo2) < (x2 * x2 - lo2 * lo2) * 65536.0).to(tl.float32)
+    else:
+        c = tl.floor(tl.sqrt_rn(u) * LEVELS + 0.5)
     c = tl.where(s != s, 0.0, c)   # the nan of u where s is nan (and of inf / inf): nan_to_num -> 0
     c = tl.where(c != c, 0.0, c)
     return c, scale
@@ -392,7 +403,7 @@ def _blocks_of(entry, first, QBLOCK: tl.constexpr, PER_PROGRAM: tl.constexpr, AL
 
 
 @triton.jit
-def _adamw8bit_blocks(entry, first, seed, decay, step_size, bc2_sqrt, grad_scale_ptr, beta2, w1, w2, eps,
+def _adamw8bit_blocks(entry, first, seed, root_seed, decay, step_size, bc2_sqrt, grad_scale_ptr, beta2, w1, w2, eps,
                       P: tl.constexpr, QBLOCK: tl.constexpr, PER_PROGRAM: tl.constexpr, SCALED: tl.constexpr,
                       MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, ROUND: tl.constexpr):
     """AdamW on PER_PROGRAM blocks of one tensor: _single_tensor_adamw8bit's operations in its order."""
@@ -421,11 +432,11 @@ def _adamw8bit_blocks(entry, first, seed, decay, step_size, bc2_sqrt, grad_scale
     denom = tl.div_rn(r, bc2_sqrt) + eps                      # sqrt(v_hat) + eps
     p = p + tl.div_rn(step_size * m, denom)                   # theta - lr m_hat / denom (addcdiv)
 
-    c, scale = _encode(tl.abs(m), mask, 127)
+    c, scale = _encode(tl.abs(m), mask, seed, 127, False)
     c = tl.where(m > 0, c, tl.where(m < 0, -c, 0.0))          # m's sign; 0 for nan
     tl.store(m_ptr + offs, c.to(tl.int8), mask=mask)
     tl.store(m_scales + q, scale, mask=real)
-    c, scale = _encode(r, mask, 255)
+    c, scale = _encode(r, mask, root_seed, 255, True)         # stochastic, unbiased for v
     c = tl.where(r > 0, tl.maximum(c, 1.0), c)                # a positive r never decodes to 0
     tl.store(v_ptr + offs, c.to(tl.uint8), mask=mask)
     tl.store(v_scales + q, scale, mask=real)
@@ -448,6 +459,7 @@ def _adamw8bit_kernel(table, blocks, lr_ptr, lr_value: tl.float64, weight_decay:
     entry = table + 11 * t  # p, g, m, v, m scales, v scales, step, cols, blocks a row, blocks, aligned
     step = tl.load(tl.load(entry + 6).to(tl.pointer_type(tl.float32)))  # already counted
     seed = _seed(seeds_ptr, t, ROUND)
+    root_seed = _mix32(step.to(tl.uint32))  # of v's stochastic codes: _quant.root_seed
     # the scalars as the reference's: float64 on the host there, rounded once to float32
     lr = _lr64(lr_ptr, lr_value, LR_TENSOR)
     if CORRECT_BIAS:
@@ -460,10 +472,10 @@ def _adamw8bit_kernel(table, blocks, lr_ptr, lr_value: tl.float64, weight_decay:
     decay = tl.cast(1.0 - lr * weight_decay, tl.float32)
     step_size = tl.cast(-lr / bc1, tl.float32)
     if tl.load(entry + 10) != 0:  # the tensor's rows start at multiples of 16 elements: vector accesses
-        _adamw8bit_blocks(entry, first, seed, decay, step_size, bc2_sqrt, grad_scale_ptr, beta2, w1, w2, eps,
+        _adamw8bit_blocks(entry, first, seed, root_seed, decay, step_size, bc2_sqrt, grad_scale_ptr, beta2, w1, w2, eps,
                           P, QBLOCK, PER_PROGRAM, SCALED, MAXIMIZE, True, ROUND)
     else:
-        _adamw8bit_blocks(entry, first, seed, decay, step_size, bc2_sqrt, grad_scale_ptr, beta2, w1, w2, eps,
+        _adamw8bit_blocks(entry, first, seed, root_seed, decay, step_size, bc2_sqrt, grad_scale_ptr, beta2, w1, w2, eps,
                           P, QBLOCK, PER_PROGRAM, SCALED, MAXIMIZE, False, ROUND)
 
 
@@ -492,7 +504,7 @@ def _lion8bit_blocks(entry, first, seed, decay, lr, grad_scale_ptr, w1, w2,
     p = p - sign * lr                                         # theta - lr sign(c)
     m = _lerp_fma(m, g, w2)                                   # m_t = b2 m + (1 - b2) g
 
-    c, scale = _encode(tl.abs(m), mask, 127)
+    c, scale = _encode(tl.abs(m), mask, seed, 127, False)
     c = tl.where(m > 0, c, tl.where(m < 0, -c, 0.0))          # m's sign; 0 for nan
     tl.store(m_ptr + offs, c.to(tl.int8), mask=mask)
     tl.store(m_scales + q, scale, mask=real)

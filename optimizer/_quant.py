@@ -21,14 +21,29 @@ a large tensor in one byte, with one float32 scale per block of values (Dettmers
   square root keeps small values' relative precision: 1/127^2 of the block's largest value
   is still one code (linear codes would lose everything below 1/254 of it).
 * Second moment (AdamW's ``exp_avg_sq``): what the update uses is ``r = sqrt(v)``, so ``r``
-  is stored: ``scale`` = the block's largest r, ``c = floor(255 sqrt(r / scale) + 0.5)``, at
-  least 1 where r > 0, decoded as ``(c / 255)^2 scale``. A positive r never decodes to 0,
-  so ``m / (r + eps)`` cannot explode where v was small but not zero.
+  is stored: ``scale`` = the block's largest r, decoded as ``(c / 255)^2 scale``, the code
+  ``c`` at least 1 where r > 0 (a positive r never decodes to 0, so ``m / (r + eps)`` cannot
+  explode where v was small but not zero). The code is rounded *stochastically*, unbiased
+  for v: with ``x = 255 sqrt(r / scale)`` and ``lo = floor(x)``, ``c = lo + 1`` with
+  probability ``(x^4 - lo^4) / ((lo + 1)^4 - lo^4)``, else ``lo`` (v decodes to
+  ``(c / 255)^4 scale^2``, so E[decoded v] = v). Round to nearest cannot follow v's decay:
+  with beta2 = 0.999 v shrinks 0.1% a step, less than half a code (a code is 0.8% of r, 1.6%
+  of v, near the top of a block), so every decrease is rounded away while a large gradient's
+  increase is kept: v ratchets up (the median error, against float32 states fed the same
+  gradients, grows without bound: +7% after 1000 steps, +27% after 3000). Stochastic codes
+  turn that bias into noise that does not grow (about 6% median, unbiased; tests/test_lean.py).
+  The 16 random bits of a value are a hash of its r (its float32 bits but the last 8) and
+  of the step, ``mix32((bits(r) >> 8) ^ root_seed(t)) >> 16``, rounding up iff
+  ``bits (hi^4 - lo^4) < (x^4 - lo^4) 65536``. They depend on nothing but the value and the
+  step, so a shard (FSDP2, ZeRO) rounds as the whole tensor does and a resumed run is
+  bit-identical; without r's last bits, an r one rounding away (a sqrt that is not
+  correctly rounded, as torch's CPU one) nearly always draws the same bits. The first moments (AdamW's and Lion's) decay by 10% (1%) a step, far more
+  than a code: they round to nearest.
 * Each step decodes, updates in float32 exactly as the float32 optimizer does, and encodes
   again, in one pass (the kernels keep a block in registers / cache). A NaN or infinity in
   a block makes its scale NaN and the whole block decodes to NaN (as one NaN gradient
   poisons a float32 state); a block of zeros has scale 0 and codes 0.
-* Round to nearest (the ``+ 0.5``) is deterministic: a resumed run is bit-identical.
+* Everything is a function of the values and the step: a resumed run is bit-identical.
 
 Note [stochastic rounding]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -58,7 +73,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["BLOCK", "MIN_8BIT_SIZE", "decode_root", "decode_signed", "encode_root", "encode_signed", "mix32",
-           "quantized", "random16", "round_stochastic", "rounding_seeds", "scale_shape", "store_param"]
+           "quantized", "random16", "root_seed", "round_stochastic", "rounding_seeds", "scale_shape", "store_param"]
 
 BLOCK = 256          # values per scale (Note [8-bit states])
 MIN_8BIT_SIZE = 4096  # smaller tensors keep float32 states
@@ -124,13 +139,29 @@ def decode_signed(codes: Tensor, scale: Tensor) -> Tensor:
     return torch.sign(c) * (a * a * _per_value(scale, codes.shape[1]))
 
 
-def encode_root(r: Tensor) -> tuple[Tensor, Tensor]:
-    """float32 r >= 0 (rows, cols) -> uint8 codes, float32 scales; a positive r gets code >= 1."""
+def root_seed(step: int | float) -> int:
+    """The 32-bit seed of the second moment's stochastic codes at step ``t`` (already counted)."""
+    return mix32(int(step) & _M32)
+
+
+def encode_root(r: Tensor, seed: int | None = None) -> tuple[Tensor, Tensor]:
+    """float32 r >= 0 (rows, cols) -> uint8 codes, float32 scales; a positive r gets code >= 1.
+    With ``seed`` (:func:`root_seed`) the codes round stochastically, unbiased for v = r^2;
+    without, to nearest (checkpoint conversions)."""
     scale = _block_max(r)
     s = _per_value(scale, r.shape[1])
     u = torch.where(s > 0, r / s, torch.zeros_like(r))
     u = torch.where(s.isnan(), torch.full_like(r, math.nan), u)
-    c = _code(u, 255)
+    if seed is None:
+        c = _code(u, 255)
+    else:
+        x = torch.sqrt(u) * 255                 # the code, unrounded
+        lo = torch.floor(x)
+        hi = lo + 1
+        x2, lo2, hi2 = x * x, lo * lo, hi * hi
+        bits = mix32(((r.view(torch.int32).to(torch.int64) & _M32) >> 8) ^ seed) >> 16
+        up = bits.to(torch.float32) * (hi2 * hi2 - lo2 * lo2) < (x2 * x2 - lo2 * lo2) * 65536
+        c = torch.nan_to_num(lo + up, nan=0.0)  # NaN where the scale is (it carries the NaN)
     c = torch.where(r > 0, c.clamp(min=1), c)
     return c.to(torch.uint8), scale
 

@@ -86,7 +86,7 @@ def _single_tensor_adamw8bit(
         codes, scale = _quant.encode_signed(m)
         m_codes.view(torch.int8).copy_(codes.reshape(m_codes.shape))
         m_scale.copy_(scale)
-        codes, scale = _quant.encode_root(r)
+        codes, scale = _quant.encode_root(r, _quant.root_seed(t))  # stochastic codes, unbiased for v
         r_codes.copy_(codes.reshape(r_codes.shape))
         r_scale.copy_(scale)
         _quant.store_param(param, p, None if rounding_seeds is None else rounding_seeds[i])
@@ -99,7 +99,7 @@ def _foreach_adamw8bit(*lists: list[Tensor], **hyper: Any) -> None:
 
 
 from . import _fused_cpu  # noqa: E402 - the C backend's, beside it
-from .adamw import _bias_corrections  # noqa: E402
+from .adamw import _bias_corrections, _stack  # noqa: E402
 
 # The C loop (Note [fused CPU] in _fused_cpu.py, csrc/blockwise_loop.c): a block of 256 values
 # of a row at a time, its moments decoded into the locals m and r = sqrt(v) before this body and
@@ -111,7 +111,7 @@ _ADAMW8BIT_KERNEL = _fused_cpu.Kernel(
     states=("m", "r"),
     codes=("signed", "root"),
     scalars=("decay", "w1", "beta2", "w2", "eps"),
-    per_tensor=("neg_step_size", "bc2_sqrt"),
+    per_tensor=("neg_step_size", "bc2_sqrt", "step"),
     body="""
         T v = r * r;                                    /* v = r^2: the second moment, decoded */
         m = LERP(m, g, w1);                             /* m_t = b1 m + (1 - b1) g, with w1 = 1 - b1 */
@@ -149,9 +149,10 @@ def _fused_c_adamw8bit(
     and r (and the parameter) may differ by about one float32 rounding (tests/test_lean_c.py)."""
     lr = float(lr)  # read once on the host; the scalars stay float64 until the kernel
     scalars = [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps]
+    per_tensor = [(*pair, t) for pair, t in zip(_bias_corrections(lr, beta1, beta2, state_steps, correct_bias),
+                                                 _stack(state_steps).tolist())]  # the step seeds v's codes
     _fused_cpu.run(_ADAMW8BIT_KERNEL, params, grads, [exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales],
-                   scalars, _bias_corrections(lr, beta1, beta2, state_steps, correct_bias), maximize=maximize,
-                   rounding_seeds=rounding_seeds)
+                   scalars, per_tensor, maximize=maximize, rounding_seeds=rounding_seeds)
 
 
 BACKENDS = _dispatch.Backends(

@@ -240,7 +240,7 @@ def test_adamw8bit_reference_matches_the_float64_formula_every_step(extra, cols)
         # the stored codes are the formula's values encoded (a float32 value on a code boundary may
         # round to the neighbouring code)
         m_codes, _ = _quant.encode_signed(want_m.float())
-        r_codes, _ = _quant.encode_root(want_r.float())
+        r_codes, _ = _quant.encode_root(want_r.float(), _quant.root_seed(t))  # (stochastic: either neighbour)
         assert (m_codes.int() - s["exp_avg"].view(torch.int8).int()).abs().max() <= 1
         assert (r_codes.int() - s["exp_avg_sq"].int()).abs().max() <= 1
         assert (m_codes != s["exp_avg"].view(torch.int8)).float().mean() < 0.01
@@ -266,9 +266,9 @@ def test_lion8bit_reference_matches_the_float64_formula_every_step(extra):
         assert (codes.int() - opt.state[p]["exp_avg"].view(torch.int8).int()).abs().max() <= 1
 
 
-def tracking_errors(name: str, state: str, steps: int = 1000) -> list[float]:
+def tracking_errors(name: str, state: str, steps: int = 1000) -> list[tuple[float, float]]:
     """The same gradients into a float32-state and an 8-bit-state optimizer; every 10 steps,
-    the median relative error of the decoded state."""
+    the median relative error of the decoded state and its mean signed relative error."""
     gen = torch.Generator().manual_seed(0)
     p32 = torch.nn.Parameter(torch.randn(64, 512, generator=gen) * 0.1)
     p8 = torch.nn.Parameter(p32.detach().clone())
@@ -287,7 +287,8 @@ def tracking_errors(name: str, state: str, steps: int = 1000) -> list[float]:
                 decoded = _quant.decode_signed(s8["exp_avg"].view(torch.int8), s8["exp_avg_scale"])
             else:
                 decoded = _quant.decode_root(s8["exp_avg_sq"], s8["exp_avg_sq_scale"]) ** 2
-            errors.append(((decoded - s32[state]).abs() / s32[state].abs().clamp(min=1e-12)).median().item())
+            rel = (decoded - s32[state]) / s32[state].abs().clamp(min=1e-12)
+            errors.append((rel.abs().median().item(), rel.mean().item()))
     return errors
 
 
@@ -295,22 +296,51 @@ def tracking_errors(name: str, state: str, steps: int = 1000) -> list[float]:
 def test_8bit_first_moment_tracks_float32_over_1000_steps(name):
     """As bitsandbytes tests its 8-bit optimizers, over 1000 steps: the decoded momentum's
     relative error is bounded at every step and does not grow."""
-    errors = tracking_errors(name, "exp_avg")
+    errors = [median for median, _ in tracking_errors(name, "exp_avg")]
     early, late = sum(errors[20:30]) / 10, sum(errors[-10:]) / 10  # after Lion's 1/(1 - 0.99) = 100-step warm-up
     assert max(errors) < 0.06, max(errors)
     assert late <= 1.1 * early, (early, late)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known, open (issue 14): round-to-nearest codes cannot follow the second moment's decay of "
-    "0.1% per step (beta2 = 0.999), less than half a code: decreases are lost and v drifts up "
-    "(median +6% after 1000 steps, +23% after 3000); planned: hash-based stochastic rounding of "
-    "its codes"))
 def test_8bit_second_moment_tracks_float32_over_1000_steps():
+    """v decays 0.1% a step (beta2 = 0.999), less than half a code: with codes rounded to
+    nearest it ratchets up (mean error +7% at step 1000 and growing, Note [8-bit states]). The
+    stochastic codes keep it unbiased: the mean error stays within 1% at every step, the
+    median error bounded."""
     errors = tracking_errors("AdamW", "exp_avg_sq")
-    early, late = sum(errors[20:30]) / 10, sum(errors[-10:]) / 10
-    assert max(errors) < 0.06, max(errors)
-    assert late <= 1.1 * early + 0.005, (early, late)
+    assert max(median for median, _ in errors) < 0.08, errors
+    assert max(abs(mean) for _, mean in errors) < 0.01, errors
+
+
+def test_second_moment_codes_are_unbiased_for_v():
+    """Over many steps' seeds, the decoded v of one r averages to v: the probability of the
+    upper code is (x^4 - lo^4) / (hi^4 - lo^4), transcribed here in float64, and the codes are
+    always one of the two around x = 255 sqrt(r / scale)."""
+    gen = torch.Generator().manual_seed(0)
+    r = torch.cat([torch.ones(1), torch.rand(255, generator=gen) ** 3]).reshape(1, 256)
+    x = 255 * (r.double() / r.max()).sqrt()
+    lo = x.floor()
+    p_up = (x**4 - lo**4) / ((lo + 1) ** 4 - lo**4)
+    codes = torch.stack([_quant.encode_root(r, _quant.root_seed(t))[0] for t in range(1, 4001)]).double()
+    assert ((codes == lo) | (codes == lo + 1) | ((lo == 0) & (codes == 1))).all()  # (a positive r gets 1)
+    big = lo[0] >= 1
+    frequency = (codes == lo + 1).double().mean(0)[0]
+    assert ((frequency - p_up[0])[big].abs() <= 4 * (p_up[0] * (1 - p_up[0]) / 4000).sqrt()[big] + 1e-3).all()
+    v = r.double() ** 2
+    mean_v = ((codes / 255) ** 4).mean(0) * r.max().double() ** 2
+    assert ((mean_v - v) / v)[big.unsqueeze(0)].mean().abs() < 2e-3
+
+
+def test_second_moment_codes_depend_on_the_values_and_step_only():
+    """A shard of rows (FSDP2), or the same values at another place, gets the same codes; another
+    step draws other bits."""
+    gen = torch.Generator().manual_seed(1)
+    r = torch.rand(12, 700, generator=gen)
+    seed = _quant.root_seed(17)
+    whole, _ = _quant.encode_root(r, seed)
+    assert torch.equal(_quant.encode_root(r[5:9], seed)[0], whole[5:9])
+    assert torch.equal(_quant.encode_root(r.flip(0), seed)[0], whole.flip(0))
+    assert not torch.equal(_quant.encode_root(r, _quant.root_seed(18))[0], whole)
 
 
 # ----- options, checkpoints -------------------------------------------------------------

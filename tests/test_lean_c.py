@@ -270,7 +270,7 @@ def test_stochastic_rounding_is_taken_and_rounds(algo, monkeypatch):
 
 HARNESS = r"""
 void t_encode_signed(const float *x, int n, uint8_t *codes, float *scale) { encode_signed(x, n, codes, scale); }
-void t_encode_root(const float *x, int n, uint8_t *codes, float *scale) { encode_root(x, n, codes, scale); }
+void t_encode_root(const float *x, int n, uint8_t *codes, float *scale, uint32_t seed) { encode_root(x, n, codes, scale, seed); }
 void t_decode_signed(const uint8_t *c, int n, float scale, float *out) {
     for (int i = 0; i < n; i++) out[i] = decode_signed(c[i], scale);
 }
@@ -327,11 +327,14 @@ def special_blocks() -> list[torch.Tensor]:
     return [b.to(torch.float32) for b in blocks]
 
 
-def test_codes_match_quant_value_by_value(helpers, exact_sqrt):
+@pytest.mark.parametrize("step", [1, 2, 1000])
+def test_codes_match_quant_value_by_value(helpers, exact_sqrt, step):
+    seed = _quant.root_seed(step)  # the second moment's stochastic codes
     for x in special_blocks():
         n = x.numel()
         for signed, fn, ref in ((True, helpers.t_encode_signed, _quant.encode_signed),
-                                (False, helpers.t_encode_root, _quant.encode_root)):
+                                (False, lambda *a: helpers.t_encode_root(*a, ctypes.c_uint32(seed)),
+                                 lambda r: _quant.encode_root(r, seed))):
             x_in = x if signed else x.abs()  # r >= 0 (or NaN)
             codes, scale = torch.empty(n, dtype=torch.uint8), torch.empty(1)
             fn(ptr(x_in), n, ptr(codes), ptr(scale))

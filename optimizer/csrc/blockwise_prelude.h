@@ -54,19 +54,30 @@ static inline void encode_signed(const float *restrict x, int n, uint8_t *restri
     }
 }
 
-/* as encode_signed with 255 levels, and at least 1 where r > 0 (also where the scale is inf or
-   NaN: the reference clamps after nan_to_num) */
-static inline void encode_root(const float *restrict r, int n, uint8_t *restrict codes, float *restrict scale_out) {
+/* the second moment's code of x = 255 sqrt(r / scale) in [0, 255], rounded stochastically,
+   unbiased for v = r^2: floor(x), plus 1 iff bits (hi^4 - lo^4) < (x^4 - lo^4) 65536, the 16
+   bits a hash of r's bits but the last 8 and the step's seed */
+static inline int root_code(float x, float r, uint32_t seed) {
+    const float lo = floorf(x), hi = lo + 1.0f;
+    const float x2 = x * x, lo2 = lo * lo, hi2 = hi * hi;
+    const float bits = (float)(mix32((float_bits(r) >> 8) ^ seed) >> 16);
+    return (int)lo + (bits * (hi2 * hi2 - lo2 * lo2) < (x2 * x2 - lo2 * lo2) * 65536.0f);
+}
+
+/* as encode_signed with 255 levels rounded by root_code, and at least 1 where r > 0 (also where
+   the scale is inf or NaN: the reference clamps after nan_to_num) */
+static inline void encode_root(const float *restrict r, int n, uint8_t *restrict codes, float *restrict scale_out,
+                               uint32_t seed) {
     const float scale = block_scale(r, n), inv = 1.0f / scale;
     *scale_out = scale;
     if (SAFE_SCALE(scale)) {
         for (int i = 0; i < n; i++) {
-            const int c = (int)floorf(sqrtf(quotient(r[i], scale, inv)) * 255.0f + 0.5f), positive = r[i] > 0.0f;
+            const int c = root_code(sqrtf(quotient(r[i], scale, inv)) * 255.0f, r[i], seed), positive = r[i] > 0.0f;
             codes[i] = (uint8_t)(c > positive ? c : positive);
         }
     } else if (scale > 0.0f && scale < INFINITY) {
         for (int i = 0; i < n; i++) {
-            const int c = (int)floorf(sqrtf(r[i] / scale) * 255.0f + 0.5f), positive = r[i] > 0.0f;
+            const int c = root_code(sqrtf(r[i] / scale) * 255.0f, r[i], seed), positive = r[i] > 0.0f;
             codes[i] = (uint8_t)(c > positive ? c : positive);
         }
     } else {
