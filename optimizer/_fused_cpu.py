@@ -168,7 +168,10 @@ def source(kernel: Kernel) -> str:
                 f"const float z_{s} = *Z_{s};",
                 f"float buf_{s}[QBLOCK];")]),
             _macro("KERNEL_PER_TENSOR", [f"const T {s} = (T)per_tensor[t * {n} + {j}];" for j, s in enumerate(kernel.per_tensor)]),
-            _macro("KERNEL_LOAD", [f"T {s} = decode_{code}(C_{s}[i], z_{s});" for s, code in zip(kernel.states, kernel.codes)]),
+            # decoded in a loop of their own (bytes to floats), into buf_<name>, which then holds the new values
+            _macro("KERNEL_DECODE", [f"for (int i = 0; i < n; i++) buf_{s}[i] = decode_{code}(C_{s}[i], z_{s});"
+                                     for s, code in zip(kernel.states, kernel.codes)]),
+            _macro("KERNEL_LOAD", [f"T {s} = buf_{s}[i];" for s in kernel.states]),
             _macro("KERNEL_BODY", [line.strip() for line in kernel.body.strip().splitlines()]),
             _macro("KERNEL_KEEP", [f"buf_{s}[i] = {s};" for s in kernel.states]),
             # a second moment's codes round stochastically with the seed of the tensor's step

@@ -2,9 +2,11 @@
  * updates every block of QBLOCK values of every tensor of a step once; the blocks are
  * shared by the threads. A tensor is seen as rows x cols (rows its first dimension), each row
  * cut into ceil(cols / QBLOCK) blocks, contiguous in memory; block k of a tensor is row
- * blk / blocks_per_row, and its scales are scale[blk]. Per block: decode the states, update each
- * value in float32, store the parameter, keep the new states in buf_<name>[], then encode them
- * (the block's scale needs every new value first). Pasted once per parameter dtype after:
+ * blk / blocks_per_row, and its scales are scale[blk]. Per block: decode the states into
+ * buf_<name>[] (a loop of their own), update each value in float32, store the parameter, keep the
+ * new states in buf_<name>[], then encode them (the block's scale needs every new value first).
+ * Short loops over a block held in stack buffers: each vectorises with few values live at a time.
+ * Pasted once per parameter dtype after:
  *   FN            the function's name, e.g. adamw8bit_float_u8
  *   T             the compute type (float)
  *   PTYPE         the storage type of the parameter and its gradient (float, bf16, f16)
@@ -16,7 +18,8 @@
  *   KERNEL_STATES       declares, for the block at element offset `base` and scale index `blk`,
  *                       the codes C_<name>, scales Z_<name>, scale z_<name> and buffer buf_<name>
  *   KERNEL_PER_TENSOR   declares the per-tensor values of tensor t, from per_tensor[]
- *   KERNEL_LOAD         decodes the states of value i of the block
+ *   KERNEL_DECODE       decodes the block's states into buf_<name>[]
+ *   KERNEL_LOAD         reads the decoded states of value i of the block
  *   KERNEL_BODY         the update of one value: reads and assigns p, g and the states
  *   KERNEL_KEEP         keeps the new states of value i in buf_<name>[i]
  *   KERNEL_ENCODE       encodes the buffers into codes and scales
@@ -32,6 +35,31 @@
         P[i] = STORE_P;                         \
         KERNEL_KEEP                             \
     }
+/* one block of n values: n is the constant QBLOCK for whole blocks (loops of a known trip count,
+   without remainders), the row's remainder for the last block of a row whose length is not a
+   multiple of QBLOCK */
+#if ROUNDS
+#define BLOCKWISE_BLOCK                                                                                      \
+    {                                                                                                        \
+        KERNEL_STATES                                                                                        \
+        KERNEL_DECODE                                                                                        \
+        if (seeds != NULL) {                                                                                 \
+            const uint32_t seed = seeds[t];                                                                  \
+            for (int i = 0; i < n; i++) BLOCKWISE_VALUE(CAT(store_sr_, PTYPE)(p, random16(base + i, seed))) \
+        } else {                                                                                             \
+            for (int i = 0; i < n; i++) BLOCKWISE_VALUE(CAT(store_, PTYPE)(p))                               \
+        }                                                                                                    \
+        KERNEL_ENCODE                                                                                        \
+    }
+#else
+#define BLOCKWISE_BLOCK                                                        \
+    {                                                                          \
+        KERNEL_STATES                                                          \
+        KERNEL_DECODE                                                          \
+        for (int i = 0; i < n; i++) BLOCKWISE_VALUE(CAT(store_, PTYPE)(p))     \
+        KERNEL_ENCODE                                                          \
+    }
+#endif
 void FN(int64_t n_tensors, void *const *ptrs, const int64_t *cols, const int64_t *first,
         const double *scalars, const double *per_tensor, int maximize, const uint32_t *seeds, int n_threads) {
     KERNEL_SCALARS
@@ -40,29 +68,27 @@ void FN(int64_t n_tensors, void *const *ptrs, const int64_t *cols, const int64_t
     (void)seeds;
     (void)n_threads;
     const T g_sign = maximize ? -1 : 1; /* -g exactly, without a branch per value */
+    /* dynamic, 16 blocks (4096 values) at a time: the threads finish together even where one of
+       them shares its core with another process (static shares made the step wait for it) */
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(n_threads)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(n_threads)
 #endif
     for (int64_t b = 0; b < first[n_tensors]; b++) {
         const int64_t t = tensor_of(b, first, n_tensors), blk = b - first[t];
         const int64_t per_row = (cols[t] + QBLOCK - 1) / QBLOCK, row = blk / per_row, j = blk - row * per_row;
         const int64_t base = row * cols[t] + j * QBLOCK;  /* the block's first value in the tensor */
-        const int n = (int)(cols[t] - j * QBLOCK < QBLOCK ? cols[t] - j * QBLOCK : QBLOCK);
         void *const *tp = ptrs + t * N_PTRS;
         PTYPE *restrict P = (PTYPE *)tp[0] + base;
         const PTYPE *restrict G = (const PTYPE *)tp[1] + base;
-        KERNEL_STATES
         KERNEL_PER_TENSOR
-#if ROUNDS
-        if (seeds != NULL) {
-            const uint32_t seed = seeds[t];
-            for (int i = 0; i < n; i++) BLOCKWISE_VALUE(CAT(store_sr_, PTYPE)(p, random16(base + i, seed)))
-        } else
-#endif
-        {
-            for (int i = 0; i < n; i++) BLOCKWISE_VALUE(CAT(store_, PTYPE)(p))
+        if (cols[t] - j * QBLOCK >= QBLOCK) {
+            const int n = QBLOCK;
+            BLOCKWISE_BLOCK
+        } else {
+            const int n = (int)(cols[t] - j * QBLOCK);
+            BLOCKWISE_BLOCK
         }
-        KERNEL_ENCODE
     }
 }
 #undef BLOCKWISE_VALUE
+#undef BLOCKWISE_BLOCK
