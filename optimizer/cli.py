@@ -570,8 +570,9 @@ def _kernel_source_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("kernel-source", help="print the C source of an optimizer's fused CPU kernel",
                        description="The translation unit that the fused CPU backend compiles for an optimizer: "
                        "optimizer/csrc/fused_prelude.h, the algorithm's update (written beside its Python "
-                       "reference) and optimizer/csrc/fused_loop.c once per dtype variant.")
-    p.add_argument("name", choices=["adamw", "lion"], help="the optimizer")
+                       "reference) and optimizer/csrc/fused_loop.c once per dtype variant; for the 8-bit "
+                       "states (adamw8bit, lion8bit) also csrc/blockwise_prelude.h and csrc/blockwise_loop.c.")
+    p.add_argument("name", choices=["adamw", "lion", "adamw8bit", "lion8bit"], help="the optimizer's kernel")
     return p
 
 
@@ -580,7 +581,9 @@ def kernel_source(args: argparse.Namespace) -> int:
     from .adamw import AdamW
     from .lion import Lion
 
-    print(_fused_cpu.source({"adamw": AdamW, "lion": Lion}[args.name].backends.c_kernel), end="")
+    cls = {"adamw": AdamW, "lion": Lion}[args.name.removesuffix("8bit")]
+    backends = cls.backends_8bit if args.name.endswith("8bit") else cls.backends
+    print(_fused_cpu.source(backends.c_kernel), end="")
     return 0
 
 
