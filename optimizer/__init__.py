@@ -16,6 +16,7 @@ from .adamw import AdamW
 from .adamw8bit import AdamW8bit
 from .lion import Lion
 from .lion8bit import Lion8bit
+from .sparse_adamw import SparseAdamW
 from .scheduler import SCHEDULES, ScheduleLR, WarmupCosineScheduler, get_scheduler, make_schedule
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "Lion",
     "Lion8bit",
     "ScheduleLR",
+    "SparseAdamW",
     "WarmupCosineScheduler",
     "get_scheduler",
     "make_schedule",

@@ -19,6 +19,12 @@ timed in interleaved rounds, so that drift of the machine spreads over all of
 them; otherwise one after the other, each freed before the next is built. Peers
 that are not installed, or fail their first step on this device, are skipped and
 listed.
+
+``--model embedding-256k-sparse`` (:data:`SPARSE_MODELS`) times the sparse workload instead:
+an embedding table of which a step touches 1 % of the rows (a different random set each
+step, one entry per lookup and some rows twice, as ``nn.Embedding(sparse=True)`` gives),
+our SparseAdamW against dense fused ``torch.optim.AdamW`` (fed the same gradient made
+dense) and ``torch.optim.SparseAdam``, as ratios to both in one run (:func:`run_sparse`).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import AdamW, Lion
+from . import AdamW, Lion, SparseAdamW
 
 
 def gpt2_shapes(layers: int, dim: int, vocab: int, ctx: int = 1024) -> list[tuple[int, ...]]:
@@ -65,6 +71,11 @@ MODELS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "small-2000x256": lambda: [(256,)] * 2000,  # 0.5 M params
 }
 SUITES = {"many-small": ["small-400x64x64", "small-2000x256"]}  # --model names that run several lists
+# sparse workloads (run_sparse): --model name -> (rows, row width, fraction of the rows a step touches)
+SPARSE_MODELS: dict[str, tuple[int, int, float]] = {
+    "embedding-256k-sparse": (262_144, 1024, 0.01),  # 268 M fp32 parameters, 2,621 rows a step
+    "embedding-16k-sparse": (16_384, 256, 0.01),  # a small one, for tests
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -250,7 +261,12 @@ def run(model: str, device_name: str, reps: int, only: list[str] | None, json_pa
     """Time every candidate on ``model``'s list (each list of a suite such as ``many-small``) and
     print the table; optionally write the JSON (a list for a suite) and the README's table."""
     results = []
-    for name in SUITES.get(model, [model]):
+    if model in SPARSE_MODELS:
+        if dtype != "fp32" or state_dtype or compile:
+            raise ValueError(f"Invalid options for --model {model}: the sparse table is fp32 with the optimizers' "
+                             "own state, eager (no --dtype, --state-dtype or --compile)")
+        results.append({**run_sparse(model, device_name, reps, only), "command": command})
+    for name in [] if model in SPARSE_MODELS else SUITES.get(model, [model]):
         results.append({**run_one(name, device_name, reps, only, dtype, state_dtype, compile), "command": command})
     if json_path:
         with open(json_path, "w") as f:
@@ -396,6 +412,122 @@ def run_one(model: str, device_name: str, reps: int, only: list[str] | None,
     return result
 
 
+class SparseRow(NamedTuple):
+    """One implementation on the sparse workload."""
+
+    name: str
+    make: Callable[[list[torch.nn.Parameter]], Any]
+    dense: bool = False  # fed the gradient made dense (every row, zeros included)
+
+
+def sparse_candidates() -> list[SparseRow]:
+    """The sparse table's implementations: ours (fused and reference) and torch's two ways (the
+    same lr; weight decay 1e-2 where there is one: SparseAdam has none)."""
+    return [
+        SparseRow("torch AdamW fused (dense)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, fused=True),
+                  dense=True),
+        SparseRow("torch SparseAdam", lambda ps: torch.optim.SparseAdam(ps, lr=1e-3)),
+        SparseRow("ours SparseAdamW default", lambda ps: SparseAdamW(ps, lr=1e-3, weight_decay=1e-2)),
+        SparseRow("ours SparseAdamW reference", lambda ps: SparseAdamW(ps, lr=1e-3, weight_decay=1e-2, fused=False)),
+    ]
+
+
+def sparse_grads(rows: int, dim: int, touched: int, count: int, device: torch.device,
+                 gen: torch.Generator) -> list[torch.Tensor]:
+    """``count`` gradients touching ``touched`` random rows each, as an embedding's backward gives
+    them: one entry per lookup, in lookup order, a tenth of the rows looked up twice (so every
+    optimizer must sum repeated rows: coalesce)."""
+    grads = []
+    for _ in range(count):
+        index = torch.randperm(rows, generator=gen)[:touched]
+        index = torch.cat([index, index[:max(1, touched // 10)]])
+        index = index[torch.randperm(index.numel(), generator=gen)]
+        values = torch.randn(index.numel(), dim, generator=gen) * 1e-3
+        grads.append(torch.sparse_coo_tensor(index[None], values, (rows, dim), check_invariants=False).to(device))
+    return grads
+
+
+def run_sparse(model: str, device_name: str, reps: int, only: list[str] | None) -> dict[str, Any]:
+    """The sparse table: an embedding of ``SPARSE_MODELS[model]``, one shared parameter, each step
+    a new gradient of the touched rows; ms per step, the bytes a step must move at least (28 per
+    touched element: read p, g, m, v, write p, m, v; 28 per element for the dense step), GB/s and
+    its fraction of the in-place bandwidth, and each row's ratio to dense fused AdamW and to
+    SparseAdam, timed in interleaved rounds (all states fit at once on the CPU)."""
+    device = torch.device(device_name)
+    rows, dim, fraction = SPARSE_MODELS[model]
+    touched = max(1, round(rows * fraction))
+    n = rows * dim
+    gen = torch.Generator().manual_seed(0)
+    param = torch.nn.Parameter((torch.randn(rows, dim, generator=gen) * 0.02).to(device))
+    grads = sparse_grads(rows, dim, touched, 4, device, gen)
+    chosen = [r for r in sparse_candidates() if not only or any(o.lower() in r.name.lower() for o in only)]
+    dense_grad = grads[0].to_dense() if any(r.dense for r in chosen) else None
+    bw = bandwidth(min(n, 1 << 26), device)
+    steps: dict[str, Callable[[], Any]] = {}
+    failed: dict[str, str] = {}
+    for row in chosen:
+        turn = iter(range(1 << 62))
+
+        def step(opt: Any = None, row: SparseRow = row, turn: Any = turn) -> None:
+            param.grad = dense_grad if row.dense else grads[next(turn) % len(grads)]
+            opt.step()
+
+        try:
+            opt = row.make([param])
+            steps[row.name] = lambda step=step, opt=opt: step(opt)
+            for _ in range(2):  # state allocation, the C loop's compile: untimed
+                steps[row.name]()
+        except (RuntimeError, TypeError, ValueError) as err:
+            failed[row.name] = str(err).strip().splitlines()[0][:60]
+            steps.pop(row.name, None)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, s in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            s()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    param.grad = None
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    dense_ms, sparse_ms = medians.get("torch AdamW fused (dense)"), medians.get("torch SparseAdam")
+    best = max(bw.values())
+    print(f"{model}: {rows:,} x {dim} fp32 table ({n / 1e6:.1f} M params), {touched:,} rows ({fraction:.0%}) touched a "
+          f"step, {device}, torch {torch.__version__}; measured bandwidth: copy {bw['copy']:.1f} GB/s, in-place "
+          f"{bw['inplace']:.1f} GB/s; median of {reps}, interleaved")
+    width = max([30, *map(len, medians)])
+    print(f"{'implementation':{width}s} {'ms/step':>9s} {'MB moved':>9s} {'GB/s':>7s} {'of bw':>6s} "
+          f"{'/dense AdamW fused':>19s} {'/SparseAdam':>12s} {'dense fused / this':>19s}")
+    out = []
+    for name, ms in medians.items():
+        moved = 28 * (n if next(r for r in chosen if r.name == name).dense else touched * dim)
+        gbs = moved / ms / 1e6
+        vs_dense = ms / dense_ms if dense_ms else None
+        vs_sparse = ms / sparse_ms if sparse_ms else None
+        speedup = dense_ms / ms if dense_ms else None
+        print(f"{name:{width}s} {ms:9.2f} {moved / 1e6:9.1f} {gbs:7.1f} {gbs / best:6.0%} {_ratio(vs_dense):>19s} "
+              f"{_ratio(vs_sparse):>12s} {_ratio(speedup):>19s}")
+        out.append({"name": name, "ms": ms, "bytes_moved": moved, "gb_per_s": gbs, "fraction_of_bandwidth": gbs / best,
+                    "vs_torch_fused": vs_dense, "vs_sparse_adam": vs_sparse, "speedup_vs_dense": speedup})
+    for name, why in failed.items():
+        print(f"{name:{width}s} {'n/a':>9s}  {why}")
+    return {"kind": "sparse", "model": model, "table_rows": rows, "dim": dim, "touched_rows": touched, "params": n,
+            "dtype": "fp32", "device": str(device), "machine": machine(device),
+            "date": datetime.date.today().isoformat(), "torch": torch.__version__, "bandwidth_gb_per_s": bw,
+            "reps": reps, "interleaved": True, "rows": out, "unavailable": failed}
+
+
+def _sparse_markdown(r: dict[str, Any]) -> list[str]:
+    """The README's table of a sparse run."""
+    lines = [f"`{r['model']}` ({r['table_rows']:,} x {r['dim']} fp32 embedding, {r['touched_rows']:,} rows touched "
+             "a step):",
+             "", "| implementation | ms/step | of bandwidth | / dense AdamW fused | / SparseAdam |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {row['name']} | {row['ms']:.2f} | {row['fraction_of_bandwidth']:.0%} | "
+              f"{_ratio(row['vs_torch_fused'])} | {_ratio(row['vs_sparse_adam'])} |" for row in r["rows"]]
+    return lines + [""]
+
+
 def machine(device: torch.device) -> str:
     """The hardware in words: the GPU's name, or the CPU's model and the threads torch uses."""
     if device.type == "cuda":
@@ -414,6 +546,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
     and the command that measured them."""
     lines = []
     for r in results:
+        if r.get("kind") == "sparse":
+            lines += _sparse_markdown(r)
+            continue
         lines += [f"`{r['model']}` ({r['tensors']} tensors, {r['params'] / 1e6:.1f} M params, {r['dtype']}):", "",
                   "| implementation | ms/step | B/param | state B/param | of bandwidth | / torch fused |",
                   "|---|---:|---:|---:|---:|---:|"]

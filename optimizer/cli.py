@@ -507,7 +507,7 @@ def render_text(values: list[float], width: int = 64, height: int = 12) -> str:
 
 
 def _bench_parser(sub) -> argparse.ArgumentParser:
-    from .bench import MODELS
+    from .bench import MODELS, SPARSE_MODELS
 
     p = sub.add_parser("bench", help="time every optimizer backend and the peers side by side",
                        description="Median step time of our backends (8-bit states and bf16 parameters with "
@@ -519,7 +519,8 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="NAME",
                    help=f"parameter list: one of {sorted(MODELS)}, or many-small (both small-* lists) "
                    "(default gpt2-30m on CPU, llama-1.1b on CUDA), "
-                   "or module:function returning your nn.Module")
+                   "or module:function returning your nn.Module; or a sparse embedding table for "
+                   f"SparseAdamW, one of {sorted(SPARSE_MODELS)}")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="parameter dtype (default fp32)")
     p.add_argument("--state-dtype", default=None, choices=["fp32", "bf16"],
                    help="our optimizers' state dtype (default: fp32; torch's keeps the parameter dtype)")

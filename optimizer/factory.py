@@ -26,6 +26,7 @@ from .adamw import AdamW
 from .adamw8bit import AdamW8bit
 from .lion import Lion
 from .lion8bit import Lion8bit
+from .sparse_adamw import SparseAdamW
 
 __all__ = [
     "OPTIMIZERS",
@@ -166,6 +167,9 @@ def create_optimizer(
     """Build a registered optimizer with decay / no-decay parameter groups (see :func:`param_groups`).
 
     ``name`` is one of :data:`OPTIMIZERS` or :data:`VARIANTS` (``"adamw8bit"``, ``"lion8bit"``).
+    ``"adamw"`` for a model with sparse embeddings (``nn.Embedding`` or ``nn.EmbeddingBag``
+    with ``sparse=True``) builds :class:`~optimizer.SparseAdamW`: AdamW for the dense
+    parameters, the same update lazily for the embeddings' sparse gradients.
     ``lr`` and ``weight_decay`` default to the registry's values for ``name``;
     other keywords (``betas``, ``eps``, ``correct_bias``, ``state_dtype``,
     ``stochastic_rounding``, ``seed``, ``min_8bit_size``, ...) go to the class, with
@@ -175,17 +179,23 @@ def create_optimizer(
     ``"group"`` key.
     """
     spec = _spec(name)
+    cls = spec.cls
+    sparse = cls is AdamW and isinstance(model_or_params, torch.nn.Module) and any(
+        isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse for m in model_or_params.modules())
+    if sparse:  # sparse gradients: AdamW's update, lazily for the embeddings' rows
+        cls = SparseAdamW
     lr = spec.lr if lr is None else lr
     weight_decay = spec.weight_decay if weight_decay is None else weight_decay
     groups = param_groups(model_or_params, weight_decay, no_decay, decay_embeddings=decay_embeddings)
-    allowed = list(keyword_defaults(spec.cls))
+    allowed = list(keyword_defaults(cls))
     unknown = [k for k in kwargs if k not in allowed]
     if unknown:
-        raise ConfigError(f"Invalid argument for optimizer {name!r}: {unknown[0]!r}; it takes {allowed}")
+        why = " (SparseAdamW, for the model's sparse embeddings)" if sparse else ""
+        raise ConfigError(f"Invalid argument for optimizer {name!r}{why}: {unknown[0]!r}; it takes {allowed}")
     if "state_dtype" in kwargs:
         kwargs["state_dtype"] = state_dtype_of(kwargs["state_dtype"])
     try:
-        opt = spec.cls(groups, lr=lr, **kwargs)
+        opt = cls(groups, lr=lr, **kwargs)
     except TypeError as err:  # a value of the wrong type
         raise ConfigError(f"Invalid argument for optimizer {name!r}: {err}") from None
     log.info("%s", describe_groups(opt))

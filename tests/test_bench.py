@@ -165,3 +165,39 @@ def test_readme_table_of_results_written_before_the_state_column():
            "rows": [{"name": "torch AdamW fused", "ms": 23.45, "bytes_per_param": 28, "fraction_of_bandwidth": 0.98,
                      "vs_torch_fused": 1.0}]}
     assert "| torch AdamW fused | 23.45 | 28 | - | 98% | 1.00x |" in bench.markdown([old])
+
+
+def test_sparse_table_times_sparse_adamw_against_dense_adamw_and_sparse_adam(tmp_path):
+    """The sparse workload (an embedding, 1 % of its rows touched a step): ours, dense fused AdamW and
+    SparseAdam in one run, each with its ratio to both; the bytes a step must move; its README table."""
+    import json
+
+    from optimizer import bench
+
+    out = tmp_path / "sparse.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "optimizer", "bench", "--device", "cpu", "--model", "embedding-16k-sparse",
+         "--reps", "2", "--json", str(out)], capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "/dense AdamW fused" in done.stdout and "/SparseAdam" in done.stdout
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {r.name for r in bench.sparse_candidates()}
+    assert rows["torch AdamW fused (dense)"]["vs_torch_fused"] == 1.0
+    assert rows["torch SparseAdam"]["vs_sparse_adam"] == 1.0
+    table_rows, dim, fraction = bench.SPARSE_MODELS["embedding-16k-sparse"]
+    assert result["touched_rows"] == round(table_rows * fraction)
+    for name, row in rows.items():  # read p, g, m, v and write p, m, v: of every element, or of the touched rows
+        elements = table_rows * dim if name.endswith("(dense)") else result["touched_rows"] * dim
+        assert row["bytes_moved"] == 28 * elements
+        assert abs(row["vs_torch_fused"] * rows["torch AdamW fused (dense)"]["ms"] - row["ms"]) < 1e-9
+        assert abs(row["vs_sparse_adam"] * rows["torch SparseAdam"]["ms"] - row["ms"]) < 1e-9
+    table = bench.markdown([result])
+    assert "| ours SparseAdamW default |" in table and "/ SparseAdam |" in table and "embedding-16k-sparse" in table
+    refused = subprocess.run(
+        [sys.executable, "-m", "optimizer", "bench", "--device", "cpu", "--model", "embedding-16k-sparse", "--dtype",
+         "bf16"], capture_output=True, text=True, timeout=300,
+    )
+    assert refused.returncode == 2 and "Invalid options for --model embedding-16k-sparse" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
