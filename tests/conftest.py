@@ -38,7 +38,10 @@ def _interpreter_with_a_true_fma():
     t = interpreter.TensorHandle
     f32 = interpreter.tl.float32
     # (1 + u)(1 - u) - 1 = -u^2: a true fma gives it, a rounded product gives 0
-    if builder.create_fma(None, t(x, f32), t(2 - x, f32), t(-np.ones(1, np.float32), f32)).data[0] != 0:
+    try:
+        if builder.create_fma(None, t(x, f32), t(2 - x, f32), t(-np.ones(1, np.float32), f32)).data[0] != 0:
+            return
+    except Exception:  # an interpreter of another shape: leave it as it is
         return
     original = builder.create_fma
 
