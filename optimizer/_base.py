@@ -46,7 +46,7 @@ from __future__ import annotations
 import copy
 import operator
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,25 +243,35 @@ class Optimizer(torch.optim.Optimizer):
               states: list[dict[str, Any]], meta: Meta, hyper: dict[str, Any], new: dict[Tensor, Any], *,
               eight: bool) -> _Part:
         """Gather, check and route the tensors that one set of backends updates."""
-        lists: list[list[Any]] = [params, grads]
-        for key in self._state_keys(eight):
-            try:
-                lists.append([s[key] for s in states])
-            except KeyError:
-                p = next(p for p, s in zip(params, states) if key not in s)
-                raise RuntimeError(f"{self._where(gi, group, p)} has state {sorted(self.state.get(p, states[0]))} "
-                                   f"without {key!r}: was it changed by hand, or loaded from another optimizer "
-                                   "(load_state_dict converts between state precisions)?") from None
-        check_key = (gi, eight)
-        if any(p not in new for p in params) and not self._checked_before(check_key, lists, meta):
-            if eight:
-                self._check_8bit_states(gi, group, params, lists)
-            else:
-                self._check_states(gi, group, params, lists, meta)
-            self._checked[check_key] = (meta.shapes, meta.dtypes, meta.device_indices(), lists[:1] + lists[2:])
+        lists = self._gather(gi, group, params, grads, states, self._state_keys(eight))
+        check = ((lambda: self._check_8bit_states(gi, group, params, lists)) if eight
+                 else (lambda: self._check_states(gi, group, params, lists, meta)))
+        self._check_once((gi, eight), params, lists, meta, new, check)
         backends = self.backends_8bit if eight else self.backends
         routes = _dispatch.route(backends, lists, hyper, foreach=group["foreach"], fused=group["fused"])
         return _Part(backends, lists, routes, hyper)
+
+    def _gather(self, gi: int, group: dict[str, Any], params: list[Tensor], grads: list[Any],
+                states: list[dict[str, Any]], keys: tuple[str, ...]) -> list[list[Any]]:
+        """[params, grads, and one list per state key in ``keys``], from each parameter's state."""
+        lists: list[list[Any]] = [params, grads]
+        for key in keys:
+            try:
+                lists.append([s[key] for s in states])
+            except KeyError:
+                p, state = next((p, s) for p, s in zip(params, states) if key not in s)
+                raise RuntimeError(f"{self._where(gi, group, p)} has state {sorted(state)} without {key!r}: was it "
+                                   "changed by hand, or loaded from another optimizer (load_state_dict converts "
+                                   "between state precisions)?") from None
+        return lists
+
+    def _check_once(self, check_key: Any, params: list[Tensor], lists: list[list[Any]], meta: Meta,
+                    new: dict[Tensor, Any], check: Callable[[], None]) -> None:
+        """Run ``check`` on states that are not all new, unless :meth:`_checked_before` says these
+        were checked at the last step under ``check_key``."""
+        if any(p not in new for p in params) and not self._checked_before(check_key, lists, meta):
+            check()
+            self._checked[check_key] = (meta.shapes, meta.dtypes, meta.device_indices(), lists[:1] + lists[2:])
 
     def _check_8bit_states(self, gi: int, group: dict[str, Any], params: list[Tensor],
                            lists: list[list[Any]]) -> None:
@@ -278,7 +288,7 @@ class Optimizer(torch.optim.Optimizer):
                     self._bad_tensor(gi, group, p, f"state[{key!r}]", v, dtype, p.device, shape)
         self._check_counters(gi, group, params, lists[2 + 2 * n:], Meta(params))
 
-    def _checked_before(self, gi: tuple[int, bool], lists: list[list[Any]], meta: Meta) -> bool:
+    def _checked_before(self, gi: Any, lists: list[list[Any]], meta: Meta) -> bool:
         """The same parameters (same shapes, dtypes, devices) with the same state tensors as
         at this group's last check: nothing to check again. State replaced by any of torch's
         ways (``load_state_dict``, assigning ``opt.state[p]`` or one of its entries) is new

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._quant import MIN_8BIT_SIZE
 from ._tensors import STATE_DTYPES
 
 __all__ = ["check_backend", "check_betas", "check_fits", "check_flag", "check_lean", "check_lr", "check_nonnegative",
@@ -82,7 +83,7 @@ def check_lean(group: dict[str, Any]) -> None:
     seed = group.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"Invalid seed: {seed!r} (an int in [0, 2**32))")
-    size = group.get("min_8bit_size", 4096)
+    size = group.get("min_8bit_size", MIN_8BIT_SIZE)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"Invalid min_8bit_size: {size!r} (a positive int)")
 

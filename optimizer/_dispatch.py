@@ -76,7 +76,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _fused_cpu
+from . import _fused_cpu, _quant
 from ._tensors import (PARAM_DTYPES, Meta, amp_grads, as_real, device_types, group_by_device_and_dtype, local, pick,
                        same_dense_layout)
 
@@ -187,15 +187,13 @@ def route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], 
     params, moved = lists[0], []
     for name in [name for name in routes if name != "reference"]:
         def elsewhere(i: int) -> bool:
-            return params[i].dtype in _ROUNDED and (name not in backends.rounding or not params[i].is_contiguous())
+            return params[i].dtype in _quant.ROUNDED and (name not in backends.rounding or not params[i].is_contiguous())
         moved += [i for i in routes[name] if elsewhere(i)]
         routes[name] = [i for i in routes[name] if not elsewhere(i)]
     if moved:
         routes["reference"] = sorted(routes.get("reference", []) + moved)
     return {name: idx for name, idx in routes.items() if idx}
 
-
-_ROUNDED = (torch.bfloat16, torch.float16)
 
 
 def _route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], *,

@@ -122,7 +122,6 @@ _VARIANTS: dict[tuple[torch.dtype, torch.dtype], tuple[str, str, str]] = {
 # the 8-bit kernels: uint8 codes (and float32 scales), any of these parameter dtypes, float32 math
 _VARIANTS_8BIT: dict[tuple[torch.dtype, torch.dtype], tuple[str, str, str]] = {
     (p, torch.uint8): (_C_TYPES[p], "u8", "float") for p in (torch.float32, torch.bfloat16, torch.float16)}
-ROUNDED = (torch.bfloat16, torch.float16)  # the parameter dtypes rounded stochastically (Note [stochastic rounding])
 
 
 def variants(kernel: Kernel) -> dict[tuple[torch.dtype, torch.dtype], tuple[str, str, str]]:
@@ -158,6 +157,8 @@ def source(kernel: Kernel) -> str:
         "\n" + (_CSRC / "blockwise_prelude.h").read_text() if kernel.codes else "",
         f"\n/* the {kernel.name} kernel (written beside its Python reference) */\n",
         _macro("KERNEL_SCALARS", [f"const T {s} = (T)scalars[{j}];" for j, s in enumerate(kernel.scalars)]),
+        _macro("KERNEL_PER_TENSOR", [f"const T {s} = (T)per_tensor[t * {n} + {j}];" for j, s in enumerate(kernel.per_tensor)]),
+        _macro("KERNEL_BODY", [line.strip() for line in kernel.body.strip().splitlines()]),
     ]
     if kernel.codes:  # Note [8-bit states]: codes, then scales, per tensor; decoded, updated, encoded
         k = len(kernel.states)
@@ -167,12 +168,10 @@ def source(kernel: Kernel) -> str:
                 f"float *restrict Z_{s} = (float *)tp[{2 + k + j}] + blk;",
                 f"const float z_{s} = *Z_{s};",
                 f"float buf_{s}[QBLOCK];")]),
-            _macro("KERNEL_PER_TENSOR", [f"const T {s} = (T)per_tensor[t * {n} + {j}];" for j, s in enumerate(kernel.per_tensor)]),
             # decoded in a loop of their own (bytes to floats), into buf_<name>, which then holds the new values
             _macro("KERNEL_DECODE", [f"for (int i = 0; i < n; i++) buf_{s}[i] = decode_{code}(C_{s}[i], z_{s});"
                                      for s, code in zip(kernel.states, kernel.codes)]),
             _macro("KERNEL_LOAD", [f"T {s} = buf_{s}[i];" for s in kernel.states]),
-            _macro("KERNEL_BODY", [line.strip() for line in kernel.body.strip().splitlines()]),
             _macro("KERNEL_KEEP", [f"buf_{s}[i] = {s};" for s in kernel.states]),
             # a second moment's codes round stochastically with the seed of the tensor's step
             _macro("KERNEL_ENCODE", [f"encode_{code}(buf_{s}, n, C_{s}, Z_{s}{', mix32((uint32_t)step)' if code == 'root' else ''});"
@@ -182,9 +181,7 @@ def source(kernel: Kernel) -> str:
     else:
         parts += [
             _macro("KERNEL_STATES", [f"STYPE *restrict S_{s} = (STYPE *)tp[{2 + j}];" for j, s in enumerate(kernel.states)]),
-            _macro("KERNEL_PER_TENSOR", [f"const T {s} = (T)per_tensor[t * {n} + {j}];" for j, s in enumerate(kernel.per_tensor)]),
             _macro("KERNEL_LOAD", [f"T {s} = CAT(load_, STYPE)(S_{s}[i]);" for s in kernel.states]),
-            _macro("KERNEL_BODY", [line.strip() for line in kernel.body.strip().splitlines()]),
             _macro("KERNEL_STORE", [f"S_{s}[i] = CAT(store_, STYPE)({s});" for s in kernel.states]),
         ]
         n_ptrs = 2 + len(kernel.states)
@@ -396,6 +393,6 @@ def run(kernel: Kernel, params: list[Tensor], grads: list[Tensor], states: list[
         if width:
             rows = per_tensor if idx is None else [per_tensor[i] for i in idx]
             values = (ctypes.c_double * (n * width))(*itertools.chain.from_iterable(rows))
-        if rounding_seeds is not None and params[0 if idx is None else idx[0]].dtype in ROUNDED:
+        if rounding_seeds is not None and params[0 if idx is None else idx[0]].dtype in _quant.ROUNDED:
             seeds = (ctypes.c_uint32 * n)(*(rounding_seeds if idx is None else [rounding_seeds[i] for i in idx]))
         fn(n, ptrs, sizes, first, c_scalars, values, int(maximize), seeds, n_threads)

@@ -630,15 +630,12 @@ def _log_betas(beta1: float, beta2: float, device: torch.device) -> Tensor:
     return _LOG_BETAS[key]
 
 
-_ROUNDED = (torch.bfloat16, torch.float16)
-
-
 def _seeds(rounding_seeds: Sequence[int] | None, pdt: torch.dtype, idx: list[int], device: torch.device
            ) -> tuple[Tensor | None, bool]:
     """(the rounding seeds of a launch's tensors, in its table's order, on ``device``; whether it
     rounds stochastically): bf16/fp16 parameters with seeds (Note [stochastic rounding]). The seeds
     change every step, so they travel apart from the cached tables (pinned, non-blocking)."""
-    if rounding_seeds is None or pdt not in _ROUNDED:
+    if rounding_seeds is None or pdt not in _quant.ROUNDED:
         return None, False
     seeds = torch.tensor([rounding_seeds[i] & 0xFFFFFFFF for i in idx], dtype=torch.int64)
     if device.type != "cpu":

@@ -72,8 +72,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "MIN_8BIT_SIZE", "decode_root", "decode_signed", "encode_root", "encode_signed", "mix32",
-           "quantized", "random16", "root_seed", "round_stochastic", "rounding_seeds", "scale_shape", "store_param"]
+__all__ = ["BLOCK", "MIN_8BIT_SIZE", "ROUNDED", "decode_root", "decode_signed", "encode_root", "encode_signed",
+           "mix32", "quantized", "random16", "root_seed", "round_stochastic", "rounding_seeds", "scale_shape",
+           "store_param"]
 
 BLOCK = 256          # values per scale (Note [8-bit states])
 MIN_8BIT_SIZE = 4096  # smaller tensors keep float32 states
@@ -196,7 +197,7 @@ def random16(seed_t: int, n: int, device: torch.device | str = "cpu") -> Tensor:
     return mix32(index ^ seed_t) >> 16
 
 
-_MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
+ROUNDED = (torch.bfloat16, torch.float16)  # the parameter dtypes rounded stochastically
 
 
 def round_stochastic(x: Tensor, dtype: torch.dtype, seed_t: int) -> Tensor:
@@ -218,7 +219,7 @@ def round_stochastic(x: Tensor, dtype: torch.dtype, seed_t: int) -> Tensor:
 def store_param(param: Tensor, value: Tensor, seed_t: int | None) -> None:
     """Write the float32 ``value`` into ``param``: stochastically for bf16/fp16 where ``seed_t``
     is given, else rounded to nearest (a plain copy)."""
-    if seed_t is not None and param.dtype in _MANTISSA:
+    if seed_t is not None and param.dtype in ROUNDED:
         param.copy_(round_stochastic(value, param.dtype, seed_t).reshape(param.shape))
     elif value is not param:
         param.copy_(value.reshape(param.shape))

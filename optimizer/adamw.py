@@ -123,7 +123,7 @@ class AdamW(Optimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         seed: int = 0,
-        min_8bit_size: int = 4096,
+        min_8bit_size: int = _quant.MIN_8BIT_SIZE,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
@@ -350,10 +350,14 @@ def _fused_c_adamw(
     """The C loop (Note [fused CPU]): one pass per element over all tensors; bf16/fp16
     parameters rounded stochastically where ``rounding_seeds`` are given (Note [stochastic rounding])."""
     lr = float(lr)  # read once on the host; the scalars stay float64 until the kernel
-    scalars = [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps]
-    _fused_cpu.run(_ADAMW_KERNEL, params, grads, [exp_avgs, exp_avg_sqs], scalars,
-                   _bias_corrections(lr, beta1, beta2, state_steps, correct_bias), maximize=maximize,
+    _fused_cpu.run(_ADAMW_KERNEL, params, grads, [exp_avgs, exp_avg_sqs], _c_scalars(lr, beta1, beta2, eps,
+                   weight_decay), _bias_corrections(lr, beta1, beta2, state_steps, correct_bias), maximize=maximize,
                    rounding_seeds=rounding_seeds)
+
+
+def _c_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> list[float]:
+    """The values of ``_ADAMW_KERNEL.scalars`` (and of the 8-bit kernel's), float64 until the kernel."""
+    return [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps]
 
 
 def _bias_corrections(lr: float, beta1: float, beta2: float, steps: list[Tensor],
@@ -361,9 +365,15 @@ def _bias_corrections(lr: float, beta1: float, beta2: float, steps: list[Tensor]
     """Per tensor (-lr / (1 - b1^t), sqrt(1 - b2^t)), t already counted (Note [step counters]),
     computed as the reference does, in Python floats: torch's float64 pow and sqrt round
     differently (the float32 values the kernels use would then differ in rare steps)."""
+    counts = _stack(steps).tolist() if correct_bias else [0.0] * len(steps)  # (nothing read where unused)
+    return [_bias_correction(lr, beta1, beta2, t, correct_bias) for t in counts]
+
+
+def _bias_correction(lr: float, beta1: float, beta2: float, t: float, correct_bias: bool) -> tuple[float, float]:
+    """(-lr / (1 - b1^t), sqrt(1 - b2^t)) for one step count t, in Python floats; (-lr, 1) without correction."""
     if not correct_bias:
-        return [(-lr, 1.0)] * len(steps)
-    return [(-lr / _one_minus_pow(beta1, t), _one_minus_pow(beta2, t) ** 0.5) for t in _stack(steps).tolist()]
+        return -lr, 1.0
+    return -lr / _one_minus_pow(beta1, t), _one_minus_pow(beta2, t) ** 0.5
 
 
 def _stack(steps: list[Tensor]) -> Tensor:

@@ -99,7 +99,7 @@ def _foreach_adamw8bit(*lists: list[Tensor], **hyper: Any) -> None:
 
 
 from . import _fused_cpu  # noqa: E402 - the C backend's, beside it
-from .adamw import _bias_corrections, _stack  # noqa: E402
+from .adamw import _bias_correction, _c_scalars, _stack  # noqa: E402
 
 # The C loop (Note [fused CPU] in _fused_cpu.py, csrc/blockwise_loop.c): a block of 256 values
 # of a row at a time, its moments decoded into the locals m and r = sqrt(v) before this body and
@@ -148,11 +148,11 @@ def _fused_c_adamw8bit(
     place off, so a value whose code lies on a rounding boundary may get the neighbouring code,
     and r (and the parameter) may differ by about one float32 rounding (tests/test_lean_c.py)."""
     lr = float(lr)  # read once on the host; the scalars stay float64 until the kernel
-    scalars = [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps]
-    per_tensor = [(*pair, t) for pair, t in zip(_bias_corrections(lr, beta1, beta2, state_steps, correct_bias),
-                                                 _stack(state_steps).tolist())]  # the step seeds v's codes
+    steps = _stack(state_steps).tolist()  # read once: the bias corrections, and the seeds of v's codes
+    per_tensor = [(*_bias_correction(lr, beta1, beta2, t, correct_bias), t) for t in steps]
     _fused_cpu.run(_ADAMW8BIT_KERNEL, params, grads, [exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales],
-                   scalars, per_tensor, maximize=maximize, rounding_seeds=rounding_seeds)
+                   _c_scalars(lr, beta1, beta2, eps, weight_decay), per_tensor, maximize=maximize,
+                   rounding_seeds=rounding_seeds)
 
 
 BACKENDS = _dispatch.Backends(

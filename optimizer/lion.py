@@ -92,7 +92,7 @@ class Lion(Optimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         seed: int = 0,
-        min_8bit_size: int = 4096,
+        min_8bit_size: int = _quant.MIN_8BIT_SIZE,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         fused=fused, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, seed=seed,
@@ -231,9 +231,15 @@ def _fused_c_lion(
 ) -> None:
     """The C loop (Note [fused CPU]): one pass per element over all tensors; bf16/fp16
     parameters rounded stochastically where ``rounding_seeds`` are given (Note [stochastic rounding])."""
-    lr = float(lr)  # read once on the host; the scalars stay float64 until the kernel
-    scalars = [1 - lr * weight_decay, lr, 1 - beta1, 1 - beta2]
-    _fused_cpu.run(_LION_KERNEL, params, grads, [exp_avgs], scalars, maximize=maximize, rounding_seeds=rounding_seeds)
+    _fused_cpu.run(_LION_KERNEL, params, grads, [exp_avgs], _c_scalars(lr, beta1, beta2, weight_decay),
+                   maximize=maximize, rounding_seeds=rounding_seeds)
+
+
+def _c_scalars(lr: float | Tensor, beta1: float, beta2: float, weight_decay: float) -> list[float]:
+    """The values of ``_LION_KERNEL.scalars`` (its 8-bit form's too): lr read once on the host,
+    float64 until the kernel."""
+    lr = float(lr)
+    return [1 - lr * weight_decay, lr, 1 - beta1, 1 - beta2]
 
 
 _BACKENDS = _dispatch.Backends(

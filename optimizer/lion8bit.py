@@ -9,6 +9,7 @@ Backends, one signature: ``_single_tensor_lion8bit`` (the reference, plain torch
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,21 +77,12 @@ def _foreach_lion8bit(*lists: list[Tensor], **hyper: Any) -> None:
 
 
 from . import _fused_cpu  # noqa: E402 - the C backend's, beside it
+from .lion import _LION_KERNEL, _c_scalars  # noqa: E402
 
 # The C loop (Note [fused CPU] in _fused_cpu.py, csrc/blockwise_loop.c): a block of 256 values
-# of a row at a time, the momentum decoded into the local m before this body and encoded after it;
-# the body is Lion's (lion.py), whose operations are exactly the reference's.
-_LION8BIT_KERNEL = _fused_cpu.Kernel(
-    name="lion8bit",
-    states=("m",),
-    codes=("signed",),
-    scalars=("decay", "lr", "w1", "w2"),
-    body="""
-        T c = LERP(m, g, w1);            /* c = b1 m + (1 - b1) g, with w1 = 1 - b1 */
-        p = p * decay - lr * SIGN(c);    /* theta (1 - lr wd) - lr sign(c) */
-        m = LERP(m, g, w2);              /* m_t = b2 m + (1 - b2) g, with w2 = 1 - b2 */
-    """,
-)
+# of a row at a time, the momentum decoded into the local m before the body and encoded after it;
+# the body and its scalars are Lion's (lion.py), whose operations are exactly the reference's.
+_LION8BIT_KERNEL = dataclasses.replace(_LION_KERNEL, name="lion8bit", codes=("signed",))
 
 
 def _fused_c_lion8bit(
@@ -109,10 +101,8 @@ def _fused_c_lion8bit(
     """The C loop: one pass over the blocks of all tensors, one call per parameter dtype. Bit
     for bit the reference where torch's float32 ``sqrt`` (of the encoding) is correctly rounded;
     see ``_fused_c_adamw8bit``."""
-    lr = float(lr)  # read once on the host; the scalars stay float64 until the kernel
-    scalars = [1 - lr * weight_decay, lr, 1 - beta1, 1 - beta2]
-    _fused_cpu.run(_LION8BIT_KERNEL, params, grads, [exp_avgs, exp_avg_scales], scalars, maximize=maximize,
-                   rounding_seeds=rounding_seeds)
+    _fused_cpu.run(_LION8BIT_KERNEL, params, grads, [exp_avgs, exp_avg_scales],
+                   _c_scalars(lr, beta1, beta2, weight_decay), maximize=maximize, rounding_seeds=rounding_seeds)
 
 
 BACKENDS = _dispatch.Backends(

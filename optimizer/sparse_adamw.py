@@ -229,20 +229,10 @@ class SparseAdamW(Optimizer):
             if not state:
                 state = new[p] = self._new_state(p, group)
             states.append(state)
-        lists: list[list[Any]] = [params, grads]
-        for key in (*self.state_keys, *self.counter_keys):
-            try:
-                lists.append([s[key] for s in states])
-            except KeyError:
-                p = next(p for p, s in zip(params, states) if key not in s)
-                raise RuntimeError(f"{self._where(gi, group, p)} has state {sorted(self.state.get(p, {}))} "
-                                   f"without {key!r}: was it changed by hand, or loaded from another "
-                                   "optimizer?") from None
+        lists = self._gather(gi, group, params, grads, states, (*self.state_keys, *self.counter_keys))
         meta = Meta(params)
-        check_key = (gi, "sparse")
-        if any(p not in new for p in params) and not self._checked_before(check_key, lists, meta):
-            self._check_states(gi, group, params, lists, meta)
-            self._checked[check_key] = (meta.shapes, meta.dtypes, meta.device_indices(), lists[:1] + lists[2:])
+        self._check_once((gi, "sparse"), params, lists, meta, new,
+                         lambda: self._check_states(gi, group, params, lists, meta))
         for p, state in zip(params, states):
             if LAZY_KEYS[0] in state:
                 _check_lazy(p, state[LAZY_KEYS[0]], state[LAZY_KEYS[1]], self._where(gi, group, p))
