@@ -67,6 +67,7 @@ Triton kernels (``Backends.rounding``), against ``_quant.round_stochastic`` in t
 
 from __future__ import annotations
 
+import importlib
 import operator
 import warnings
 from collections.abc import Callable
@@ -80,7 +81,8 @@ from . import _fused_cpu, _quant
 from ._tensors import (PARAM_DTYPES, Meta, amp_grads, as_real, device_types, group_by_device_and_dtype, local, pick,
                        same_dense_layout)
 
-__all__ = ["Backends", "TRITON_DEVICES", "check_lists", "count", "group_backend", "load_triton", "route", "run", "step"]
+__all__ = ["Backends", "TRITON_DEVICES", "check_lists", "count", "group_backend", "import_kernels", "load_triton",
+           "route", "run", "step"]
 
 Routes = dict[str, list[int]]  # backend name -> indices into the step's lists
 
@@ -109,31 +111,32 @@ class Backends:
 # device types whose tensors the fused backends send to the Triton kernels; the tests add
 # "cpu" to run them through Triton's interpreter (TRITON_INTERPRET=1)
 TRITON_DEVICES = {"cuda"}
-_triton: dict[str, Any] = {}
+_kernel_modules: dict[str, tuple[Any, str]] = {}  # module name -> (the module or None, why not)
 
 
 def load_triton(strict: bool) -> Any:
-    """The fused GPU kernels (``_fused_triton``, imported on first use: ``import optimizer``
-    needs only torch), or None after one warning where Triton cannot be imported; an
-    explicit ``fused=True`` (``strict``) raises instead."""
-    if "module" not in _triton:
-        try:
-            from . import _fused_triton
+    """The fused GPU kernels (``_fused_triton``), or None: :func:`import_kernels`."""
+    return import_kernels("_fused_triton", strict, "the fused GPU kernels", "the foreach path", "foreach=True")
 
-            _triton["module"] = _fused_triton
+
+def import_kernels(module: str, strict: bool, what: str, otherwise: str, remedy: str) -> Any:
+    """``optimizer.<module>``, Triton kernels, imported on first use (``import optimizer`` needs
+    only torch), or None after one warning where Triton cannot be imported; an explicit
+    ``fused=True`` (``strict``) raises instead. ``what`` names the kernels in the messages,
+    ``otherwise`` the path taken without them, ``remedy`` the option that avoids them."""
+    if module not in _kernel_modules:
+        try:
+            _kernel_modules[module] = (importlib.import_module(f".{module}", __package__), "")
         except Exception as err:  # noqa: BLE001 - no triton, or one that cannot initialise here
-            _triton["module"], _triton["error"] = None, f"{type(err).__name__}: {err}"
+            _kernel_modules[module] = (None, f"{type(err).__name__}: {err}")
             if not strict:
-                warnings.warn(
-                    f"optimizer: the fused GPU kernels need Triton, which cannot be imported here "
-                    f"({_triton['error']}); using the foreach path instead (correct, slower). pip install triton",
-                    RuntimeWarning,
-                    stacklevel=6,
-                )
-    if _triton["module"] is None and strict:
-        raise RuntimeError(f"fused=True: the fused GPU kernels need Triton ({_triton['error']}); "
-                           "pip install triton, or pass foreach=True")
-    return _triton["module"]
+                warnings.warn(f"optimizer: {what} need Triton, which cannot be imported here "
+                              f"({_kernel_modules[module][1]}); using {otherwise} instead (correct, slower). "
+                              "pip install triton", RuntimeWarning, stacklevel=7)
+    kernels, error = _kernel_modules[module]
+    if kernels is None and strict:
+        raise RuntimeError(f"fused=True: {what} need Triton ({error}); pip install triton, or pass {remedy}")
+    return kernels
 
 
 def group_backend(devices: set[str], foreach: bool | None, fused: bool | None) -> str:

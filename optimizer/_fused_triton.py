@@ -124,6 +124,17 @@ def _store(ptr, offs, mask, x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _gradient(g, grad_scale_ptr, SCALED: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """The gradient as the update takes it: divided by GradScaler's scale where SCALED (rounded
+    as torch's division), negated where MAXIMIZE."""
+    if SCALED:
+        g = tl.div_rn(g, tl.load(grad_scale_ptr))
+    if MAXIMIZE:
+        g = -g
+    return g
+
+
+@triton.jit
 def _mix32(x):
     """``_quant.mix32`` on uint32 values: the products wrap modulo 2^32, as its ``& 0xFFFFFFFF``."""
     x = x ^ (x >> 16)
@@ -212,10 +223,7 @@ def _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, bc1, bc2_sqrt, g
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-    if SCALED:
-        g = tl.div_rn(g, tl.load(grad_scale_ptr))
-    if MAXIMIZE:
-        g = -g
+    g = _gradient(g, grad_scale_ptr, SCALED, MAXIMIZE)
 
     p = p * (1 - lr * weight_decay)                           # theta (1 - lr wd)
     m = _lerp(m, g, w1)                                       # m_t = b1 m + (1 - b1) g
@@ -273,10 +281,7 @@ def _lion_elements(p_ptr, g_ptr, m_ptr, offs, mask, lr, grad_scale_ptr, weight_d
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-    if SCALED:
-        g = tl.div_rn(g, tl.load(grad_scale_ptr))
-    if MAXIMIZE:
-        g = -g
+    g = _gradient(g, grad_scale_ptr, SCALED, MAXIMIZE)
 
     c = _lerp(m, g, w1)                                       # c = b1 m + (1 - b1) g
     sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))  # torch.sign: 0 at 0 and at nan
@@ -315,6 +320,16 @@ def _lion_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr,
 
 
 # ----- 8-bit states (Note [8-bit states] in _quant.py, Note [8-bit kernels]) -------------------
+
+
+@triton.jit
+def _store_signed(codes_ptr, scales_ptr, offs, q, mask, real, m):
+    """Encode the first moment ``m`` [B, QBLOCK] (_quant.encode_signed) and store its int8 codes
+    and its blocks' scales."""
+    c, scale = _encode(tl.abs(m), mask, 0, 127, False)
+    c = tl.where(m > 0, c, tl.where(m < 0, -c, 0.0))          # m's sign; 0 for nan
+    tl.store(codes_ptr + offs, c.to(tl.int8), mask=mask)
+    tl.store(scales_ptr + q, scale, mask=real)
 
 
 @triton.jit
@@ -417,10 +432,7 @@ def _adamw8bit_blocks(entry, first, seed, root_seed, decay, step_size, bc2_sqrt,
 
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if SCALED:
-        g = tl.div_rn(g, tl.load(grad_scale_ptr))
-    if MAXIMIZE:
-        g = -g
+    g = _gradient(g, grad_scale_ptr, SCALED, MAXIMIZE)
     m = _decode_signed(tl.load(m_ptr + offs, mask=mask, other=0), tl.load(m_scales + q, mask=real, other=0.0))
     r = _decode_root(tl.load(v_ptr + offs, mask=mask, other=0), tl.load(v_scales + q, mask=real, other=0.0))
     v = r * r
@@ -432,10 +444,7 @@ def _adamw8bit_blocks(entry, first, seed, root_seed, decay, step_size, bc2_sqrt,
     denom = tl.div_rn(r, bc2_sqrt) + eps                      # sqrt(v_hat) + eps
     p = p + tl.div_rn(step_size * m, denom)                   # theta - lr m_hat / denom (addcdiv)
 
-    c, scale = _encode(tl.abs(m), mask, seed, 127, False)
-    c = tl.where(m > 0, c, tl.where(m < 0, -c, 0.0))          # m's sign; 0 for nan
-    tl.store(m_ptr + offs, c.to(tl.int8), mask=mask)
-    tl.store(m_scales + q, scale, mask=real)
+    _store_signed(m_ptr, m_scales, offs, q, mask, real, m)
     c, scale = _encode(r, mask, root_seed, 255, True)         # stochastic, unbiased for v
     c = tl.where(r > 0, tl.maximum(c, 1.0), c)                # a positive r never decodes to 0
     tl.store(v_ptr + offs, c.to(tl.uint8), mask=mask)
@@ -492,10 +501,7 @@ def _lion8bit_blocks(entry, first, seed, decay, lr, grad_scale_ptr, w1, w2,
 
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if SCALED:
-        g = tl.div_rn(g, tl.load(grad_scale_ptr))
-    if MAXIMIZE:
-        g = -g
+    g = _gradient(g, grad_scale_ptr, SCALED, MAXIMIZE)
     m = _decode_signed(tl.load(m_ptr + offs, mask=mask, other=0), tl.load(m_scales + q, mask=real, other=0.0))
 
     c = _lerp_fma(m, g, w1)                                   # c = b1 m + (1 - b1) g
@@ -504,10 +510,7 @@ def _lion8bit_blocks(entry, first, seed, decay, lr, grad_scale_ptr, w1, w2,
     p = p - sign * lr                                         # theta - lr sign(c)
     m = _lerp_fma(m, g, w2)                                   # m_t = b2 m + (1 - b2) g
 
-    c, scale = _encode(tl.abs(m), mask, seed, 127, False)
-    c = tl.where(m > 0, c, tl.where(m < 0, -c, 0.0))          # m's sign; 0 for nan
-    tl.store(m_ptr + offs, c.to(tl.int8), mask=mask)
-    tl.store(m_scales + q, scale, mask=real)
+    _store_signed(m_ptr, m_scales, offs, q, mask, real, m)
     _store_param(p_ptr, offs, mask, p, seed, P, ROUND)
 
 

@@ -94,7 +94,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -473,27 +472,10 @@ def _route(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tenso
     return routes
 
 
-_triton: dict[str, Any] = {}
-
-
 def _load_triton(strict: bool) -> Any:
-    """The sparse GPU kernel (_sparse_triton, imported on first use), or None after one warning
-    where Triton cannot be imported; ``fused=True`` (``strict``) raises instead."""
-    if "module" not in _triton:
-        try:
-            from . import _sparse_triton
-
-            _triton["module"] = _sparse_triton
-        except Exception as err:  # noqa: BLE001 - no triton, or one that cannot initialise here
-            _triton["module"], _triton["error"] = None, f"{type(err).__name__}: {err}"
-            if not strict:
-                warnings.warn(f"optimizer: SparseAdamW's GPU kernel needs Triton, which cannot be imported here "
-                              f"({_triton['error']}); using the reference instead (correct, slower)", RuntimeWarning,
-                              stacklevel=6)
-    if _triton["module"] is None and strict:
-        raise RuntimeError(f"fused=True: SparseAdamW's GPU kernel needs Triton ({_triton['error']}); "
-                           "pip install triton, or pass fused=False")
-    return _triton["module"]
+    """The sparse GPU kernel (``_sparse_triton``), or None: ``_dispatch.import_kernels``."""
+    return _dispatch.import_kernels("_sparse_triton", strict, "SparseAdamW's GPU kernels", "the reference",
+                                    "fused=False")
 
 
 # ----- phase 2 ---------------------------------------------------------------------------
