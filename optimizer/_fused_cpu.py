@@ -167,14 +167,16 @@ def source(kernel: Kernel) -> str:
                 f"uint8_t *restrict C_{s} = (uint8_t *)tp[{2 + j}] + base;",
                 f"float *restrict Z_{s} = (float *)tp[{2 + k + j}] + blk;",
                 f"const float z_{s} = *Z_{s};",
-                f"float buf_{s}[QBLOCK];")]),
-            # decoded in a loop of their own (bytes to floats), into buf_<name>, which then holds the new values
+                f"float buf_{s}[QBLOCK];",
+                f"uint32_t top_{s} = 0;")]),
+            # decoded in a loop of their own (bytes to floats), into buf_<name>, which then holds the new
+            # values; their block's largest magnitude is kept in top_<name> as they are written
             _macro("KERNEL_DECODE", [f"for (int i = 0; i < n; i++) buf_{s}[i] = decode_{code}(C_{s}[i], z_{s});"
                                      for s, code in zip(kernel.states, kernel.codes)]),
             _macro("KERNEL_LOAD", [f"T {s} = buf_{s}[i];" for s in kernel.states]),
-            _macro("KERNEL_KEEP", [f"buf_{s}[i] = {s};" for s in kernel.states]),
+            _macro("KERNEL_KEEP", [f"buf_{s}[i] = {s}; top_{s} = top_bits(top_{s}, {s});" for s in kernel.states]),
             # a second moment's codes round stochastically with the seed of the tensor's step
-            _macro("KERNEL_ENCODE", [f"encode_{code}(buf_{s}, n, C_{s}, Z_{s}{', mix32((uint32_t)step)' if code == 'root' else ''});"
+            _macro("KERNEL_ENCODE", [f"encode_{code}(buf_{s}, n, C_{s}, Z_{s}, scale_of_top(top_{s}){', mix32((uint32_t)step)' if code == 'root' else ''});"
                                      for s, code in zip(kernel.states, kernel.codes)]),
         ]
         n_ptrs = 2 + 2 * k

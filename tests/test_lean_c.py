@@ -269,8 +269,14 @@ def test_stochastic_rounding_is_taken_and_rounds(algo, monkeypatch):
 # ----- the pieces of C, value by value --------------------------------------------------------------
 
 HARNESS = r"""
-void t_encode_signed(const float *x, int n, uint8_t *codes, float *scale) { encode_signed(x, n, codes, scale); }
-void t_encode_root(const float *x, int n, uint8_t *codes, float *scale, uint32_t seed) { encode_root(x, n, codes, scale, seed); }
+void t_encode_signed(const float *x, int n, uint8_t *codes, float *scale) {
+    uint32_t top = 0; /* the block's scale as the loop keeps it: a running max of the values it writes */
+    for (int i = 0; i < n; i++) top = top_bits(top, x[i]);
+    encode_signed(x, n, codes, scale, scale_of_top(top));
+}
+void t_encode_root(const float *x, int n, uint8_t *codes, float *scale, uint32_t seed) {
+    encode_root(x, n, codes, scale, block_scale(x, n), seed);
+}
 void t_decode_signed(const uint8_t *c, int n, float scale, float *out) {
     for (int i = 0; i < n; i++) out[i] = decode_signed(c[i], scale);
 }

@@ -4,8 +4,9 @@
  * cut into ceil(cols / QBLOCK) blocks, contiguous in memory; block k of a tensor is row
  * blk / blocks_per_row, and its scales are scale[blk]. Per block: decode the states into
  * buf_<name>[] (a loop of their own), update each value in float32, store the parameter, keep the
- * new states in buf_<name>[], then encode them (the block's scale needs every new value first).
- * Short loops over a block held in stack buffers: each vectorises with few values live at a time.
+ * new states in buf_<name>[] and their running largest magnitude in top_<name>, then encode them
+ * (the block's scale needs every new value first). Short loops over a block held in stack buffers:
+ * each vectorises with few values live at a time.
  * Pasted once per parameter dtype after:
  *   FN            the function's name, e.g. adamw8bit_float_u8
  *   T             the compute type (float)
@@ -16,12 +17,13 @@
  * and the algorithm's own (written beside its Python reference, in optimizer/<name>8bit.py):
  *   KERNEL_SCALARS      declares the scalars shared by all tensors, from scalars[]
  *   KERNEL_STATES       declares, for the block at element offset `base` and scale index `blk`,
- *                       the codes C_<name>, scales Z_<name>, scale z_<name> and buffer buf_<name>
+ *                       the codes C_<name>, scales Z_<name>, scale z_<name>, buffer buf_<name>
+ *                       and the bits of the largest new magnitude top_<name>
  *   KERNEL_PER_TENSOR   declares the per-tensor values of tensor t, from per_tensor[]
  *   KERNEL_DECODE       decodes the block's states into buf_<name>[]
  *   KERNEL_LOAD         reads the decoded states of value i of the block
  *   KERNEL_BODY         the update of one value: reads and assigns p, g and the states
- *   KERNEL_KEEP         keeps the new states of value i in buf_<name>[i]
+ *   KERNEL_KEEP         keeps the new states of value i in buf_<name>[i], and their largest magnitude
  *   KERNEL_ENCODE       encodes the buffers into codes and scales
  * cols[] holds the row length of each tensor, first[] the running count of blocks, seeds[] one
  * 32-bit seed per tensor to round the parameters stochastically (Note [stochastic rounding]),
@@ -68,12 +70,17 @@ void FN(int64_t n_tensors, void *const *ptrs, const int64_t *cols, const int64_t
     (void)seeds;
     (void)n_threads;
     const T g_sign = maximize ? -1 : 1; /* -g exactly, without a branch per value */
-    /* dynamic, 16 blocks (4096 values) at a time: the threads finish together even where one of
-       them shares its core with another process (static shares made the step wait for it) */
+    /* Each thread takes runs of consecutive blocks, 1/8 of its share at a time (at least 64 blocks,
+       16384 values): long runs keep its memory streams long (the prefetchers follow them; runs of 16
+       blocks, the two threads interleaved, halved the bandwidth), and 8 runs a thread still let the
+       threads finish together where one of them shares its core with another process. */
+    const int64_t n_blocks = first[n_tensors], share = n_blocks / (8 * (n_threads > 1 ? n_threads : 1));
+    const int64_t run = share > 64 ? share : 64;
+    (void)run;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 16) num_threads(n_threads)
+#pragma omp parallel for schedule(dynamic, run) num_threads(n_threads)
 #endif
-    for (int64_t b = 0; b < first[n_tensors]; b++) {
+    for (int64_t b = 0; b < n_blocks; b++) {
         const int64_t t = tensor_of(b, first, n_tensors), blk = b - first[t];
         const int64_t per_row = (cols[t] + QBLOCK - 1) / QBLOCK, row = blk / per_row, j = blk - row * per_row;
         const int64_t base = row * cols[t] + j * QBLOCK;  /* the block's first value in the tensor */

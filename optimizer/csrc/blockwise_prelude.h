@@ -47,23 +47,27 @@ static inline float quotient_finite(float x, float d, float inv) {
 
 /* The block's scale: its largest |x|, NaN if it holds a NaN (as torch.amax). |x| is the float's
    bits without the sign, and the bits of non-negative floats order as their values, with every
-   NaN above inf: one integer max, no branch. */
+   NaN above inf: a running integer max (kept by the update loop as it writes each new value, no
+   pass of its own), no branch. */
+static inline uint32_t top_bits(uint32_t top, float x) {
+    const uint32_t a = float_bits(x) & 0x7fffffffu;
+    return a > top ? a : top;
+}
+static inline float scale_of_top(uint32_t top) { return top > 0x7f800000u ? NAN : bits_float(top); }
 static inline float block_scale(const float *restrict x, int n) {
     uint32_t top = 0;
-    for (int i = 0; i < n; i++) {
-        const uint32_t a = float_bits(x[i]) & 0x7fffffffu;
-        top = a > top ? a : top;
-    }
-    return top > 0x7f800000u ? NAN : bits_float(top);
+    for (int i = 0; i < n; i++) top = top_bits(top, x[i]);
+    return scale_of_top(top);
 }
 
-/* codes floor(levels sqrt(|x| / scale) + 0.5), in [0, levels] where the scale is positive and
-   finite; where it is 0 (a block of zeros), inf or NaN (|x| / scale is 0 or NaN) the reference's
-   codes are 0 (nan_to_num). |x| / scale by quotient() where the scale and its inverse are normal
+/* codes floor(levels sqrt(|x| / scale) + 0.5) of a block whose scale is given (its block_scale),
+   in [0, levels] where the scale is positive and finite; where it is 0 (a block of zeros), inf or
+   NaN (|x| / scale is 0 or NaN) the reference's codes are 0 (nan_to_num). |x| / scale by quotient() where the scale and its inverse are normal
    (every |x| / scale that has a nonzero code is then normal too), else by a division. */
 #define SAFE_SCALE(s) ((s) >= 0x1p-120f && (s) <= 0x1p120f)
-static inline void encode_signed(const float *restrict x, int n, uint8_t *restrict codes, float *restrict scale_out) {
-    const float scale = block_scale(x, n), inv = 1.0f / scale;
+static inline void encode_signed(const float *restrict x, int n, uint8_t *restrict codes, float *restrict scale_out,
+                                 float scale) {
+    const float inv = 1.0f / scale;
     *scale_out = scale;
     if (SAFE_SCALE(scale)) {
         /* computed as int32 and narrowed in a loop of its own: the loop of floats then runs 8 values
@@ -99,8 +103,8 @@ static inline int root_code(float x, float r, uint32_t seed) {
 /* as encode_signed with 255 levels rounded by root_code, and at least 1 where r > 0 (also where
    the scale is inf or NaN: the reference clamps after nan_to_num) */
 static inline void encode_root(const float *restrict r, int n, uint8_t *restrict codes, float *restrict scale_out,
-                               uint32_t seed) {
-    const float scale = block_scale(r, n), inv = 1.0f / scale;
+                               float scale, uint32_t seed) {
+    const float inv = 1.0f / scale;
     *scale_out = scale;
     if (SAFE_SCALE(scale)) {
         int32_t c32[QBLOCK]; /* as in encode_signed: int32 codes, narrowed in a loop of their own */
