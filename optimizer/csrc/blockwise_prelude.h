@@ -61,9 +61,10 @@ static inline float block_scale(const float *restrict x, int n) {
 }
 
 /* codes floor(levels sqrt(|x| / scale) + 0.5) of a block whose scale is given (its block_scale),
-   in [0, levels] where the scale is positive and finite; where it is 0 (a block of zeros), inf or
-   NaN (|x| / scale is 0 or NaN) the reference's codes are 0 (nan_to_num). |x| / scale by quotient() where the scale and its inverse are normal
-   (every |x| / scale that has a nonzero code is then normal too), else by a division. */
+   stored with the codes; in [0, levels] where the scale is positive and finite; where it is 0 (a
+   block of zeros), inf or NaN (|x| / scale is 0 or NaN) the reference's codes are 0 (nan_to_num).
+   |x| / scale by quotient() where the scale and its inverse are normal (every |x| / scale that has
+   a nonzero code is then normal too), else by a division. */
 #define SAFE_SCALE(s) ((s) >= 0x1p-120f && (s) <= 0x1p120f)
 static inline void encode_signed(const float *restrict x, int n, uint8_t *restrict codes, float *restrict scale_out,
                                  float scale) {
