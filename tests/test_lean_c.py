@@ -270,9 +270,7 @@ def test_stochastic_rounding_is_taken_and_rounds(algo, monkeypatch):
 
 HARNESS = r"""
 void t_encode_signed(const float *x, int n, uint8_t *codes, float *scale) {
-    uint32_t top = 0; /* the block's scale as the loop keeps it: a running max of the values it writes */
-    for (int i = 0; i < n; i++) top = top_bits(top, x[i]);
-    encode_signed(x, n, codes, scale, scale_of_top(top));
+    encode_signed(x, n, codes, scale, block_scale(x, n));
 }
 void t_encode_root(const float *x, int n, uint8_t *codes, float *scale, uint32_t seed) {
     encode_root(x, n, codes, scale, block_scale(x, n), seed);
