@@ -48,9 +48,10 @@ its offset in memory, its index in a contiguous tensor). They are compiled with
 ``-ffp-contract=off`` (every rounding as written) and tested against the references at
 every step: bit for bit where torch's float32 ``sqrt`` is correctly rounded (torch's
 CPU ``sqrt`` is MKL's vector math where torch is built with it, which may be an ulp
-off; tests/test_lean_c.py). A division by a loop invariant (a scale, a bias correction,
-the 127 or 255 of a code) is done as Markstein's correction of a product by the
-reciprocal, which rounds as the division does (``quotient`` in csrc/fused_prelude.h).
+off; tests/test_lean_c.py). A division by a loop invariant (a bias correction, a gradient
+scale) is done as Markstein's correction of a product by the reciprocal, which rounds as
+the division does (``quotient`` in csrc/fused_prelude.h); the 8-bit codes need none (their
+quotients are one per block, in the reference too).
 """
 
 from __future__ import annotations
@@ -163,15 +164,15 @@ def source(kernel: Kernel) -> str:
     if kernel.codes:  # Note [8-bit states]: codes, then scales, per tensor; decoded, updated, encoded
         k = len(kernel.states)
         parts += [
-            _macro("KERNEL_STATES", [line for j, s in enumerate(kernel.states) for line in (
+            _macro("KERNEL_STATES", [line for j, (s, code) in enumerate(zip(kernel.states, kernel.codes)) for line in (
                 f"uint8_t *restrict C_{s} = (uint8_t *)tp[{2 + j}] + base;",
                 f"float *restrict Z_{s} = (float *)tp[{2 + k + j}] + blk;",
-                f"const float z_{s} = *Z_{s};",
+                f"const float unit_{s} = {code.upper()}_UNIT(*Z_{s});",
                 f"float buf_{s}[QBLOCK];",
                 f"uint32_t top_{s} = 0;")]),
             # decoded in a loop of their own (bytes to floats), into buf_<name>, which then holds the new
             # values; their block's largest magnitude is kept in top_<name> as they are written
-            _macro("KERNEL_DECODE", [f"for (int i = 0; i < n; i++) buf_{s}[i] = decode_{code}(C_{s}[i], z_{s});"
+            _macro("KERNEL_DECODE", [f"for (int i = 0; i < n; i++) buf_{s}[i] = decode_{code}(C_{s}[i], unit_{s});"
                                      for s, code in zip(kernel.states, kernel.codes)]),
             _macro("KERNEL_LOAD", [f"T {s} = buf_{s}[i];" for s in kernel.states]),
             _macro("KERNEL_KEEP", [f"buf_{s}[i] = {s}; top_{s} = top_bits(top_{s}, {s});" for s in kernel.states]),

@@ -73,8 +73,8 @@ reference's own operations are correctly rounded (in the interpreter, with numpy
 on a GPU, with its IEEE instructions). Two are not: torch's CPU float32 ``sqrt``
 (its x86 vector kernel is within 0.75 ulp, and misses the correctly rounded value
 for about one value in six), and torch's CUDA division by a Python number (a
-multiplication by its reciprocal: the decodes' ``/ 127``, ``/ 255`` and
-``r / sqrt(1 - beta2^t)``). Against those the kernels' scales and parameters are
+multiplication by its reciprocal: ``r / sqrt(1 - beta2^t)``; the codes' quotients divide
+two tensors, _quant._units). Against those the kernels' scales and parameters are
 within an ulp a step and their codes within 1 (nearly always equal);
 tests/test_lean_triton.py checks both. (One more, in principle: the bias corrections
 are ``1 - exp(t ln beta)`` in float64 where the reference has Python's ``1 - beta**t``;
@@ -345,46 +345,47 @@ def _lerp_fma(a, b, w):
 
 @triton.jit
 def _decode_signed(codes, scale):
-    """int8 codes [B, QBLOCK], float32 scales [B] -> sign(c) ((|c| / 127)^2 scale), as _quant.decode_signed."""
+    """int8 codes [B, QBLOCK], float32 scales [B] -> c |c| (scale / 127^2), as _quant.decode_signed."""
     c = codes.to(tl.float32)
-    a = tl.div_rn(tl.abs(c), 127.0)
-    sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
-    return sign * (a * a * scale[:, None])
+    return (c * tl.abs(c)) * tl.div_rn(scale, 16129.0)[:, None]
 
 
 @triton.jit
 def _decode_root(codes, scale):
-    """uint8 codes [B, QBLOCK], float32 scales [B] -> (c / 255)^2 scale, as _quant.decode_root."""
-    a = tl.div_rn(codes.to(tl.float32), 255.0)
-    return a * a * scale[:, None]
+    """uint8 codes [B, QBLOCK], float32 scales [B] -> c^2 (scale / 255^2), as _quant.decode_root."""
+    c = codes.to(tl.float32)
+    return (c * c) * tl.div_rn(scale, 65025.0)[:, None]
 
 
 @triton.jit
 def _encode(a, mask, seed, LEVELS: tl.constexpr, STOCHASTIC: tl.constexpr):
     """|x| or r [B, QBLOCK] (>= 0 or nan) -> (codes as float32, scales [B]): over each row's
-    block maximum, floor(LEVELS sqrt(a / scale) + 0.5) (_quant._code), or where STOCHASTIC the
-    second moment's stochastic code of _quant.encode_root with ``seed``; a nan in a block makes
-    its scale nan and its codes 0 (the maximum is taken without the nans, which are counted
-    apart: the same on every device, whatever its max instruction does with a nan)."""
+    block maximum, from u = LEVELS^2 a / scale as _quant._units computes it, floor(sqrt(u) + 0.5)
+    (_quant._nearest_code), or where STOCHASTIC the second moment's stochastic code of
+    _quant.encode_root with ``seed``; a nan in a block makes its scale nan and its codes 0 (the
+    maximum is taken without the nans, which are counted apart: the same on every device,
+    whatever its max instruction does with a nan)."""
     a = tl.where(mask, a, 0.0)
     is_nan = a != a
     top = tl.max(tl.where(is_nan, 0.0, a), axis=1)
     scale = tl.where(tl.max(is_nan.to(tl.int32), axis=1) > 0, float("nan"), top)
     s = scale[:, None]
-    u = tl.where(s > 0, tl.div_rn(a, tl.where(s > 0, s, 1.0)), 0.0)
-    if STOCHASTIC:  # lo = floor(x), + 1 iff bits (hi^4 - lo^4) < (x^4 - lo^4) 65536: unbiased for a^2
-        x = tl.sqrt_rn(u) * LEVELS
-        lo = tl.floor(x)
+    positive = s > 0
+    k = tl.div_rn(tl.full(scale.shape, LEVELS * LEVELS, tl.float32), tl.where(scale > 0, scale, 1.0))[:, None]
+    u = tl.where(k < float("inf"), a * k, tl.div_rn(a, tl.where(positive, s, 1.0)) * (LEVELS * LEVELS))
+    u = tl.where(positive, u, 0.0)  # 0 where the scale is 0 or nan
+    if STOCHASTIC:  # lo = floor(x), x = sqrt(u), + 1 iff bits (hi^4 - lo^4) < (u^2 - lo^4) 65536: unbiased for a^2
+        lo = tl.floor(tl.sqrt_rn(u))
         hi = lo + 1.0
-        x2 = x * x
         lo2 = lo * lo
         hi2 = hi * hi
         bits = (_mix32((a.to(tl.uint32, bitcast=True) >> 8) ^ seed) >> 16).to(tl.float32)
-        c = lo + (bits * (hi2 * hi2 - lo2 * lo2) < (x2 * x2 - lo2 * lo2) * 65536.0).to(tl.float32)
+        c = lo + (bits * (hi2 * hi2 - lo2 * lo2) < (u * u - lo2 * lo2) * 65536.0).to(tl.float32)
+        c = tl.where(c != c, 0.0, c)   # the nan of an infinite value (inf 0): nan_to_num -> 0
+        c = tl.where(c < 255.0, c, 255.0)  # u may pass 255^2 by an ulp
     else:
-        c = tl.floor(tl.sqrt_rn(u) * LEVELS + 0.5)
-    c = tl.where(s != s, 0.0, c)   # the nan of u where s is nan (and of inf / inf): nan_to_num -> 0
-    c = tl.where(c != c, 0.0, c)
+        c = tl.floor(tl.sqrt_rn(u) + 0.5)
+        c = tl.where(c != c, 0.0, c)
     return c, scale
 
 

@@ -19,7 +19,15 @@ a large tensor in one byte, with one float32 scale per block of values (Dettmers
   ``c = floor(127 sqrt(|m| / scale) + 0.5)`` with m's sign, stored as int8 (viewed as the
   uint8 tensor ``exp_avg``); decoded as ``sign(c) (|c| / 127)^2 scale``. Companding by the
   square root keeps small values' relative precision: 1/127^2 of the block's largest value
-  is still one code (linear codes would lose everything below 1/254 of it).
+  is still one code (linear codes would lose everything below 1/254 of it). In float32
+  both are written with one quotient per block, not per value: the code as
+  ``floor(sqrt(|m| k) + 0.5)`` with ``k = 127^2 / scale``, the value as ``c |c| unit``
+  with ``unit = scale / 127^2`` (``c |c|`` is an exact integer); the same for the second
+  moment's 255 levels. On a CPU with few cores the 8-bit loop is bound by its arithmetic
+  (docs/benchmarks.md), and a correctly rounded quotient per value cost it 15 % of its time.
+  So the top code decodes to ``127^2 RN(scale / 127^2)``, within an ulp of the scale: a
+  state converted to float32 and back keeps its codes, and about 1 % of its scales move by
+  an ulp (a second conversion changes nothing).
 * Second moment (AdamW's ``exp_avg_sq``): what the update uses is ``r = sqrt(v)``, so ``r``
   is stored: ``scale`` = the block's largest r, decoded as ``(c / 255)^2 scale``, the code
   ``c`` at least 1 where r > 0 (a positive r never decodes to 0, so ``m / (r + eps)`` cannot
@@ -116,28 +124,41 @@ def _block_max(a: Tensor) -> Tensor:
     return _blocks(a).amax(dim=2)
 
 
-def _code(u: Tensor, levels: int) -> Tensor:
-    """floor(levels sqrt(u) + 0.5) for u in [0, 1]; 0 where u is NaN (the scale carries the NaN)."""
-    c = torch.floor(torch.sqrt(u) * levels + 0.5)
-    return torch.nan_to_num(c, nan=0.0)
+def _units(a: Tensor, scale: Tensor, levels: int) -> Tensor:
+    """``levels^2 a / scale`` for a = |x| or r in [0, scale]: the square of the unrounded code.
+    Evaluated as ``a k`` with ``k = levels^2 / scale`` rounded once per block (a product per value,
+    no division), or as ``(a / scale) levels^2`` where k overflows (scales below levels^2 / 3.4e38);
+    0 where the scale is 0 or NaN (a NaN block's codes are 0: its scale carries the NaN). The
+    per-block quotients divide two tensors: torch's CUDA division *by a Python number* is a
+    multiplication by its reciprocal, which does not round as the division does."""
+    k = torch.full_like(scale, levels * levels) / scale
+    s, kv = _per_value(scale, a.shape[1]), _per_value(k, a.shape[1])
+    u = torch.where(kv.isfinite(), a * kv, a / s * (levels * levels))
+    return torch.where(s > 0, u, torch.zeros_like(u))
+
+
+def _nearest_code(u: Tensor) -> Tensor:
+    """floor(sqrt(u) + 0.5): the code nearest to sqrt(u); 0 where u is NaN (an infinite value)."""
+    return torch.nan_to_num(torch.floor(torch.sqrt(u) + 0.5), nan=0.0)
+
+
+def _unit(scale: Tensor, levels: int) -> Tensor:
+    """The value of one squared code step of each block, ``scale / levels^2``, rounded once."""
+    return scale / torch.full_like(scale, levels * levels)  # (two tensors: see _units)
 
 
 def encode_signed(x: Tensor) -> tuple[Tensor, Tensor]:
     """float32 (rows, cols) -> int8 codes (rows, cols), float32 scales (rows, blocks)."""
     a = x.abs()
     scale = _block_max(a)
-    s = _per_value(scale, x.shape[1])
-    u = torch.where(s > 0, a / s, torch.zeros_like(a))
-    u = torch.where(s.isnan(), torch.full_like(a, math.nan), u)
-    c = _code(u, 127)
+    c = _nearest_code(_units(a, scale, 127))
     return (torch.sign(x) * c).to(torch.int8), scale
 
 
 def decode_signed(codes: Tensor, scale: Tensor) -> Tensor:
-    """int8 codes (rows, cols), scales (rows, blocks) -> float32 values."""
+    """int8 codes (rows, cols), scales (rows, blocks) -> float32 values: c |c| (scale / 127^2)."""
     c = codes.to(torch.float32)
-    a = c.abs() / 127
-    return torch.sign(c) * (a * a * _per_value(scale, codes.shape[1]))
+    return (c * c.abs()) * _per_value(_unit(scale, 127), codes.shape[1])  # c |c| is exact
 
 
 def root_seed(step: int | float) -> int:
@@ -150,27 +171,24 @@ def encode_root(r: Tensor, seed: int | None = None) -> tuple[Tensor, Tensor]:
     With ``seed`` (:func:`root_seed`) the codes round stochastically, unbiased for v = r^2;
     without, to nearest (checkpoint conversions)."""
     scale = _block_max(r)
-    s = _per_value(scale, r.shape[1])
-    u = torch.where(s > 0, r / s, torch.zeros_like(r))
-    u = torch.where(s.isnan(), torch.full_like(r, math.nan), u)
+    u = _units(r, scale, 255)                    # x^2, x = 255 sqrt(r / scale) the unrounded code
     if seed is None:
-        c = _code(u, 255)
+        c = _nearest_code(u)
     else:
-        x = torch.sqrt(u) * 255                 # the code, unrounded
-        lo = torch.floor(x)
+        lo = torch.floor(torch.sqrt(u))
         hi = lo + 1
-        x2, lo2, hi2 = x * x, lo * lo, hi * hi
+        lo2, hi2 = lo * lo, hi * hi
         bits = mix32(((r.view(torch.int32).to(torch.int64) & _M32) >> 8) ^ seed) >> 16
-        up = bits.to(torch.float32) * (hi2 * hi2 - lo2 * lo2) < (x2 * x2 - lo2 * lo2) * 65536
-        c = torch.nan_to_num(lo + up, nan=0.0)  # NaN where the scale is (it carries the NaN)
+        up = bits.to(torch.float32) * (hi2 * hi2 - lo2 * lo2) < (u * u - lo2 * lo2) * 65536
+        c = torch.nan_to_num(lo + up, nan=0.0).clamp(max=255)  # (u may pass 255^2 by an ulp)
     c = torch.where(r > 0, c.clamp(min=1), c)
     return c.to(torch.uint8), scale
 
 
 def decode_root(codes: Tensor, scale: Tensor) -> Tensor:
-    """uint8 codes (rows, cols), scales (rows, blocks) -> float32 r."""
-    a = codes.to(torch.float32) / 255
-    return a * a * _per_value(scale, codes.shape[1])
+    """uint8 codes (rows, cols), scales (rows, blocks) -> float32 r: c^2 (scale / 255^2)."""
+    c = codes.to(torch.float32)
+    return (c * c) * _per_value(_unit(scale, 255), codes.shape[1])  # c^2 is exact
 
 
 # ----- stochastic rounding, Note [stochastic rounding] ---------------------------------

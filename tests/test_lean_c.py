@@ -276,10 +276,10 @@ void t_encode_root(const float *x, int n, uint8_t *codes, float *scale, uint32_t
     encode_root(x, n, codes, scale, block_scale(x, n), seed);
 }
 void t_decode_signed(const uint8_t *c, int n, float scale, float *out) {
-    for (int i = 0; i < n; i++) out[i] = decode_signed(c[i], scale);
+    for (int i = 0; i < n; i++) out[i] = decode_signed(c[i], SIGNED_UNIT(scale));
 }
 void t_decode_root(const uint8_t *c, int n, float scale, float *out) {
-    for (int i = 0; i < n; i++) out[i] = decode_root(c[i], scale);
+    for (int i = 0; i < n; i++) out[i] = decode_root(c[i], ROOT_UNIT(scale));
 }
 void t_round_bf16(const float *x, int64_t n, uint32_t seed, bf16 *out) {
     for (int64_t i = 0; i < n; i++) out[i] = store_sr_bf16(x[i], random16(i, seed));

@@ -535,7 +535,8 @@ def test_kernels_compile_for_a_gpu(tmp_path):
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5], CASES[6]], ids=case_id)
 def test_cuda_8bit_kernel_near_torchs_cuda_reference_every_step(case):
     """Against the reference run by torch on the same GPU, which divides by a scalar as a
-    multiplication by its reciprocal (the decodes' / 127 and / 255, r / sqrt(1 - beta2^t)): at
+    multiplication by its reciprocal (r / sqrt(1 - beta2^t); the codes' quotients divide two
+    tensors, which it rounds as IEEE's division): at
     each of 10 steps, from the same states, codes within 1, scales and parameters within an ulp."""
     algo, dtype, sr, hyper, hyper_dev = setup_case(case, "cuda")
     params = make_params(SHAPES, dtype, seed=14, device="cuda")

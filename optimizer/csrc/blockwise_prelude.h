@@ -5,45 +5,19 @@
  * row. Every operation is the reference's (_quant.py), in its order, in float32. */
 #define QBLOCK 256
 
-/* |c| / levels rounded to nearest for an integer code 0 <= |c| <= 255, without a division (the
-   divider also takes the square roots, and is the loop's bottleneck): with a fast fma,
-   RN(|c| hi + |c| lo) where hi + lo = 1 / levels to 40 bits and |c| hi is exact (hi has 16
-   significant bits); it equals RN(|c| / levels) for every code (checked for all of them in
-   tests/test_lean_c.py). Without a fast fma, the division. */
-#if defined(__FP_FAST_FMA) && defined(__FP_FAST_FMAF)
-#define CODE_QUOTIENT(c, hi, lo, levels) fmaf((c), (lo), (c) * (hi))
-#else
-#define CODE_QUOTIENT(c, hi, lo, levels) ((c) / (levels))
-#endif
-#define CODE_OVER_127(c) CODE_QUOTIENT(c, 0x1.0204p-7f, 0x1.020408p-28f, 127.0f)
-#define CODE_OVER_255(c) CODE_QUOTIENT(c, 0x1.01p-8f, 0x1.010102p-24f, 255.0f)
-
-/* first moment, signed: the code is an int8 c, decoded as sign(c) (|c| / 127)^2 scale */
-static inline float decode_signed(uint8_t code, float scale) {
-    const float c = (float)(int8_t)code;
-    const float a = CODE_OVER_127(fabsf(c));
-    return copysignf(a * a * scale, c); /* sign(c) x: -x for c < 0, x for c = 0 (as 0 x) */
+/* Codes and their values with one quotient per block (the reference's _units and _unit): a value
+   is c |c| unit (first moment, int8 c) or c^2 unit (r, uint8 c), unit = scale / levels^2; c |c| and
+   c^2 are exact integers in float32 */
+static inline float decode_signed(uint8_t code, float unit) {
+    const int32_t c = (int8_t)code;
+    return (float)(c * abs(c)) * unit;
 }
-
-/* second moment, stored as its root r: the code is a uint8 c, decoded as (c / 255)^2 scale */
-static inline float decode_root(uint8_t code, float scale) {
-    const float a = CODE_OVER_255((float)code);
-    return a * a * scale;
+static inline float decode_root(uint8_t code, float unit) {
+    const int32_t c = code;
+    return (float)(c * c) * unit;
 }
-
-/* x / d rounded to nearest, given inv = 1 / d, for finite x / d (quotient() without its check
-   for an infinite quotient): where 0 <= x <= d, as x = |value| / block scale */
-#if defined(__FP_FAST_FMA) && defined(__FP_FAST_FMAF)
-static inline float quotient_finite(float x, float d, float inv) {
-    const float q = x * inv;
-    return fmaf(fmaf(-q, d, x), inv, q);
-}
-#else
-static inline float quotient_finite(float x, float d, float inv) {
-    (void)inv;
-    return x / d;
-}
-#endif
+#define SIGNED_UNIT(scale) ((scale) / 16129.0f) /* 127^2 */
+#define ROOT_UNIT(scale) ((scale) / 65025.0f)   /* 255^2 */
 
 /* The block's scale: its largest |x|, NaN if it holds a NaN (as torch.amax). |x| is the float's
    bits without the sign, and the bits of non-negative floats order as their values, with every
@@ -60,63 +34,48 @@ static inline float block_scale(const float *restrict x, int n) {
     return scale_of_top(top);
 }
 
-/* codes floor(levels sqrt(|x| / scale) + 0.5) of a block whose scale is given (its block_scale),
-   stored with the codes; in [0, levels] where the scale is positive and finite; where it is 0 (a
-   block of zeros), inf or NaN (|x| / scale is 0 or NaN) the reference's codes are 0 (nan_to_num).
-   |x| / scale by quotient() where the scale and its inverse are normal (every |x| / scale that has
-   a nonzero code is then normal too), else by a division. */
-#define SAFE_SCALE(s) ((s) >= 0x1p-120f && (s) <= 0x1p120f)
+/* The codes of a block whose scale is given (its block_scale, stored with the codes), from
+   u = levels^2 |x| / scale: |x| k, k = levels^2 / scale once per block where k is finite, else
+   (|x| / scale) levels^2 (scales below levels^2 / FLT_MAX). Where the scale is 0 (a block of zeros),
+   inf or NaN the reference's codes are 0 (|x| / scale is 0 or NaN, and nan_to_num). */
 static inline void encode_signed(const float *restrict x, int n, uint8_t *restrict codes, float *restrict scale_out,
                                  float scale) {
-    const float inv = 1.0f / scale;
+    const float k = 16129.0f / scale;
     *scale_out = scale;
-    if (SAFE_SCALE(scale)) {
-        /* computed as int32 and narrowed in a loop of its own: the loop of floats then runs 8 values
-           a vector (not the 32 of a vector of bytes), and keeps its values in registers */
-        int32_t c32[QBLOCK];
+    if (scale > 0.0f && scale < INFINITY) {
         for (int i = 0; i < n; i++) {
-            /* |x| <= scale: the quotient is finite, and the code's floor of a non-negative value a truncation */
-            const int32_t c = (int32_t)(sqrtf(quotient_finite(fabsf(x[i]), scale, inv)) * 127.0f + 0.5f);
-            const int32_t negative = (int32_t)float_bits(x[i]) >> 31; /* -1 where x < 0 (or -0: c is 0) */
-            c32[i] = (c ^ negative) - negative;                       /* sign(x) c */
-        }
-        for (int i = 0; i < n; i++) codes[i] = (uint8_t)c32[i];      /* as an int8 */
-    } else if (scale > 0.0f && scale < INFINITY) {
-        for (int i = 0; i < n; i++) {
-            const int c = (int)floorf(sqrtf(fabsf(x[i]) / scale) * 127.0f + 0.5f);
-            codes[i] = (uint8_t)(x[i] < 0.0f ? -c : c);
+            /* floor(sqrt(u) + 0.5) with x's sign: a truncation of a signed value (u <= 127^2 (1 + 2^-23)
+               where k is finite: below 127.5^2); -0 where x is -0, whose code is 0 */
+            const float u = k < INFINITY ? fabsf(x[i]) * k : fabsf(x[i]) / scale * 16129.0f;
+            codes[i] = (uint8_t)(int32_t)copysignf(sqrtf(u) + 0.5f, x[i]); /* as an int8 */
         }
     } else {
         for (int i = 0; i < n; i++) codes[i] = 0;
     }
 }
 
-/* the second moment's code of x = 255 sqrt(r / scale) in [0, 255], rounded stochastically,
-   unbiased for v = r^2: floor(x), plus 1 iff bits (hi^4 - lo^4) < (x^4 - lo^4) 65536, the 16
-   bits a hash of r's bits but the last 8 and the step's seed */
-static inline int root_code(float x, float r, uint32_t seed) {
-    const float lo = floorf(x), hi = lo + 1.0f;
-    const float x2 = x * x, lo2 = lo * lo, hi2 = hi * hi;
+/* the second moment's code of u = x^2, x = 255 sqrt(r / scale) in [0, 255] the code unrounded,
+   rounded stochastically, unbiased for v = r^2: lo = floor(x), plus 1 iff
+   bits (hi^4 - lo^4) < (u^2 - lo^4) 65536 (hi = lo + 1), at most 255; the 16 bits a hash of r's
+   bits but the last 8 and the step's seed */
+static inline int32_t root_code(float u, float r, uint32_t seed) {
+    const float lo = floorf(sqrtf(u)), hi = lo + 1.0f;
+    const float lo2 = lo * lo, hi2 = hi * hi;
     const float bits = (float)(mix32((float_bits(r) >> 8) ^ seed) >> 16);
-    return (int)lo + (bits * (hi2 * hi2 - lo2 * lo2) < (x2 * x2 - lo2 * lo2) * 65536.0f);
+    const int32_t c = (int32_t)lo + (bits * (hi2 * hi2 - lo2 * lo2) < (u * u - lo2 * lo2) * 65536.0f);
+    return c < 255 ? c : 255; /* u may pass 255^2 by an ulp */
 }
 
-/* as encode_signed with 255 levels rounded by root_code, and at least 1 where r > 0 (also where
-   the scale is inf or NaN: the reference clamps after nan_to_num) */
+/* as encode_signed, 255 levels rounded by root_code, and at least 1 where r > 0 (also where the
+   scale is inf or NaN: the reference clamps after nan_to_num) */
 static inline void encode_root(const float *restrict r, int n, uint8_t *restrict codes, float *restrict scale_out,
                                float scale, uint32_t seed) {
-    const float inv = 1.0f / scale;
+    const float k = 65025.0f / scale;
     *scale_out = scale;
-    if (SAFE_SCALE(scale)) {
-        int32_t c32[QBLOCK]; /* as in encode_signed: int32 codes, narrowed in a loop of their own */
+    if (scale > 0.0f && scale < INFINITY) {
         for (int i = 0; i < n; i++) {
-            const int32_t c = root_code(sqrtf(quotient_finite(r[i], scale, inv)) * 255.0f, r[i], seed), positive = r[i] > 0.0f;
-            c32[i] = c > positive ? c : positive;
-        }
-        for (int i = 0; i < n; i++) codes[i] = (uint8_t)c32[i];
-    } else if (scale > 0.0f && scale < INFINITY) {
-        for (int i = 0; i < n; i++) {
-            const int c = root_code(sqrtf(r[i] / scale) * 255.0f, r[i], seed), positive = r[i] > 0.0f;
+            const float u = k < INFINITY ? r[i] * k : r[i] / scale * 65025.0f;
+            const int32_t c = root_code(u, r[i], seed), positive = r[i] > 0.0f;
             codes[i] = (uint8_t)(c > positive ? c : positive);
         }
     } else {
