@@ -16,8 +16,10 @@ static inline float decode_root(uint8_t code, float unit) {
     const int32_t c = code;
     return (float)(c * c) * unit;
 }
-#define SIGNED_UNIT(scale) ((scale) / 16129.0f) /* 127^2 */
-#define ROOT_UNIT(scale) ((scale) / 65025.0f)   /* 255^2 */
+#define SIGNED_LEVELS2 16129.0f /* 127^2 */
+#define ROOT_LEVELS2 65025.0f   /* 255^2 */
+#define SIGNED_UNIT(scale) ((scale) / SIGNED_LEVELS2)
+#define ROOT_UNIT(scale) ((scale) / ROOT_LEVELS2)
 
 /* The block's scale: its largest |x|, NaN if it holds a NaN (as torch.amax). |x| is the float's
    bits without the sign, and the bits of non-negative floats order as their values, with every
@@ -40,13 +42,13 @@ static inline float block_scale(const float *restrict x, int n) {
    inf or NaN the reference's codes are 0 (|x| / scale is 0 or NaN, and nan_to_num). */
 static inline void encode_signed(const float *restrict x, int n, uint8_t *restrict codes, float *restrict scale_out,
                                  float scale) {
-    const float k = 16129.0f / scale;
+    const float k = SIGNED_LEVELS2 / scale;
     *scale_out = scale;
     if (scale > 0.0f && scale < INFINITY) {
         for (int i = 0; i < n; i++) {
             /* floor(sqrt(u) + 0.5) with x's sign: a truncation of a signed value (u <= 127^2 (1 + 2^-23)
                where k is finite: below 127.5^2); -0 where x is -0, whose code is 0 */
-            const float u = k < INFINITY ? fabsf(x[i]) * k : fabsf(x[i]) / scale * 16129.0f;
+            const float u = k < INFINITY ? fabsf(x[i]) * k : fabsf(x[i]) / scale * SIGNED_LEVELS2;
             codes[i] = (uint8_t)(int32_t)copysignf(sqrtf(u) + 0.5f, x[i]); /* as an int8 */
         }
     } else {
@@ -70,11 +72,11 @@ static inline int32_t root_code(float u, float r, uint32_t seed) {
    scale is inf or NaN: the reference clamps after nan_to_num) */
 static inline void encode_root(const float *restrict r, int n, uint8_t *restrict codes, float *restrict scale_out,
                                float scale, uint32_t seed) {
-    const float k = 65025.0f / scale;
+    const float k = ROOT_LEVELS2 / scale;
     *scale_out = scale;
     if (scale > 0.0f && scale < INFINITY) {
         for (int i = 0; i < n; i++) {
-            const float u = k < INFINITY ? r[i] * k : r[i] / scale * 65025.0f;
+            const float u = k < INFINITY ? r[i] * k : r[i] / scale * ROOT_LEVELS2;
             const int32_t c = root_code(u, r[i], seed), positive = r[i] > 0.0f;
             codes[i] = (uint8_t)(c > positive ? c : positive);
         }
