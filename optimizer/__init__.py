@@ -3,7 +3,7 @@
 - ``optimizer.adamw``: :class:`AdamW` and the functional :func:`adamw`
 - ``optimizer.lion``: :class:`Lion` and the functional :func:`lion`
 - ``optimizer.adamw8bit``, ``optimizer.lion8bit``: :class:`AdamW8bit`, :class:`Lion8bit`
-  (8-bit states, Note [8-bit states] in ``optimizer._quant``)
+  (8-bit states, Note [8-bit states] in ``optimizer._8bit``)
 - ``optimizer.scheduler``: schedules as pure functions of the step, the
   :class:`WarmupCosineScheduler` and :class:`ScheduleLR` adapters, :func:`get_scheduler`
 
@@ -16,8 +16,8 @@ from .adamw import AdamW
 from .adamw8bit import AdamW8bit
 from .lion import Lion
 from .lion8bit import Lion8bit
-from .sparse_adamw import SparseAdamW
 from .scheduler import SCHEDULES, ScheduleLR, WarmupCosineScheduler, get_scheduler, make_schedule
+from .sparse_adamw import SparseAdamW
 
 __all__ = [
     "SCHEDULES",

@@ -53,9 +53,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _dispatch, _quant
+from . import _8bit, _dispatch, _rounding
 from ._checks import check_fits
-from ._tensors import _LOW_PRECISION, Meta, state_dtype, step_device
+from ._tensors import LOW_PRECISION, Meta, is_dtensor, state_dtype, step_device
 
 __all__ = ["Optimizer"]
 
@@ -182,8 +182,10 @@ class Optimizer(torch.optim.Optimizer):
         meta = Meta(params)
         bad = meta.bad_dtype()
         if bad is not None:
-            raise RuntimeError(f"{self._where(gi, group, params[bad])} is {params[bad].dtype}: "
-                               f"{type(self).__name__} updates float16, bfloat16, float32, float64 and complex parameters")
+            raise RuntimeError(
+                f"{self._where(gi, group, params[bad])} is {params[bad].dtype}: "
+                f"{type(self).__name__} updates float16, bfloat16, float32, float64 and complex parameters"
+            )
         if not (set(map(_LAYOUT, grads)) <= {torch.strided} and meta.same(grads)):
             for p, g in zip(params, grads):
                 if g.layout != torch.strided or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
@@ -198,9 +200,9 @@ class Optimizer(torch.optim.Optimizer):
         check_fits(self._scalars(group), params)
         hyper = self._hyper(group)
         if group.get("stochastic_rounding"):  # Note [stochastic rounding]
-            hyper["rounding_seeds"] = _quant.rounding_seeds(group.get("seed", 0), group.get("rounding_step", 0),
+            hyper["rounding_seeds"] = _rounding.rounding_seeds(group.get("seed", 0), group.get("rounding_step", 0),
                                                             len(params))
-        eight = self._quantized_indices(params, group)
+        eight = self._8bit_indices(params, group)
         if not eight:
             parts = [self._part(gi, group, params, grads, states, meta, hyper, new, eight=False)]
         else:  # Note [8-bit states]: the quantised tensors, and the others
@@ -216,20 +218,20 @@ class Optimizer(torch.optim.Optimizer):
                                             Meta(sub), sub_hyper, new, eight=is_8bit))
         return _Prepared(group, parts, new)
 
-    def _quantized_indices(self, params: list[Tensor], group: dict[str, Any]) -> list[int]:
+    def _8bit_indices(self, params: list[Tensor], group: dict[str, Any]) -> list[int]:
         """Which of a step's parameters keep 8-bit states (Note [8-bit states])."""
         if group.get("state_dtype") != torch.uint8:
             return []
-        size = group.get("min_8bit_size", _quant.MIN_8BIT_SIZE)
-        return [i for i, p in enumerate(params) if _quant.quantized(p, size)]
+        size = group.get("min_8bit_size", _8bit.MIN_8BIT_SIZE)
+        return [i for i, p in enumerate(params) if _8bit.quantized(p, size)]
 
     def _zero_states(self, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         """Zero states for ``state_keys``: 8-bit codes and their scales where Note [8-bit states]
         says, else tensors in ``state_dtype`` (Note [state precision])."""
-        if self._quantized_indices([param], group):
+        if self._8bit_indices([param], group):
             codes = {key: torch.zeros_like(param, dtype=torch.uint8, memory_format=torch.contiguous_format)
                      for key in self.state_keys}
-            return {**codes, **{f"{key}_scale": _quant.new_scales(param) for key in self.state_keys}}
+            return {**codes, **{f"{key}_scale": _8bit.new_scales(param) for key in self.state_keys}}
         dtype = state_dtype(param, group.get("state_dtype"))
         return {key: torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
                 for key in self.state_keys}
@@ -276,12 +278,12 @@ class Optimizer(torch.optim.Optimizer):
     def _check_8bit_states(self, gi: int, group: dict[str, Any], params: list[Tensor],
                            lists: list[list[Any]]) -> None:
         """8-bit states must be what this optimizer would create: uint8 codes shaped like the
-        parameter, float32 scales of ``_quant.scale_shape``, on the parameter's device."""
+        parameter, float32 scales of ``_8bit.scale_shape``, on the parameter's device."""
         n = len(self.state_keys)
         keys = self._state_keys(True)
         for j, key in enumerate(keys[:2 * n]):
             for p, v in zip(params, lists[2 + j]):
-                shape, dtype = (p.shape, torch.uint8) if j < n else (_quant.scale_shape(p.shape), torch.float32)
+                shape, dtype = (p.shape, torch.uint8) if j < n else (_8bit.scale_shape(p.shape), torch.float32)
                 if not isinstance(v, Tensor):
                     raise RuntimeError(f"{self._where(gi, group, p)} has state[{key!r}] = {v!r}, not a tensor")
                 if tuple(v.shape) != tuple(shape) or v.dtype != dtype or v.device != p.device:
@@ -308,7 +310,7 @@ class Optimizer(torch.optim.Optimizer):
         requested = group.get("state_dtype")
         if requested == torch.uint8:  # the tensors Note [8-bit states] leaves in float
             requested = None
-        expected_of = {d: requested if requested is not None and not d.is_complex else _LOW_PRECISION.get(d, d)
+        expected_of = {d: requested if requested is not None and not d.is_complex else LOW_PRECISION.get(d, d)
                        for d in set(meta.dtypes)}
         expected = list(map(expected_of.__getitem__, meta.dtypes))
         n = len(self.state_keys)
@@ -398,7 +400,8 @@ class Optimizer(torch.optim.Optimizer):
             for part in prep.parts:
                 if part.lists[0]:
                     self._run(prep.group, part, amp)
-            if prep.group.get("stochastic_rounding") and any(part.lists[0] for part in prep.parts):  # Note [stochastic rounding]
+            # Note [stochastic rounding]: the group's count of stochastic steps
+            if prep.group.get("stochastic_rounding") and any(part.lists[0] for part in prep.parts):
                 prep.group["rounding_step"] = prep.group.get("rounding_step", 0) + 1
 
     @torch._disable_dynamo  # outside the graph, as torch keeps its fused steps (imports Dynamo lazily, on first call)
@@ -440,9 +443,9 @@ class Optimizer(torch.optim.Optimizer):
             for key in self.state_keys:
                 codes, scale = state[key], state[f"{key}_scale"]
                 if not (isinstance(codes, Tensor) and codes.dtype == torch.uint8 and isinstance(scale, Tensor)
-                        and tuple(scale.shape) == _quant.scale_shape(p.shape)):
+                        and tuple(scale.shape) == _8bit.scale_shape(p.shape)):
                     raise ValueError(f"Invalid 8-bit state[{key!r}] for {where}: uint8 codes of shape "
-                                     f"{tuple(p.shape)} and scales of shape {_quant.scale_shape(p.shape)} expected")
+                                     f"{tuple(p.shape)} and scales of shape {_8bit.scale_shape(p.shape)} expected")
         for key in self.counter_keys:
             v = state[key]
             if not (isinstance(v, (int, float)) or (isinstance(v, Tensor) and v.numel() == 1)):
@@ -491,9 +494,9 @@ class Optimizer(torch.optim.Optimizer):
         where ``step_device`` says, tensors in ``state_dtype`` (Note [state precision]) and in
         the parameter's layout (so that the fused kernels take them), always copies."""
         state: dict[str, Any] = {}
-        eight = bool(self._quantized_indices([p], group))
+        eight = bool(self._8bit_indices([p], group))
         if eight or f"{self.state_keys[0]}_scale" in saved:  # 8-bit states saved or wanted: convert
-            saved = _quant.convert_states(p, saved, self.state_keys, eight)
+            saved = _8bit.convert_states(p, saved, self.state_keys, eight)
         for key, value in saved.items():
             if eight and key not in self.counter_keys:  # already this optimizer's own copies
                 state[key] = value
@@ -503,7 +506,7 @@ class Optimizer(torch.optim.Optimizer):
                     step_device(p), copy=True).reshape(())
                 continue
             dtype = state_dtype(p, group.get("state_dtype"))
-            if type(p).__name__ == "DTensor" or type(value).__name__ == "DTensor":
+            if is_dtensor(p) or is_dtensor(value):
                 state[key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
             else:
                 state[key] = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(value)

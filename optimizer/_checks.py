@@ -11,11 +11,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._quant import MIN_8BIT_SIZE
+from ._8bit import MIN_8BIT_SIZE
 from ._tensors import STATE_DTYPES
 
-__all__ = ["check_backend", "check_betas", "check_fits", "check_flag", "check_lean", "check_lr", "check_nonnegative",
-           "check_state_dtype", "plain"]
+__all__ = [
+    "check_backend",
+    "check_betas",
+    "check_fits",
+    "check_flag",
+    "check_precision",
+    "check_lr",
+    "check_nonnegative",
+    "check_state_dtype",
+    "plain",
+]
 
 
 def _as_float(name: str, value: Any) -> float | None:
@@ -76,8 +85,9 @@ def check_state_dtype(value: Any) -> None:
                          "or torch.uint8)")
 
 
-def check_lean(group: dict[str, Any]) -> None:
-    """The options of lean states (Note [8-bit states], Note [stochastic rounding])."""
+def check_precision(group: dict[str, Any]) -> None:
+    """The precision options: 8-bit states (Note [8-bit states]) and stochastic rounding of
+    bf16/fp16 parameters (Note [stochastic rounding])."""
     check_state_dtype(group.get("state_dtype"))
     check_flag("stochastic_rounding", group.get("stochastic_rounding", False))
     seed = group.get("seed", 0)

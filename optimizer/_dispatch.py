@@ -57,12 +57,12 @@ triton     ``_adamw_kernel``, ``_lion_kernel`` in              test_fused_triton
            _fused_triton.py                                    (Triton's interpreter on CPU; CUDA where present)
 =========  =================================================  =========================================
 
-8-bit states (Note [8-bit states] in _quant.py) have their own backends, with the same rows:
+8-bit states (Note [8-bit states] in _8bit.py) have their own backends, with the same rows:
 ``_single_tensor_adamw8bit``/``_lion8bit`` (the references, in adamw8bit.py, lion8bit.py, tied to
-a float64 transcription by test_lean), their C bodies beside them (test_lean_c) and the
-``adamw8bit``/``lion8bit`` Triton kernels (test_lean_triton); the foreach path takes the reference.
+a float64 transcription by test_8bit), their C bodies beside them (test_8bit_c) and the
+``adamw8bit``/``lion8bit`` Triton kernels (test_8bit_triton); the foreach path takes the reference.
 Stochastic rounding (Note [stochastic rounding]) is done by the reference, the C loops and the
-Triton kernels (``Backends.rounding``), against ``_quant.round_stochastic`` in the same tests.
+Triton kernels (``Backends.rounding``), against ``_rounding.round_stochastic`` in the same tests.
 """
 
 from __future__ import annotations
@@ -77,9 +77,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _fused_cpu, _quant
-from ._tensors import (PARAM_DTYPES, Meta, amp_grads, as_real, device_types, group_by_device_and_dtype, local, pick,
-                       same_dense_layout)
+from . import _fused_cpu, _rounding
+from ._tensors import (
+    PARAM_DTYPES,
+    Meta,
+    amp_grads,
+    as_real,
+    device_types,
+    group_by_device_and_dtype,
+    is_dtensor,
+    local,
+    pick,
+    same_dense_layout,
+)
 
 __all__ = ["Backends", "TRITON_DEVICES", "check_lists", "count", "group_backend", "import_kernels", "load_triton",
            "route", "run", "step"]
@@ -101,8 +111,8 @@ class Backends:
     triton: str  # the name of the algorithm's function in _fused_triton
     torch: Callable[..., None] | None = None  # torch's own fused kernel, where it computes our update
     torch_applies: Callable[[dict[str, Any]], bool] = lambda hyper: False
-    # 8-bit states (Note [8-bit states]): codes and their block scales, routed whole (:func:`_route_blockwise`)
-    blockwise: bool = False
+    # 8-bit states (Note [8-bit states]): codes and their block scales, routed whole (:func:`_8bit_kernel`)
+    eight_bit: bool = False
     # the backends that round bf16/fp16 parameters stochastically (Note [stochastic rounding]);
     # such parameters go to the reference elsewhere when ``rounding_seeds`` is given
     rounding: frozenset[str] = frozenset({"reference"})
@@ -190,7 +200,10 @@ def route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], 
     params, moved = lists[0], []
     for name in [name for name in routes if name != "reference"]:
         def elsewhere(i: int) -> bool:
-            return params[i].dtype in _quant.ROUNDED and (name not in backends.rounding or not params[i].is_contiguous())
+            return params[i].dtype in _rounding.ROUNDED and (
+                name not in backends.rounding or not params[i].is_contiguous()
+            )
+
         moved += [i for i in routes[name] if elsewhere(i)]
         routes[name] = [i for i in routes[name] if not elsewhere(i)]
     if moved:
@@ -207,12 +220,12 @@ def _route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any],
     backend = group_backend(device_types(params), foreach, fused)
     if backend != "fused" or not n:
         return {backend: everything}
-    if backends.blockwise:
-        return {_blockwise_kernel(backends, lists, strict=bool(fused)): everything}
+    if backends.eight_bit:
+        return {_8bit_kernel(backends, lists, strict=bool(fused)): everything}
     strict = bool(fused)
     tensors = lists[:2 + backends.n_states]  # parameter, gradient, states (shaped like the parameter)
     counters = lists[2 + backends.n_states:]  # AdamW's step counts
-    if type(params[0]).__name__ == "DTensor":  # FSDP2: the kernels update the local shards
+    if is_dtensor(params[0]):  # FSDP2: the kernels update the local shards
         tensors = [list(map(local, lst)) for lst in tensors]
         counters = [list(map(local, lst)) for lst in counters]
 
@@ -246,12 +259,12 @@ def _route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any],
     return routes
 
 
-def _blockwise_kernel(backends: Backends, lists: list[list[Tensor]], *, strict: bool) -> str:
+def _8bit_kernel(backends: Backends, lists: list[list[Tensor]], *, strict: bool) -> str:
     """The fused kernel for 8-bit states (Note [8-bit states]): the C loop on the CPU, Triton on
     CUDA, for contiguous tensors of one device; else the reference."""
     tensors = lists[:2 + backends.n_states]
     counters = lists[2 + backends.n_states:]
-    if type(tensors[0][0]).__name__ == "DTensor":
+    if is_dtensor(tensors[0][0]):
         tensors = [list(map(local, lst)) for lst in tensors]
         counters = [list(map(local, lst)) for lst in counters]
     devices = device_types(tensors[0])
@@ -385,10 +398,22 @@ def check_lists(backends: Backends, lists: list[list[Tensor]]) -> None:
         ok = ok and all(d in PARAM_DTYPES and d.is_complex == p.is_complex for d, p in zip(dtypes, meta.dtypes))
         if not ok:
             for i, (p, t) in enumerate(zip(params, lst)):
-                if not (isinstance(t, Tensor) and t.layout == torch.strided and t.shape == p.shape
-                        and t.device == p.device and (t.dtype == p.dtype if name == backends.names[1] else
-                                                      t.dtype in PARAM_DTYPES and t.dtype.is_complex == p.is_complex())):
-                    got = f"{t.layout} {t.dtype} of shape {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else repr(t)
+                if not (
+                    isinstance(t, Tensor)
+                    and t.layout == torch.strided
+                    and t.shape == p.shape
+                    and t.device == p.device
+                    and (
+                        t.dtype == p.dtype
+                        if name == backends.names[1]
+                        else t.dtype in PARAM_DTYPES and t.dtype.is_complex == p.is_complex()
+                    )
+                ):
+                    got = (
+                        f"{t.layout} {t.dtype} of shape {tuple(t.shape)} on {t.device}"
+                        if isinstance(t, Tensor)
+                        else repr(t)
+                    )
                     raise ValueError(f"Invalid {name}[{i}]: {got}, for a parameter {p.dtype} of shape "
                                      f"{tuple(p.shape)} on {p.device}")
     for name, lst in zip(backends.names[n:], lists[n:]):

@@ -34,7 +34,7 @@ operation (about 6 for Lion, 9 for AdamW); a fused kernel makes one.
   channels_last, a transposed parameter with a gradient of the same strides);
   others go the foreach way, which follows indices.
 
-* 8-bit states (Note [8-bit states] in _quant.py) run csrc/blockwise_loop.c, the
+* 8-bit states (Note [8-bit states] in _8bit.py) run csrc/8bit_loop.c, the
   same way (a :class:`Kernel` with ``codes``): its unit of work is a block of 256
   values of a row, decoded, updated and encoded again while it sits in the cache
   (the block's scale needs all its new values), one call per step and parameter dtype.
@@ -43,12 +43,12 @@ The C loops use the operations of the references, in their order, as torch's CPU
 kernels compute them (``lerp`` and ``addcmul`` with one fused multiply-add each,
 ``sign`` with sign(0) = sign(nan) = 0, ``sqrt``), in the state's precision, and round
 into bf16/fp16 parameters once: to nearest even as torch does, or stochastically
-(Note [stochastic rounding] in _quant.py; the random bits of an element are those of
+(Note [stochastic rounding] in _rounding.py; the random bits of an element are those of
 its offset in memory, its index in a contiguous tensor). They are compiled with
 ``-ffp-contract=off`` (every rounding as written) and tested against the references at
 every step: bit for bit where torch's float32 ``sqrt`` is correctly rounded (torch's
 CPU ``sqrt`` is MKL's vector math where torch is built with it, which may be an ulp
-off; tests/test_lean_c.py). A division by a loop invariant (a bias correction, a gradient
+off; tests/test_8bit_c.py). A division by a loop invariant (a bias correction, a gradient
 scale) is done as Markstein's correction of a product by the reciprocal, which rounds as
 the division does (``quotient`` in csrc/fused_prelude.h); the 8-bit codes need none (their
 quotients are one per block, in the reference too).
@@ -57,9 +57,9 @@ quotients are one per block, in the reference too).
 from __future__ import annotations
 
 import ctypes
-import operator
 import itertools
 import logging
+import operator
 import os
 import pathlib
 import shlex
@@ -70,21 +70,21 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import _quant
-from ._tensors import as_real, local
+from . import _8bit, _rounding
+from ._tensors import as_real, is_dtensor, local
 
 __all__ = ["BLOCK", "QBLOCK", "Kernel", "library", "run", "source", "variants"]
 
 log = logging.getLogger("optimizer")
 BLOCK = 1 << 14  # elements a thread takes at a time
-QBLOCK = _quant.BLOCK  # values per scale of 8-bit states (Note [8-bit states]; QBLOCK in csrc/blockwise_prelude.h)
+QBLOCK = _8bit.BLOCK  # values per scale of 8-bit states (Note [8-bit states]; QBLOCK in csrc/8bit_prelude.h)
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,11 @@ class Kernel:
     state, all of type ``T`` (the state's precision), and may read the ``scalars`` (the
     same for every tensor) and ``per_tensor`` values (one per tensor) by name.
 
-    With ``codes`` (one per state: "signed" or "root", Note [8-bit states] in _quant.py) the
+    With ``codes`` (one per state: "signed" or "root", Note [8-bit states] in _8bit.py) the
     states are 8-bit codes with a float32 scale per block of 256 values of a row: the kernel
-    runs in csrc/blockwise_loop.c, its states decoded into float32 locals before ``body`` and
+    runs in csrc/8bit_loop.c, its states decoded into float32 locals before ``body`` and
     encoded after it, a block at a time. "root" codes round stochastically with the seed
-    ``mix32(step)`` (``_quant.root_seed``): such a kernel has the per-tensor value ``step``."""
+    ``mix32(step)`` (``_8bit.root_seed``): such a kernel has the per-tensor value ``step``."""
 
     name: str
     states: tuple[str, ...]
@@ -110,7 +110,7 @@ class Kernel:
     @property
     def loop(self) -> str:
         """The C file of the loop that runs ``body`` (in csrc/)."""
-        return "blockwise_loop.c" if self.codes else "fused_loop.c"
+        return "8bit_loop.c" if self.codes else "fused_loop.c"
 
 
 # (parameter dtype, state dtype) -> the C storage types of parameter and state, and the compute type T
@@ -147,43 +147,63 @@ def _macro(name: str, lines: list[str]) -> str:
 
 
 def source(kernel: Kernel) -> str:
-    """The C translation unit for ``kernel``: csrc/fused_prelude.h (and csrc/blockwise_prelude.h
+    """The C translation unit for ``kernel``: csrc/fused_prelude.h (and csrc/8bit_prelude.h
     for 8-bit states), the kernel's own macros, and its loop (csrc/fused_loop.c or
-    csrc/blockwise_loop.c) once per dtype variant (one function each). Compiled as it is printed."""
+    csrc/8bit_loop.c) once per dtype variant (one function each). Compiled as it is printed."""
     loop = (_CSRC / kernel.loop).read_text()
     n = len(kernel.per_tensor)
     parts = [
         f"/* generated by optimizer._fused_cpu.source for the kernel {kernel.name!r} */\n#define BLOCK {BLOCK}\n",
         (_CSRC / "fused_prelude.h").read_text(),
-        "\n" + (_CSRC / "blockwise_prelude.h").read_text() if kernel.codes else "",
+        "\n" + (_CSRC / "8bit_prelude.h").read_text() if kernel.codes else "",
         f"\n/* the {kernel.name} kernel (written beside its Python reference) */\n",
         _macro("KERNEL_SCALARS", [f"const T {s} = (T)scalars[{j}];" for j, s in enumerate(kernel.scalars)]),
-        _macro("KERNEL_PER_TENSOR", [f"const T {s} = (T)per_tensor[t * {n} + {j}];" for j, s in enumerate(kernel.per_tensor)]),
+        _macro(
+            "KERNEL_PER_TENSOR",
+            [f"const T {s} = (T)per_tensor[t * {n} + {j}];" for j, s in enumerate(kernel.per_tensor)],
+        ),
         _macro("KERNEL_BODY", [line.strip() for line in kernel.body.strip().splitlines()]),
     ]
     if kernel.codes:  # Note [8-bit states]: codes, then scales, per tensor; decoded, updated, encoded
         k = len(kernel.states)
         parts += [
-            _macro("KERNEL_STATES", [line for j, (s, code) in enumerate(zip(kernel.states, kernel.codes)) for line in (
-                f"uint8_t *restrict C_{s} = (uint8_t *)tp[{2 + j}] + base;",
-                f"float *restrict Z_{s} = (float *)tp[{2 + k + j}] + blk;",
-                f"const float unit_{s} = {code.upper()}_UNIT(*Z_{s});",
-                f"float buf_{s}[QBLOCK];",
-                f"uint32_t top_{s} = 0;")]),
+            _macro(
+                "KERNEL_STATES",
+                [
+                    line
+                    for j, (s, code) in enumerate(zip(kernel.states, kernel.codes))
+                    for line in (
+                        f"uint8_t *restrict C_{s} = (uint8_t *)tp[{2 + j}] + base;",
+                        f"float *restrict Z_{s} = (float *)tp[{2 + k + j}] + blk;",
+                        f"const float unit_{s} = {code.upper()}_UNIT(*Z_{s});",
+                        f"float buf_{s}[QBLOCK];",
+                        f"uint32_t top_{s} = 0;",
+                    )
+                ],
+            ),
             # decoded in a loop of their own (bytes to floats), into buf_<name>, which then holds the new
             # values; their block's largest magnitude is kept in top_<name> as they are written
-            _macro("KERNEL_DECODE", [f"for (int i = 0; i < n; i++) buf_{s}[i] = decode_{code}(C_{s}[i], unit_{s});"
-                                     for s, code in zip(kernel.states, kernel.codes)]),
+            _macro(
+                "KERNEL_DECODE",
+                [
+                    f"for (int i = 0; i < n; i++) buf_{s}[i] = decode_{code}(C_{s}[i], unit_{s});"
+                    for s, code in zip(kernel.states, kernel.codes)
+                ],
+            ),
             _macro("KERNEL_LOAD", [f"T {s} = buf_{s}[i];" for s in kernel.states]),
             _macro("KERNEL_KEEP", [f"buf_{s}[i] = {s}; top_{s} = top_bits(top_{s}, {s});" for s in kernel.states]),
             # a second moment's codes round stochastically with the seed of the tensor's step
-            _macro("KERNEL_ENCODE", [f"encode_{code}(buf_{s}, n, C_{s}, Z_{s}, scale_of_top(top_{s}){', mix32((uint32_t)step)' if code == 'root' else ''});"
-                                     for s, code in zip(kernel.states, kernel.codes)]),
+            _macro("KERNEL_ENCODE", [
+                f"encode_{code}(buf_{s}, n, C_{s}, Z_{s}, scale_of_top(top_{s})"
+                + (", mix32((uint32_t)step));" if code == "root" else ");")
+                for s, code in zip(kernel.states, kernel.codes)]),
         ]
         n_ptrs = 2 + 2 * k
     else:
         parts += [
-            _macro("KERNEL_STATES", [f"STYPE *restrict S_{s} = (STYPE *)tp[{2 + j}];" for j, s in enumerate(kernel.states)]),
+            _macro(
+                "KERNEL_STATES", [f"STYPE *restrict S_{s} = (STYPE *)tp[{2 + j}];" for j, s in enumerate(kernel.states)]
+            ),
             _macro("KERNEL_LOAD", [f"T {s} = CAT(load_, STYPE)(S_{s}[i]);" for s in kernel.states]),
             _macro("KERNEL_STORE", [f"S_{s}[i] = CAT(store_, STYPE)({s});" for s in kernel.states]),
         ]
@@ -192,10 +212,14 @@ def source(kernel: Kernel) -> str:
     for index, (ptype, stype, ctype) in enumerate(variants(kernel).values()):
         defines = {"FN": _function_name(kernel, ptype, stype), "T": ctype, "PTYPE": ptype, "STYPE": stype,
                    "N_PTRS": n_ptrs, "ROUNDS": int(ptype in ("bf16", "f16"))}
-        parts += [f"\n/* parameters {ptype}, states {stype}, computed in {ctype} */\n",
-                  "#ifdef HAVE_F16\n" if ptype == "f16" else "",
-                  "".join(f"#define {name} {value}\n" for name, value in defines.items()), loop if index == 0 else body_only,
-                  "".join(f"#undef {name}\n" for name in defines), "#endif\n" if ptype == "f16" else ""]
+        parts += [
+            f"\n/* parameters {ptype}, states {stype}, computed in {ctype} */\n",
+            "#ifdef HAVE_F16\n" if ptype == "f16" else "",
+            "".join(f"#define {name} {value}\n" for name, value in defines.items()),
+            loop if index == 0 else body_only,
+            "".join(f"#undef {name}\n" for name in defines),
+            "#endif\n" if ptype == "f16" else "",
+        ]
     return "".join(parts)
 
 
@@ -319,14 +343,16 @@ _PLANS_KEPT = 32
 _DTYPE, _DEVICE_TYPE = operator.attrgetter("dtype"), operator.attrgetter("device.type")
 
 
-def _plan(kernel: Kernel, lists: list[list[Tensor]]) -> list[tuple[ctypes._CFuncPtr, list[int] | None, int, Any, Any, Any]]:
+def _plan(
+    kernel: Kernel, lists: list[list[Tensor]]
+) -> list[tuple[ctypes._CFuncPtr, list[int] | None, int, Any, Any, Any]]:
     """The calls of a step: per dtype variant, (function, the tensors' indices or None for all,
     their count, and the pointer, size and block-count arrays the function reads). Cached under
     a signature read with C-level maps (every address and size, the dtypes): from the second
     step of a training loop on, nothing is rebuilt (gradients that are new tensors each step
     make a new signature only if their addresses change). For 8-bit states (``kernel.codes``)
     the sizes are the row lengths and the blocks are QBLOCK values of a row (Note [8-bit states])."""
-    if lists[0] and type(lists[0][0]).__name__ == "DTensor":  # FSDP2: the local shards
+    if lists[0] and is_dtensor(lists[0][0]):  # FSDP2: the local shards
         lists = [list(map(local, lst)) for lst in lists]
     signature = (kernel.name, *itertools.chain(*[map(Tensor.data_ptr, lst) for lst in lists],
                                                map(Tensor.numel, lists[0]), map(_DTYPE, lists[0]),
@@ -363,7 +389,7 @@ def count(kernel: Kernel, steps: list[Tensor]) -> bool:
     tensors and ``kernel``'s library is loaded (``torch._foreach_add_`` on CPU scalars costs
     a few microseconds each). False, having changed nothing, where it does not apply."""
     fns = _libraries.get(kernel.name)
-    if not steps or type(steps[0]).__name__ == "DTensor":
+    if not steps or is_dtensor(steps[0]):
         return False
     dtypes = set(map(_DTYPE, steps))
     fn = fns.get(("count", next(iter(dtypes)))) if fns is not None and len(dtypes) == 1 else None
@@ -396,6 +422,6 @@ def run(kernel: Kernel, params: list[Tensor], grads: list[Tensor], states: list[
         if width:
             rows = per_tensor if idx is None else [per_tensor[i] for i in idx]
             values = (ctypes.c_double * (n * width))(*itertools.chain.from_iterable(rows))
-        if rounding_seeds is not None and params[0 if idx is None else idx[0]].dtype in _quant.ROUNDED:
+        if rounding_seeds is not None and params[0 if idx is None else idx[0]].dtype in _rounding.ROUNDED:
             seeds = (ctypes.c_uint32 * n)(*(rounding_seeds if idx is None else [rounding_seeds[i] for i in idx]))
         fn(n, ptrs, sizes, first, c_scalars, values, int(maximize), seeds, n_threads)

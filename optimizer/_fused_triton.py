@@ -31,12 +31,12 @@ tensors of every size. Here:
 * Math in float32 whatever the storage (fp32, bf16 or fp16 parameters; fp32 or
   bf16 states), rounded once into each stored value, to nearest even; or, for
   bf16/fp16 parameters given ``rounding_seeds``, stochastically (Note [stochastic
-  rounding] in _quant.py; ``ROUND``, a compile-time flag: without seeds the kernels
+  rounding] in _rounding.py; ``ROUND``, a compile-time flag: without seeds the kernels
   are unchanged). The seeds change every step, so they travel beside the cached
   tables, one int64 a tensor copied from pinned memory; the random bits of an
   element are a hash of its tensor's seed and its offset in the tensor's memory,
   whatever block or launch updates it. That offset is the element's index in
-  ``_quant.round_stochastic``'s (logical) order where the tensor is contiguous; for
+  ``_rounding.round_stochastic``'s (logical) order where the tensor is contiguous; for
   other dense layouts the bits are as random, but not the reference's.
 * No autotuning: a block is 2048 elements (x 4 warps: 16 per thread, four
   16-byte loads per fp32 stream), so nothing ever runs twice on the same data.
@@ -48,7 +48,7 @@ interpreter (``TRITON_INTERPRET=1``, CPU tensors) and on a GPU for real.
 Note [8-bit kernels]
 ~~~~~~~~~~~~~~~~~~~~
 ``adamw8bit`` and ``lion8bit`` update tensors with 8-bit states (Note [8-bit states]
-in _quant.py), as the launches above: one per group and parameter dtype, a table row
+in _8bit.py), as the launches above: one per group and parameter dtype, a table row
 per tensor (its addresses, its rows x cols, blocks per row, and whether its rows
 start at multiples of 16 elements, for vector accesses), a program per
 ``PER_PROGRAM`` = 4 consecutive blocks of 256 values of one tensor. Block q of a
@@ -74,9 +74,9 @@ on a GPU, with its IEEE instructions). Two are not: torch's CPU float32 ``sqrt``
 (its x86 vector kernel is within 0.75 ulp, and misses the correctly rounded value
 for about one value in six), and torch's CUDA division by a Python number (a
 multiplication by its reciprocal: ``r / sqrt(1 - beta2^t)``; the codes' quotients divide
-two tensors, _quant._units). Against those the kernels' scales and parameters are
+two tensors, _8bit._units). Against those the kernels' scales and parameters are
 within an ulp a step and their codes within 1 (nearly always equal);
-tests/test_lean_triton.py checks both. (One more, in principle: the bias corrections
+tests/test_8bit_triton.py checks both. (One more, in principle: the bias corrections
 are ``1 - exp(t ln beta)`` in float64 where the reference has Python's ``1 - beta**t``;
 they differ in the last bits of a float64 at most, which changes their float32
 rounding only where it falls within those bits of a tie.)
@@ -89,17 +89,17 @@ import itertools
 import math
 import operator
 import struct
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
-from collections import OrderedDict
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _quant
-from ._tensors import local
+from . import _8bit, _rounding
+from ._tensors import is_dtensor, local
 
 __all__ = ["BLOCK", "SUPPORTED", "adamw", "adamw8bit", "lion", "lion8bit"]
 
@@ -136,7 +136,7 @@ def _gradient(g, grad_scale_ptr, SCALED: tl.constexpr, MAXIMIZE: tl.constexpr):
 
 @triton.jit
 def _mix32(x):
-    """``_quant.mix32`` on uint32 values: the products wrap modulo 2^32, as its ``& 0xFFFFFFFF``."""
+    """``_rounding.mix32`` on uint32 values: the products wrap modulo 2^32, as its ``& 0xFFFFFFFF``."""
     x = x ^ (x >> 16)
     x = x * tl.full((), 0x7FEB352D, tl.uint32)
     x = x ^ (x >> 15)
@@ -146,9 +146,9 @@ def _mix32(x):
 
 @triton.jit
 def _round_stochastic(ptr, offs, mask, x, seed, DTYPE: tl.constexpr):
-    """Store float32 ``x`` as bf16/fp16, rounded stochastically: ``_quant.round_stochastic`` bit
+    """Store float32 ``x`` as bf16/fp16, rounded stochastically: ``_rounding.round_stochastic`` bit
     for bit (Note [stochastic rounding]). ``offs``: the elements' indices in their tensor."""
-    r16 = _mix32(offs.to(tl.uint32) ^ seed) >> 16  # 16 random bits, _quant.random16
+    r16 = _mix32(offs.to(tl.uint32) ^ seed) >> 16  # 16 random bits, _rounding.random16
     u16 = ptr.to(tl.pointer_type(tl.uint16))
     if DTYPE == tl.bfloat16:
         # the value toward zero is x's upper half; frac * 65536 is exactly x's lower half
@@ -319,12 +319,12 @@ def _lion_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr,
                        P, S, SCALED, MAXIMIZE, ROUND)
 
 
-# ----- 8-bit states (Note [8-bit states] in _quant.py, Note [8-bit kernels]) -------------------
+# ----- 8-bit states (Note [8-bit states] in _8bit.py, Note [8-bit kernels]) -------------------
 
 
 @triton.jit
 def _store_signed(codes_ptr, scales_ptr, offs, q, mask, real, m):
-    """Encode the first moment ``m`` [B, QBLOCK] (_quant.encode_signed) and store its int8 codes
+    """Encode the first moment ``m`` [B, QBLOCK] (_8bit.encode_signed) and store its int8 codes
     and its blocks' scales."""
     c, scale = _encode(tl.abs(m), mask, 0, 127, False)
     c = tl.where(m > 0, c, tl.where(m < 0, -c, 0.0))          # m's sign; 0 for nan
@@ -345,14 +345,14 @@ def _lerp_fma(a, b, w):
 
 @triton.jit
 def _decode_signed(codes, scale):
-    """int8 codes [B, QBLOCK], float32 scales [B] -> c |c| (scale / 127^2), as _quant.decode_signed."""
+    """int8 codes [B, QBLOCK], float32 scales [B] -> c |c| (scale / 127^2), as _8bit.decode_signed."""
     c = codes.to(tl.float32)
     return (c * tl.abs(c)) * tl.div_rn(scale, 16129.0)[:, None]
 
 
 @triton.jit
 def _decode_root(codes, scale):
-    """uint8 codes [B, QBLOCK], float32 scales [B] -> c^2 (scale / 255^2), as _quant.decode_root."""
+    """uint8 codes [B, QBLOCK], float32 scales [B] -> c^2 (scale / 255^2), as _8bit.decode_root."""
     c = codes.to(tl.float32)
     return (c * c) * tl.div_rn(scale, 65025.0)[:, None]
 
@@ -360,9 +360,9 @@ def _decode_root(codes, scale):
 @triton.jit
 def _encode(a, mask, seed, LEVELS: tl.constexpr, STOCHASTIC: tl.constexpr):
     """|x| or r [B, QBLOCK] (>= 0 or nan) -> (codes as float32, scales [B]): over each row's
-    block maximum, from u = LEVELS^2 a / scale as _quant._units computes it, floor(sqrt(u) + 0.5)
-    (_quant._nearest_code), or where STOCHASTIC the second moment's stochastic code of
-    _quant.encode_root with ``seed``; a nan in a block makes its scale nan and its codes 0 (the
+    block maximum, from u = LEVELS^2 a / scale as _8bit._units computes it, floor(sqrt(u) + 0.5)
+    (_8bit._nearest_code), or where STOCHASTIC the second moment's stochastic code of
+    _8bit.encode_root with ``seed``; a nan in a block makes its scale nan and its codes 0 (the
     maximum is taken without the nans, which are counted apart: the same on every device,
     whatever its max instruction does with a nan)."""
     a = tl.where(mask, a, 0.0)
@@ -469,7 +469,7 @@ def _adamw8bit_kernel(table, blocks, lr_ptr, lr_value: tl.float64, weight_decay:
     entry = table + 11 * t  # p, g, m, v, m scales, v scales, step, cols, blocks a row, blocks, aligned
     step = tl.load(tl.load(entry + 6).to(tl.pointer_type(tl.float32)))  # already counted
     seed = _seed(seeds_ptr, t, ROUND)
-    root_seed = _mix32(step.to(tl.uint32))  # of v's stochastic codes: _quant.root_seed
+    root_seed = _mix32(step.to(tl.uint32))  # of v's stochastic codes: _8bit.root_seed
     # the scalars as the reference's: float64 on the host there, rounded once to float32
     lr = _lr64(lr_ptr, lr_value, LR_TENSOR)
     if CORRECT_BIAS:
@@ -575,7 +575,7 @@ def _plan(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]],
     maps over the lists): every address, size and the dtypes. In a training loop the signature
     repeats from the second step on and nothing is rebuilt or copied."""
     lists = [params, grads, *states, *([counters] if counters is not None else [])]
-    if params and type(params[0]).__name__ == "DTensor":  # FSDP2: the local shards
+    if params and is_dtensor(params[0]):  # FSDP2: the local shards
         lists = [list(map(local, lst)) for lst in lists]
     signature = tuple(itertools.chain(  # states and counters are ours: new ones have new addresses
         *[map(Tensor.data_ptr, lst) for lst in lists],
@@ -639,7 +639,7 @@ def _seeds(rounding_seeds: Sequence[int] | None, pdt: torch.dtype, idx: list[int
     """(the rounding seeds of a launch's tensors, in its table's order, on ``device``; whether it
     rounds stochastically): bf16/fp16 parameters with seeds (Note [stochastic rounding]). The seeds
     change every step, so they travel apart from the cached tables (pinned, non-blocking)."""
-    if rounding_seeds is None or pdt not in _quant.ROUNDED:
+    if rounding_seeds is None or pdt not in _rounding.ROUNDED:
         return None, False
     seeds = torch.tensor([rounding_seeds[i] & 0xFFFFFFFF for i in idx], dtype=torch.int64)
     if device.type != "cpu":
@@ -714,7 +714,7 @@ def _plan_8bit(params: list[Tensor], grads: list[Tensor], codes: list[list[Tenso
     step counter), then the parameter's cols, blocks per row, blocks, and whether its rows start
     at multiples of 16 elements (and its addresses at multiples of 16 bytes)."""
     lists = [params, grads, *codes, *scales, *([counters] if counters is not None else [])]
-    if params and type(params[0]).__name__ == "DTensor":  # FSDP2: the local shards (rows of the parameter)
+    if params and is_dtensor(params[0]):  # FSDP2: the local shards (rows of the parameter)
         lists = [list(map(local, lst)) for lst in lists]
     signature = tuple(itertools.chain(
         ("8-bit", len(lists)), *[map(Tensor.data_ptr, lst) for lst in lists],
@@ -729,8 +729,8 @@ def _plan_8bit(params: list[Tensor], grads: list[Tensor], codes: list[list[Tenso
     n_values = 2 + len(codes)  # parameter, gradient, codes: the element-wise streams
     for i, ts in enumerate(zip(*lists)):
         row = [t.data_ptr() for t in ts]
-        rows, cols = _quant.rows_cols(ts[0].shape)
-        per_row = -(-cols // _quant.BLOCK)
+        rows, cols = _8bit.rows_cols(ts[0].shape)
+        per_row = -(-cols // _8bit.BLOCK)
         aligned = cols % 16 == 0 and all(a % 16 == 0 for a in row[:n_values])
         idx, table = groups.setdefault((ts[0].device, ts[0].dtype), ([], []))
         idx.append(i)
@@ -770,7 +770,7 @@ def adamw8bit(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                 _adamw8bit_kernel[(n_programs,)](
                     table, blocks, lr_t, lr_value, float(weight_decay), scale, inf, _log_betas(beta1, beta2, device),
                     seeds, _f32(beta2), _f32(1 - beta1), _f32(1 - beta2), _f32(eps),
-                    P=_TL[pdt], QBLOCK=_quant.BLOCK, PER_PROGRAM=PER_PROGRAM, LR_TENSOR=lr_tensor,
+                    P=_TL[pdt], QBLOCK=_8bit.BLOCK, PER_PROGRAM=PER_PROGRAM, LR_TENSOR=lr_tensor,
                     SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None, CORRECT_BIAS=correct_bias,
                     MAXIMIZE=maximize, ROUND=rounds,
                     num_warps=NUM_WARPS_8BIT, enable_fp_fusion=False,  # only the reference's fused multiply-adds
@@ -793,7 +793,7 @@ def lion8bit(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], 
                 _lion8bit_kernel[(n_programs,)](
                     table, blocks, lr_t, lr_value, float(weight_decay), scale, inf, seeds,
                     _f32(1 - beta1), _f32(1 - beta2),
-                    P=_TL[pdt], QBLOCK=_quant.BLOCK, PER_PROGRAM=PER_PROGRAM, LR_TENSOR=lr_tensor,
+                    P=_TL[pdt], QBLOCK=_8bit.BLOCK, PER_PROGRAM=PER_PROGRAM, LR_TENSOR=lr_tensor,
                     SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None, MAXIMIZE=maximize,
                     ROUND=rounds,
                     num_warps=NUM_WARPS_8BIT, enable_fp_fusion=False,  # only the reference's fused multiply-adds

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-_LOW_PRECISION = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
+LOW_PRECISION = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
 STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.uint8)  # the choices of the state_dtype option
 
 
@@ -34,7 +34,7 @@ def state_dtype(param: Tensor, requested: torch.dtype | None = None) -> torch.dt
     state_dtype option) for real parameters, else float32 for bf16/fp16, else the parameter's."""
     if requested is not None and requested != torch.uint8 and not param.is_complex():
         return requested  # (uint8: the tensors it does not quantise keep the default, Note [8-bit states])
-    return _LOW_PRECISION.get(param.dtype, param.dtype)
+    return LOW_PRECISION.get(param.dtype, param.dtype)
 
 
 def compute_dtype(param_dtype: torch.dtype, state: torch.dtype) -> torch.dtype:
@@ -56,7 +56,14 @@ def as_real(t: Tensor) -> Tensor:
 def local(t: Tensor) -> Tensor:
     """The memory a kernel updates: a DTensor's local shard (FSDP2 parameters, their gradients
     and states), else ``t`` itself. Element-wise updates need nothing from other ranks."""
-    return t.to_local() if type(t).__name__ == "DTensor" else t
+    return t.to_local() if is_dtensor(t) else t
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter, its gradient or
+    state). By the type's name: importing torch.distributed to ask would cost every process its
+    import time, and a process without torch.distributed cannot hold a DTensor."""
+    return type(t).__name__ == "DTensor"
 
 
 def host_value(x: float | Tensor) -> float | Tensor:
@@ -157,7 +164,9 @@ def amp_grads(grads: list[Tensor], grad_scale: Tensor | None, found_inf: Tensor 
     return grads
 
 
-def group_by_device_and_dtype(*tensor_lists: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor]]]:
+def group_by_device_and_dtype(
+    *tensor_lists: list[Tensor],
+) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor]]]:
     """Split parallel lists into buckets of one (device, dtype of the first list) for foreach ops."""
     first = tensor_lists[0]
     if (first and not torch.compiler.is_compiling()  # (Dynamo cannot trace the C-level maps)

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _dispatch, _fused_cpu, _quant
+from . import _8bit, _dispatch, _fused_cpu, _rounding
 from ._base import Optimizer
-from ._checks import check_backend, check_betas, check_flag, check_lr, check_lean, check_nonnegative, plain
+from ._checks import check_backend, check_betas, check_flag, check_lr, check_nonnegative, check_precision, plain
 from ._tensors import (
     as_real,
     compute_dtype,
@@ -123,7 +123,7 @@ class AdamW(Optimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         seed: int = 0,
-        min_8bit_size: int = _quant.MIN_8BIT_SIZE,
+        min_8bit_size: int = _8bit.MIN_8BIT_SIZE,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
@@ -140,7 +140,7 @@ class AdamW(Optimizer):
         check_flag("correct_bias", group["correct_bias"])
         check_flag("maximize", group["maximize"])
         check_backend(group)
-        check_lean(group)
+        check_precision(group)
 
     def _new_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         return {"step": torch.tensor(0.0, dtype=torch.float32, device=step_device(param)),
@@ -246,7 +246,7 @@ def _single_tensor_adamw(
             if high is not low:                            # low precision: round the result once
                 low.copy_(high)
         if p is not param_r:                               # to nearest, or stochastically (Note [stochastic rounding])
-            _quant.store_param(param_r, p, None if rounding_seeds is None else rounding_seeds[i])
+            _rounding.store_param(param_r, p, None if rounding_seeds is None else rounding_seeds[i])
 
 
 def _one_minus_pow(beta: float, t: float | Tensor) -> float | Tensor:
@@ -324,7 +324,7 @@ _ADAMW_KERNEL = _fused_cpu.Kernel(
     per_tensor=("neg_step_size", "bc2_sqrt"),
     body="""
         m = LERP(m, g, w1);                             /* m_t = b1 m + (1 - b1) g, with w1 = 1 - b1 */
-        v = FMA(w2 * g, g, v * beta2);                  /* v_t = b2 v + (1 - b2) g^2, with w2 = 1 - b2 (addcmul: one fma) */
+        v = FMA(w2 * g, g, v * beta2);                  /* v_t = b2 v + (1 - b2) g^2, w2 = 1 - b2 (addcmul: one fma) */
         T denom = SQRT(v) / bc2_sqrt + eps;             /* sqrt(v_t / (1 - b2^t)) + eps */
         p = p * decay + neg_step_size * m / denom;      /* theta (1 - lr wd) - lr / (1 - b1^t) m_t / denom */
     """,

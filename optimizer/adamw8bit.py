@@ -1,6 +1,6 @@
 """AdamW with 8-bit states: :class:`AdamW8bit`, and the backends that ``AdamW`` uses for
 the tensors whose states ``state_dtype=torch.uint8`` quantises (Note [8-bit states] in
-_quant.py). The update is AdamW's, line for line (adamw.py); only the storage differs:
+_8bit.py). The update is AdamW's, line for line (adamw.py); only the storage differs:
 each step decodes the moments, updates in float32 and encodes them again.
 
 Backends, one signature: ``_single_tensor_adamw8bit`` (the reference, plain torch),
@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _dispatch, _quant
-from .adamw import AdamW, _one_minus_pow
+from . import _8bit, _dispatch, _rounding
 from ._tensors import host_value, local
+from .adamw import AdamW, _one_minus_pow
 
 __all__ = ["AdamW8bit"]
 
@@ -61,13 +61,13 @@ def _single_tensor_adamw8bit(
     for i, tensors in enumerate(lists):
         # FSDP2: each shard's rows and their blocks are updated where they are (Note [8-bit states])
         param, grad, m_codes, r_codes, m_scale, r_scale, step_t = map(local, tensors)
-        rows, cols = _quant.rows_cols(param.shape)
+        rows, cols = _8bit.rows_cols(param.shape)
         p = param.reshape(rows, cols).to(torch.float32, copy=True)
         g = grad.reshape(rows, cols).to(torch.float32)
         if maximize:
             g = -g
-        m = _quant.decode_signed(m_codes.view(torch.int8).reshape(rows, cols), m_scale)
-        r = _quant.decode_root(r_codes.reshape(rows, cols), r_scale)
+        m = _8bit.decode_signed(m_codes.view(torch.int8).reshape(rows, cols), m_scale)
+        r = _8bit.decode_root(r_codes.reshape(rows, cols), r_scale)
         v = r * r
 
         t = host_value(step_t)                             # t, already counted (Note [step counters])
@@ -83,13 +83,13 @@ def _single_tensor_adamw8bit(
         denom = (r / bias_correction2**0.5).add_(eps)      # sqrt(v_hat) + eps
         p.addcdiv_(m, denom, value=-lr / bias_correction1)  # theta -= lr m_hat / denom
 
-        codes, scale = _quant.encode_signed(m)
+        codes, scale = _8bit.encode_signed(m)
         m_codes.view(torch.int8).copy_(codes.reshape(m_codes.shape))
         m_scale.copy_(scale)
-        codes, scale = _quant.encode_root(r, _quant.root_seed(t))  # stochastic codes, unbiased for v
+        codes, scale = _8bit.encode_root(r, _8bit.root_seed(t))  # stochastic codes, unbiased for v
         r_codes.copy_(codes.reshape(r_codes.shape))
         r_scale.copy_(scale)
-        _quant.store_param(param, p, None if rounding_seeds is None else rounding_seeds[i])
+        _rounding.store_param(param, p, None if rounding_seeds is None else rounding_seeds[i])
 
 
 def _foreach_adamw8bit(*lists: list[Tensor], **hyper: Any) -> None:
@@ -101,7 +101,7 @@ def _foreach_adamw8bit(*lists: list[Tensor], **hyper: Any) -> None:
 from . import _fused_cpu  # noqa: E402 - the C backend's, beside it
 from .adamw import _bias_correction, _c_scalars, _stack  # noqa: E402
 
-# The C loop (Note [fused CPU] in _fused_cpu.py, csrc/blockwise_loop.c): a block of 256 values
+# The C loop (Note [fused CPU] in _fused_cpu.py, csrc/8bit_loop.c): a block of 256 values
 # of a row at a time, its moments decoded into the locals m and r = sqrt(v) before this body and
 # encoded after it. The operations are the reference's, in its order, as torch's CPU kernels
 # compute them: lerp and addcmul are one fused multiply-add each (torch's vectorised kernels),
@@ -117,7 +117,7 @@ _ADAMW8BIT_KERNEL = _fused_cpu.Kernel(
         m = LERP(m, g, w1);                             /* m_t = b1 m + (1 - b1) g, with w1 = 1 - b1 */
         v = FMA(w2 * g, g, v * beta2);                  /* v_t = b2 v + (1 - b2) g^2, with w2 = 1 - b2 */
         r = SQRT(v);                                    /* what is stored: sqrt(v_t) */
-        T denom = QUOTIENT(r, bc2_sqrt) + eps;          /* r / sqrt(1 - b2^t) + eps, r / bc2_sqrt rounded as a division */
+        T denom = QUOTIENT(r, bc2_sqrt) + eps;          /* r / sqrt(1 - b2^t) + eps, correctly rounded */
         p = p * decay + neg_step_size * m / denom;      /* theta (1 - lr wd) - lr / (1 - b1^t) m_t / denom */
     """,
 )
@@ -146,7 +146,7 @@ def _fused_c_adamw8bit(
     Bit for bit the reference where torch's float32 ``sqrt`` is correctly rounded; torch's
     CPU ``sqrt`` (MKL's vector math where torch is built with it) may be one unit in the last
     place off, so a value whose code lies on a rounding boundary may get the neighbouring code,
-    and r (and the parameter) may differ by about one float32 rounding (tests/test_lean_c.py)."""
+    and r (and the parameter) may differ by about one float32 rounding (tests/test_8bit_c.py)."""
     lr = float(lr)  # read once on the host; the scalars stay float64 until the kernel
     steps = _stack(state_steps).tolist()  # read once: the bias corrections, and the seeds of v's codes
     per_tensor = [(*_bias_correction(lr, beta1, beta2, t, correct_bias), t) for t in steps]
@@ -163,7 +163,7 @@ BACKENDS = _dispatch.Backends(
     c_kernel=_ADAMW8BIT_KERNEL,
     n_states=4,
     triton="adamw8bit",
-    blockwise=True,
+    eight_bit=True,
     rounding=frozenset({"reference", "foreach", "c", "triton"}),
 )
 AdamW.backends_8bit = BACKENDS

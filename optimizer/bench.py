@@ -560,8 +560,11 @@ def markdown(results: list[dict[str, Any]]) -> str:
             lines += ["", "Skipped: " + "; ".join(f"{name} ({why})" for name, why in r["skipped"].items()) + "."]
         lines.append("")
     first = results[0]
-    lines.append(f"Measured {first['date']} on {first['machine']} ({first['device']}, torch {first['torch']}) with "
-                 f"`{first.get('command', 'python -m optimizer bench')}`; medians of {first['reps']} steps{', interleaved' if first['interleaved'] else ''}.")
+    lines.append(
+        f"Measured {first['date']} on {first['machine']} ({first['device']}, torch {first['torch']}) with "
+        f"`{first.get('command', 'python -m optimizer bench')}`; medians of {first['reps']} steps"
+        + (", interleaved." if first["interleaved"] else ".")
+    )
     return "\n".join(lines)
 
 

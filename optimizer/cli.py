@@ -21,8 +21,8 @@ import shlex
 import sys
 from typing import Any
 
-from .factory import OPTIMIZERS, ConfigError, keyword_defaults, load_config
 from . import timm_schedules
+from .factory import OPTIMIZERS, ConfigError, keyword_defaults, load_config
 from .hf_schedules import NAMES as _HF_NAMES
 from .scheduler import SCHEDULES, HFScheduleLR, TimmScheduleLR, get_scheduler, make_schedule
 
@@ -572,7 +572,7 @@ def _kernel_source_parser(sub) -> argparse.ArgumentParser:
                        description="The translation unit that the fused CPU backend compiles for an optimizer: "
                        "optimizer/csrc/fused_prelude.h, the algorithm's update (written beside its Python "
                        "reference) and optimizer/csrc/fused_loop.c once per dtype variant; for the 8-bit "
-                       "states (adamw8bit, lion8bit) also csrc/blockwise_prelude.h and csrc/blockwise_loop.c.")
+                       "states (adamw8bit, lion8bit) also csrc/8bit_prelude.h and csrc/8bit_loop.c.")
     p.add_argument("name", choices=["adamw", "lion", "adamw8bit", "lion8bit"], help="the optimizer's kernel")
     return p
 

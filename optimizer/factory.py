@@ -207,7 +207,9 @@ def describe_groups(opt: torch.optim.Optimizer) -> str:
     parts = []
     for g in opt.param_groups:
         n = sum(p.numel() for p in g["params"])
-        parts.append(f"{g.get('group', 'group')}: {len(g['params'])} tensors, {n:,} params, weight_decay={g['weight_decay']}")
+        parts.append(
+            f"{g.get('group', 'group')}: {len(g['params'])} tensors, {n:,} params, weight_decay={g['weight_decay']}"
+        )
     peak = opt.param_groups[0].get("initial_lr", opt.param_groups[0]["lr"])  # a scheduler may have moved lr
     return f"{type(opt).__name__}(lr={float(peak):.3g}) " + "; ".join(parts)
 

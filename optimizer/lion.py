@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _dispatch, _fused_cpu, _quant
+from . import _8bit, _dispatch, _fused_cpu, _rounding
 from ._base import Optimizer
-from ._checks import check_backend, check_betas, check_flag, check_lr, check_lean, check_nonnegative, plain
+from ._checks import check_backend, check_betas, check_flag, check_lr, check_nonnegative, check_precision, plain
 from ._tensors import as_real, compute_dtype, foreach_buckets, host_value
 
 __all__ = ["Lion", "lion"]
@@ -92,7 +92,7 @@ class Lion(Optimizer):
         state_dtype: torch.dtype | None = None,
         stochastic_rounding: bool = False,
         seed: int = 0,
-        min_8bit_size: int = _quant.MIN_8BIT_SIZE,
+        min_8bit_size: int = _8bit.MIN_8BIT_SIZE,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         fused=fused, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, seed=seed,
@@ -105,7 +105,7 @@ class Lion(Optimizer):
         check_nonnegative("weight_decay", group["weight_decay"])
         check_flag("maximize", group["maximize"])
         check_backend(group)
-        check_lean(group)
+        check_precision(group)
 
     def _new_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         return self._zero_states(param, group)
@@ -179,7 +179,7 @@ def _single_tensor_lion(
         if m is not m_r:                            # low precision: round the result once
             m_r.copy_(m)
         if p is not param_r:                        # to nearest, or stochastically (Note [stochastic rounding])
-            _quant.store_param(param_r, p, None if rounding_seeds is None else rounding_seeds[i])
+            _rounding.store_param(param_r, p, None if rounding_seeds is None else rounding_seeds[i])
 
 
 def _multi_tensor_lion(

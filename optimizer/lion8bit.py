@@ -1,6 +1,6 @@
 """Lion with an 8-bit momentum: :class:`Lion8bit`, and the backends that ``Lion`` uses for
 the tensors whose state ``state_dtype=torch.uint8`` quantises (Note [8-bit states] in
-_quant.py). The update is Lion's, line for line (lion.py); each step decodes the momentum,
+_8bit.py). The update is Lion's, line for line (lion.py); each step decodes the momentum,
 updates in float32 and encodes it again.
 
 Backends, one signature: ``_single_tensor_lion8bit`` (the reference, plain torch),
@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _dispatch, _quant
-from .lion import Lion
+from . import _8bit, _dispatch, _rounding
 from ._tensors import host_value, local
+from .lion import Lion
 
 __all__ = ["Lion8bit"]
 
@@ -53,22 +53,22 @@ def _single_tensor_lion8bit(
     for i, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_scales)):
         # FSDP2: each shard's rows and their blocks are updated where they are (Note [8-bit states])
         param, grad, m_codes, m_scale = map(local, tensors)
-        rows, cols = _quant.rows_cols(param.shape)
+        rows, cols = _8bit.rows_cols(param.shape)
         p = param.reshape(rows, cols).to(torch.float32, copy=True)
         g = grad.reshape(rows, cols).to(torch.float32)
         if maximize:
             g = -g
-        m = _quant.decode_signed(m_codes.view(torch.int8).reshape(rows, cols), m_scale)
+        m = _8bit.decode_signed(m_codes.view(torch.int8).reshape(rows, cols), m_scale)
 
         c = m.lerp(g, 1 - beta1)                    # c = b1 m + (1 - b1) g
         p.mul_(1 - lr * weight_decay)               # theta <- theta * (1 - lr * wd)
         p.sub_(torch.sign(c).mul_(lr))              # theta <- theta - lr sign(c)
         m.lerp_(g, 1 - beta2)                       # m_t = b2 m + (1 - b2) g
 
-        codes, scale = _quant.encode_signed(m)
+        codes, scale = _8bit.encode_signed(m)
         m_codes.view(torch.int8).copy_(codes.reshape(m_codes.shape))
         m_scale.copy_(scale)
-        _quant.store_param(param, p, None if rounding_seeds is None else rounding_seeds[i])
+        _rounding.store_param(param, p, None if rounding_seeds is None else rounding_seeds[i])
 
 
 def _foreach_lion8bit(*lists: list[Tensor], **hyper: Any) -> None:
@@ -79,7 +79,7 @@ def _foreach_lion8bit(*lists: list[Tensor], **hyper: Any) -> None:
 from . import _fused_cpu  # noqa: E402 - the C backend's, beside it
 from .lion import _LION_KERNEL, _c_scalars  # noqa: E402
 
-# The C loop (Note [fused CPU] in _fused_cpu.py, csrc/blockwise_loop.c): a block of 256 values
+# The C loop (Note [fused CPU] in _fused_cpu.py, csrc/8bit_loop.c): a block of 256 values
 # of a row at a time, the momentum decoded into the local m before the body and encoded after it;
 # the body and its scalars are Lion's (lion.py), whose operations are exactly the reference's.
 _LION8BIT_KERNEL = dataclasses.replace(_LION_KERNEL, name="lion8bit", codes=("signed",))
@@ -113,7 +113,7 @@ BACKENDS = _dispatch.Backends(
     c_kernel=_LION8BIT_KERNEL,
     n_states=2,
     triton="lion8bit",
-    blockwise=True,
+    eight_bit=True,
     rounding=frozenset({"reference", "foreach", "c", "triton"}),
 )
 Lion.backends_8bit = BACKENDS

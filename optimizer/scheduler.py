@@ -128,7 +128,9 @@ class ScheduleLR(LRScheduler):
     def _start(self, optimizer: torch.optim.Optimizer | None, peak_lr: float, last_epoch: int) -> None:
         """What every convention shares: the groups' peaks (``initial_lr``), the curves, step 0."""
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"Invalid optimizer: expected a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"Invalid optimizer: expected a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+            )
         if not isinstance(last_epoch, int) or isinstance(last_epoch, bool) or last_epoch < -1:
             raise ValueError(f"Invalid last_epoch: {last_epoch!r} (must be an integer >= -1)")
         self.optimizer = optimizer
@@ -143,7 +145,8 @@ class ScheduleLR(LRScheduler):
                 if "initial_lr" not in group:
                     raise KeyError(
                         f"param_groups[{i}] has no 'initial_lr': resuming with last_epoch={last_epoch} needs the "
-                        "optimizer's state loaded first (or build the scheduler with last_epoch=-1 and load its state_dict)"
+                        "optimizer's state loaded first (or build the scheduler with last_epoch=-1 and load its "
+                        "state_dict)"
                     )
             self.base_lrs = [_plain(g["initial_lr"]) for g in optimizer.param_groups]
         self._build()

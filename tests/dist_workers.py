@@ -11,9 +11,9 @@ import sys
 
 import torch
 import torch.distributed as dist
-
 from helpers import BACKENDS as ALL_BACKENDS
 from optim_table import OPTIMIZERS
+
 from optimizer import AdamW8bit, Lion8bit
 
 BACKENDS = {name: kw for name, kw in ALL_BACKENDS.items() if name != "default"}
@@ -59,7 +59,9 @@ def runs(which: str) -> list[tuple[str, type, dict, bool]]:
     return [(info.name, info.cls, info.dist_hyper, False) for info in OPTIMIZERS]
 
 
-def batches(n: int = STEPS, size: int = 8, dtype: torch.dtype = torch.float64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    n: int = STEPS, size: int = 8, dtype: torch.dtype = torch.float64
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
     return [(torch.randn(size, 6, generator=gen, dtype=torch.float64).to(dtype),
              torch.randn(size, 3, generator=gen, dtype=torch.float64).to(dtype)) for _ in range(n)]
@@ -72,7 +74,7 @@ def lean_train(model: torch.nn.Module, opt: torch.optim.Optimizer, data) -> None
 
 def lean_reference(cls, hyper, data, backend: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The single-process run with the same backend: sharding must not change one bit (each
-    backend is tied to the reference in test_lean_c.py and test_lean_triton.py)."""
+    backend is tied to the reference in test_8bit_c.py and test_8bit_triton.py)."""
     model = make_model(lean=True)
     opt = cls(model.parameters(), **hyper, **backend)
     train(model, opt, data)
@@ -110,7 +112,9 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def assert_same_params(model: torch.nn.Module, ref: torch.nn.Module, what: str, rtol: float = 1e-9) -> None:
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(full(p.detach()), q.detach(), rtol=rtol, atol=1e-12, msg=lambda m: f"{what}, {name}: {m}")
+        torch.testing.assert_close(
+            full(p.detach()), q.detach(), rtol=rtol, atol=1e-12, msg=lambda m: f"{what}, {name}: {m}"
+        )
 
 
 def shard(model: torch.nn.Module, world: int) -> torch.nn.Module:
@@ -267,5 +271,7 @@ def dcp_load(rank: int, world: int, port: int, where: str, first: int, which: st
                 lean_train(model, opt, data[first:])
             else:
                 train(model, opt, data[first:], rank, world)
-            assert_same_params(model, ref, f"DCP {name} {backend}, resumed at world {world}", rtol=1e-6 if is_lean else 1e-9)
+            assert_same_params(
+                model, ref, f"DCP {name} {backend}, resumed at world {world}", rtol=1e-6 if is_lean else 1e-9
+            )
     finish()

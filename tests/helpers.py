@@ -6,7 +6,6 @@ that raises changes nothing."""
 from __future__ import annotations
 
 import torch
-
 from optim_table import hyper
 
 # the backends a test can ask for, by the keyword arguments that choose them
@@ -17,7 +16,11 @@ BACKENDS = {"reference": dict(foreach=False, fused=False), "foreach": dict(forea
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Embedding(11, 8), torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.GELU(), torch.nn.Linear(16, 11)
+        torch.nn.Embedding(11, 8),
+        torch.nn.Linear(8, 16),
+        torch.nn.LayerNorm(16),
+        torch.nn.GELU(),
+        torch.nn.Linear(16, 11),
     )
 
 

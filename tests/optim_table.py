@@ -17,7 +17,6 @@ import torch
 
 from optimizer import AdamW, Lion
 
-
 # ---------------------------------------------------------------------------
 # float64 transcriptions of the papers' formulas, written independently of the
 # package: plain element-wise algebra, no lerp, no in-place tricks.
@@ -139,7 +138,9 @@ OPTIMIZERS = [
         ],
         formula=adamw_formula,
         state_tensor_keys=("exp_avg", "exp_avg_sq"),
-        ranges=dict(lr=(1e-5, 1e-1), beta1=(0.0, 0.99), beta2=(0.5, 0.9999), eps=(1e-10, 1e-4), weight_decay=(0.0, 0.5)),
+        ranges=dict(
+            lr=(1e-5, 1e-1), beta1=(0.0, 0.99), beta2=(0.5, 0.9999), eps=(1e-10, 1e-4), weight_decay=(0.0, 0.5)
+        ),
         step_lr=1e-2,
         dist_hyper=dict(lr=1e-2, weight_decay=0.1),
         triton_kernel="_adamw_kernel",
@@ -152,8 +153,11 @@ OPTIMIZERS = [
             (dict(correct_bias=None), ValueError, ("correct_bias", "None")),
         ],
         bad_step_settings={
-            "step size beyond float32": (dict(lr=1e37, betas=(0.99999, 0.999)), ValueError,
-                                         "step size lr / (1 - beta1)"),
+            "step size beyond float32": (
+                dict(lr=1e37, betas=(0.99999, 0.999)),
+                ValueError,
+                "step size lr / (1 - beta1)",
+            ),
             "inf eps": (dict(eps=float("inf")), ValueError, "eps"),
         },
         train_lr=3e-2,

@@ -8,9 +8,9 @@ import shutil
 import subprocess
 
 import pytest
+from optim_table import OPTIMIZERS, ids
 
 from optimizer import _fused_cpu
-from optim_table import OPTIMIZERS, ids
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
 
@@ -47,7 +47,7 @@ def test_the_source_shows_the_algorithms_body_and_the_shared_loop(kernel):
     assert "static inline bf16 store_sr_bf16" in text  # stochastic rounding (Note [stochastic rounding])
     assert text.count("\nvoid FN(") == len(_fused_cpu.variants(kernel))
     assert ("static inline void encode_signed" in text) == bool(kernel.codes)
-    assert kernel.loop == ("blockwise_loop.c" if kernel.codes else "fused_loop.c")
+    assert kernel.loop == ("8bit_loop.c" if kernel.codes else "fused_loop.c")
 
 
 def test_the_compile_flags_are_those_the_tests_assume():

@@ -14,8 +14,8 @@ import time
 
 import pytest
 import torch
-
 from helpers import assert_same_nested
+
 from optimizer import cli
 
 TINY = ["--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "32", "--batch-size", "4", "--no-progress"]

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
-
 from helpers import BACKENDS
 from optim_table import OPTIMIZERS, ids
+from torch._dynamo.utils import counters
 
 TRACED = ("reference", "foreach")
 STEPS = 6

@@ -7,7 +7,6 @@ import io
 
 import pytest
 import torch
-
 from helpers import BACKENDS, assert_same_nested, assert_unchanged, snapshot, tiny_model, train
 from optim_table import OPTIMIZERS, ids
 
@@ -207,7 +206,9 @@ def test_a_foreign_or_misshapen_checkpoint_is_refused_and_nothing_changes(info):
 
     bad = copy.deepcopy(opt.state_dict())
     bad["state"][1][info.state_tensor_keys[0]] = torch.zeros(5, 5)
-    with pytest.raises(ValueError, match=rf"Invalid state\['{info.state_tensor_keys[0]}'\] .*shape \(5, 5\), expected \(16, 8\)"):
+    with pytest.raises(
+        ValueError, match=rf"Invalid state\['{info.state_tensor_keys[0]}'\] .*shape \(5, 5\), expected \(16, 8\)"
+    ):
         opt.load_state_dict(bad)
 
     fewer = copy.deepcopy(opt.state_dict())

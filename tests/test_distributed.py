@@ -7,12 +7,11 @@ from __future__ import annotations
 import socket
 import time
 
+import dist_workers
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-import dist_workers
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -107,7 +106,9 @@ def test_demo_under_torchrun_follows_the_single_process_run_and_resumes_across_m
         for name, r in single["results"].items():
             ours = run["results"][name]["history"]
             for key in ("loss", "held_out"):
-                torch.testing.assert_close(torch.tensor(ours[key]), torch.tensor(r["history"][key]), rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(
+                    torch.tensor(ours[key]), torch.tensor(r["history"][key]), rtol=1e-4, atol=1e-5
+                )
     demo(tmp_path, "resumed", "fsdp2", "--stop-after", "4")
     resumed = demo(tmp_path, "resumed", "ddp", "--resume")
     for name, r in single["results"].items():

@@ -9,14 +9,21 @@ import sys
 
 import pytest
 import torch
-
 from optim_table import OPTIMIZERS as TABLE
-from optimizer import cli
+
+from optimizer import AdamW8bit, Lion8bit, cli
 from optimizer.demo.llama import Llama
+from optimizer.factory import (
+    OPTIMIZERS,
+    STATE_DTYPES,
+    VARIANTS,
+    ConfigError,
+    clip_grad_norm_,
+    create_optimizer,
+    load_config,
+    state_dtype_of,
+)
 from optimizer.scheduler import get_scheduler
-from optimizer import AdamW8bit, Lion8bit
-from optimizer.factory import (OPTIMIZERS, STATE_DTYPES, VARIANTS, ConfigError, clip_grad_norm_, create_optimizer,
-                               load_config, state_dtype_of)
 
 TINY = ["--steps", "12", "--warmup-steps", "2", "--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "32",
         "--batch-size", "4", "--eval-every", "6", "--checkpoint-every", "4", "--no-progress"]
@@ -324,11 +331,18 @@ def test_create_optimizer_takes_named_parameters():
     assert [(g["group"], len(g["params"])) for g in opt.param_groups] == [("no_decay", 4)]  # 1-D, or named
 
 
-@pytest.mark.parametrize(("like", "name", "expected"), [
-    ("transformers", "cosine", "as transformers' get_scheduler: lr(0) = 0   lr(10) end of warmup = 1   lr(100) end = 0"),
-    ("timm", "cosine", "as timm's scheduler: lr(0) = 0   lr(10) end of warmup = 0.9755"),
-    ("ours", "cosine", "ours: lr(0) = 0.09091   lr(10) end of warmup = 1   lr(100) end = 0"),
-])
+@pytest.mark.parametrize(
+    ("like", "name", "expected"),
+    [
+        (
+            "transformers",
+            "cosine",
+            "as transformers' get_scheduler: lr(0) = 0   lr(10) end of warmup = 1   lr(100) end = 0",
+        ),
+        ("timm", "cosine", "as timm's scheduler: lr(0) = 0   lr(10) end of warmup = 0.9755"),
+        ("ours", "cosine", "ours: lr(0) = 0.09091   lr(10) end of warmup = 1   lr(100) end = 0"),
+    ],
+)
 def test_plot_schedule_says_whose_convention_it_drew(capsys, like, name, expected):
     assert cli.main(["plot-schedule", name, "--like", like, "--warmup-steps", "10", "--total-steps", "100",
                      "--peak-lr", "1"]) == 0

@@ -14,9 +14,9 @@ import textwrap
 
 import pytest
 import torch
-
 from helpers import BACKENDS, assert_unchanged, snapshot
 from optim_table import OPTIMIZERS, ids
+
 from optimizer import _fused_cpu
 
 

@@ -11,11 +11,11 @@ import textwrap
 
 import pytest
 import torch
+from helpers import draw_config, set_grads
 from hypothesis import given
 from hypothesis import strategies as st
-
-from helpers import draw_config, set_grads
 from optim_table import OPTIMIZERS, ids
+
 from optimizer._fused_cpu import BLOCK
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -72,7 +72,9 @@ def test_fused_matches_reference_every_step_on_large_tensors(info, data):
                 # bf16/fp16 rounding boundary: at most one ulp of the parameter's dtype per step, at
                 # the magnitude the element had when it happened (the difference is carried along)
                 s = torch.maximum(s, a.abs().float())
-                ulp = torch.nextafter(s.to(dtype), torch.tensor(float("inf"), dtype=dtype)).float() - s.to(dtype).float()
+                ulp = (
+                    torch.nextafter(s.to(dtype), torch.tensor(float("inf"), dtype=dtype)).float() - s.to(dtype).float()
+                )
                 assert ((a.float() - b.float()).abs() <= step * ulp).all()
             else:
                 torch.testing.assert_close(b, a)

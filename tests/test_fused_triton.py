@@ -10,7 +10,6 @@ import io
 
 import pytest
 import torch
-
 from optim_table import OPTIMIZERS, ids
 
 triton = pytest.importorskip("triton")
@@ -272,7 +271,8 @@ for name in json.loads(sys.argv[1]):  # the kernels' names in _fused_triton
         print("SKIP", type(err).__name__, err)
         sys.exit(0)
     ptx = compiled.asm["ptx"]
-    out[name] = [len(re.findall(r"ld\\.global(\\.\\w+)*\\.v4", ptx)), len(re.findall(r"st\\.global(\\.\\w+)*\\.v4", ptx))]
+    out[name] = [len(re.findall(r"ld\\.global(\\.\\w+)*\\.v4", ptx)),
+                 len(re.findall(r"st\\.global(\\.\\w+)*\\.v4", ptx))]
 print(json.dumps(out))
 """
 

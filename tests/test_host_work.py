@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import BACKENDS, assert_unchanged, snapshot
 from optim_table import OPTIMIZERS, ids
 

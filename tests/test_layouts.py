@@ -9,9 +9,9 @@ import copy
 
 import pytest
 import torch
-
 from helpers import BACKENDS, tiny_model, train
 from optim_table import OPTIMIZERS, ids
+
 from optimizer import AdamW, _dispatch
 
 

@@ -7,10 +7,9 @@ import copy
 
 import pytest
 import torch
+from helpers import draw_config, set_grads, tiny_model, train
 from hypothesis import given
 from hypothesis import strategies as st
-
-from helpers import draw_config, set_grads, tiny_model, train
 from optim_table import OPTIMIZERS, hyper, ids
 
 shape_st = st.lists(st.integers(0, 7), min_size=0, max_size=3).map(tuple)  # 0-dim and empty included
@@ -124,7 +123,11 @@ def test_backend_matches_reference_every_step(info, backend, kwargs, data):
                 torch.testing.assert_close(new.state[b][k], v)
 
 
-ADAMW_CONFIGS = [dict(), dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.3), dict(maximize=True, weight_decay=0.0)]
+ADAMW_CONFIGS = [
+    dict(),
+    dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.3),
+    dict(maximize=True, weight_decay=0.0),
+]
 
 
 # each of our backends against torch's corresponding one
@@ -290,7 +293,9 @@ def test_bias_corrections_on_the_device_match_the_formula():
         bc1, bc2_sqrt = _device_bias_corrections(steps, beta1, beta2)
         for s, a, b in zip(steps, bc1, bc2_sqrt):
             t = s.item()
-            torch.testing.assert_close(a.double(), torch.tensor(1 - beta1**t, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(
+                a.double(), torch.tensor(1 - beta1**t, dtype=torch.float64), rtol=1e-6, atol=1e-7
+            )
             torch.testing.assert_close(b.double(), torch.tensor((1 - beta2**t) ** 0.5, dtype=torch.float64), rtol=1e-6,
                                        atol=1e-7)
 

@@ -183,7 +183,11 @@ def hf_free_closed_forms(name, s, w=4, t=40, p=1.0, f=0.1):
     raise AssertionError(name)
 
 
-EXTRA = {"cosine_with_restarts": dict(num_cycles=2), "polynomial": dict(power=2.0), "warmup_stable_decay": dict(decay_steps=10)}
+EXTRA = {
+    "cosine_with_restarts": dict(num_cycles=2),
+    "polynomial": dict(power=2.0),
+    "warmup_stable_decay": dict(decay_steps=10),
+}
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))

@@ -19,10 +19,10 @@ import subprocess
 
 import pytest
 import torch
-
 from helpers import assert_same_nested, assert_unchanged, snapshot
+
 from optimizer import AdamW, SparseAdamW, _dispatch, _fused_cpu
-from optimizer.sparse_adamw import LAZY_KEYS, _SPARSE_KERNEL, sparse_adamw
+from optimizer.sparse_adamw import _SPARSE_KERNEL, LAZY_KEYS, sparse_adamw
 
 HAS_CC = shutil.which("cc") is not None
 SHAPES = [(30, 4), (25,)]  # a table (rows of 4) and a 1-D parameter (rows of one element)

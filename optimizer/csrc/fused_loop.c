@@ -14,7 +14,7 @@
  *   KERNEL_BODY         the update of one element: reads and assigns p, g and the states
  * ptrs holds, per tensor, N_PTRS addresses; first[] the running count of blocks; seeds[] one
  * 32-bit seed per tensor to round the parameters stochastically (Note [stochastic rounding]
- * in optimizer/_quant.py), or NULL to round them to nearest. */
+ * in optimizer/_rounding.py), or NULL to round them to nearest. */
 #define FUSED_ELEMENT(STORE_P)                  \
     {                                           \
         T p = CAT(load_, PTYPE)(P[i]);          \

@@ -65,7 +65,7 @@ static inline float load_f16(f16 x) { return (float)x; }
 static inline f16 store_f16(float x) { return (f16)x; }
 #endif
 
-/* Stochastic rounding (Note [stochastic rounding] in optimizer/_quant.py): 16 random bits per
+/* Stochastic rounding (Note [stochastic rounding] in optimizer/_rounding.py): 16 random bits per
    element, mix32(index ^ seed) >> 16, the index being the element's offset in the tensor's
    memory (its logical index for a contiguous tensor); the magnitude rounds up iff the bits are
    below frac * 65536, frac the distance to the value toward zero in units of the gap. */

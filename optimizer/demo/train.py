@@ -4,7 +4,7 @@ then write the table, ``loss.png``, ``lr.png`` and ``summary.json``.
 Precision (``--param-dtype``, ``--state-dtype``, ``--stochastic-rounding``): bf16
 parameters (and their gradients) are the model's only copy of its weights (no float32
 master weights: the optimizer does its math in float32 and rounds the result into them,
-to nearest or stochastically, Note [stochastic rounding] in optimizer/_quant.py); the
+to nearest or stochastically, Note [stochastic rounding] in optimizer/_rounding.py); the
 model computes in float32 from them (llama.py). ``uint8`` states are 8-bit with a scale
 per row and block of 256 values (Note [8-bit states]). The memory columns count every
 tensor of the optimizer's state (codes, scales, step counters).

@@ -1,7 +1,7 @@
 """Lean states: the 8-bit format and stochastic rounding of optimizer._quant (the spec), the
 8-bit references against a float64 transcription, error bounds over long runs, checkpoints
 and conversions, and the bf16 drift case on every backend. The fused kernels are tied to
-these references in test_lean_c.py and test_lean_triton.py."""
+these references in test_8bit_c.py and test_8bit_triton.py."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
-
 from helpers import BACKENDS
-from optimizer import AdamW, AdamW8bit, Lion, Lion8bit, _quant
+
+from optimizer import AdamW, AdamW8bit, Lion, Lion8bit, _8bit, _rounding
 
 
 def blocks_of(x: torch.Tensor) -> list[torch.Tensor]:
@@ -26,11 +26,11 @@ def blocks_of(x: torch.Tensor) -> list[torch.Tensor]:
 def test_signed_codes_round_to_the_nearest_code_in_square_root_space(cols):
     gen = torch.Generator().manual_seed(cols)
     x = torch.randn(5, cols, generator=gen) * torch.logspace(-5, 0, cols)
-    codes, scale = _quant.encode_signed(x)
+    codes, scale = _8bit.encode_signed(x)
     assert codes.dtype == torch.int8 and scale.shape == (5, -(-cols // 256))
     for block, s in zip(blocks_of(x), scale.flatten()):
         assert s == block.abs().max()  # the scale is the block's largest magnitude
-    y = _quant.decode_signed(codes, scale)
+    y = _8bit.decode_signed(codes, scale)
     per_value = scale.repeat_interleave(256, 1)[:, :cols].double()
     u = x.double().abs() / per_value
     # |sqrt(y/s) - sqrt(u)| <= 0.5/127 (float32 rounding aside), so |y - x| <= s (sqrt(u)/127 + 1/(4 127^2))
@@ -39,22 +39,26 @@ def test_signed_codes_round_to_the_nearest_code_in_square_root_space(cols):
     assert torch.equal(torch.sign(y), torch.sign(x) * (codes != 0))
     # decoding and encoding again gives the same codes (what an update that changes nothing keeps);
     # the scale comes back as 127^2 (scale / 127^2), within an ulp of it, and is then a fixed point
-    again, scale2 = _quant.encode_signed(y)
+    again, scale2 = _8bit.encode_signed(y)
     assert torch.equal(again, codes)
     assert torch.equal(scale2, torch.nextafter(scale, scale2)) or torch.equal(scale2, scale)
-    assert all(torch.equal(a, b) for a, b in zip(_quant.encode_signed(_quant.decode_signed(again, scale2)), (again, scale2)))
+    assert all(
+        torch.equal(a, b) for a, b in zip(_8bit.encode_signed(_8bit.decode_signed(again, scale2)), (again, scale2))
+    )
 
 
 def test_root_codes_never_turn_a_positive_second_moment_into_zero():
     r = torch.tensor([[1.0, 1e-20, 0.0, 1e-3] + [0.5] * 300])
-    codes, scale = _quant.encode_root(r)
+    codes, scale = _8bit.encode_root(r)
     assert codes.dtype == torch.uint8
     assert codes[0, 1] == 1 and codes[0, 2] == 0 and codes[0, 0] == 255
-    back = _quant.decode_root(codes, scale)
+    back = _8bit.decode_root(codes, scale)
     assert (back[r > 0] > 0).all() and back[0, 2] == 0
     # elsewhere within half a code in square-root space
     w = (r / scale.repeat_interleave(256, 1)[:, :r.shape[1]]).sqrt()
-    assert ((back / scale.repeat_interleave(256, 1)[:, :r.shape[1]]).sqrt() - w)[r > 1e-6].abs().max() <= 0.5 / 255 + 1e-6
+    assert ((back / scale.repeat_interleave(256, 1)[:, : r.shape[1]]).sqrt() - w)[
+        r > 1e-6
+    ].abs().max() <= 0.5 / 255 + 1e-6
 
 
 def test_a_nan_or_inf_poisons_its_block_only_and_zeros_stay_zero():
@@ -62,19 +66,19 @@ def test_a_nan_or_inf_poisons_its_block_only_and_zeros_stay_zero():
     x[0, 3] = math.nan
     x[1, 300] = math.inf
     x[1, 512:] = 0
-    codes, scale = _quant.encode_signed(x)
-    y = _quant.decode_signed(codes, scale)
+    codes, scale = _8bit.encode_signed(x)
+    y = _8bit.decode_signed(codes, scale)
     assert y[0, :256].isnan().all() and not y[0, 256:].isnan().any()
     assert y[1, 256:512].isnan().all() and not y[1, :256].isnan().any()
     assert scale[1, 2] == 0 and (y[1, 512:] == 0).all()
 
 
 def test_which_tensors_are_quantised_and_the_bytes_they_take():
-    assert _quant.quantized(torch.empty(64, 64))
-    assert not _quant.quantized(torch.empty(4096))        # a vector (bias, norm) keeps float32
-    assert not _quant.quantized(torch.empty(63, 64))      # under min_8bit_size
-    assert _quant.quantized(torch.empty(63, 64), 1000)
-    assert not _quant.quantized(torch.empty(64, 64, dtype=torch.float64))
+    assert _8bit.quantized(torch.empty(64, 64))
+    assert not _8bit.quantized(torch.empty(4096))        # a vector (bias, norm) keeps float32
+    assert not _8bit.quantized(torch.empty(63, 64))      # under min_8bit_size
+    assert _8bit.quantized(torch.empty(63, 64), 1000)
+    assert not _8bit.quantized(torch.empty(64, 64, dtype=torch.float64))
     for cls, most in ((AdamW8bit, 2.05), (Lion8bit, 1.03)):
         model = torch.nn.Sequential(torch.nn.Embedding(4096, 768), torch.nn.Linear(768, 3072, bias=False))
         opt = cls(model.parameters())
@@ -90,15 +94,15 @@ def test_which_tensors_are_quantised_and_the_bytes_they_take():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stochastic_rounding_picks_a_neighbour_with_the_right_probability(dtype):
     x = torch.full((200_000,), 1.0 + 0.3 * 2.0 ** (-7 if dtype == torch.bfloat16 else -10))
-    y = _quant.round_stochastic(x, dtype, seed_t=7).to(torch.float32)
+    y = _rounding.round_stochastic(x, dtype, seed_t=7).to(torch.float32)
     lo, hi = x[0].to(dtype).float(), torch.nextafter(x[0].to(dtype), torch.tensor(2.0, dtype=dtype)).float()
     assert set(y.unique().tolist()) == {lo.item(), hi.item()}
     assert abs((y == hi).float().mean().item() - 0.3) < 0.005
     assert abs(y.double().mean().item() - x[0].item()) < 0.005 * (hi - lo).item()  # unbiased
     # exact values, NaN and the largest finite values round as to nearest
     special = torch.tensor([1.0, -2.0, 0.0, math.nan, math.inf, torch.finfo(dtype).max])
-    assert torch.equal(_quant.round_stochastic(special, dtype, 1), special.to(dtype)) is False  # NaN != NaN
-    out = _quant.round_stochastic(special, dtype, 1)
+    assert torch.equal(_rounding.round_stochastic(special, dtype, 1), special.to(dtype)) is False  # NaN != NaN
+    out = _rounding.round_stochastic(special, dtype, 1)
     assert torch.equal(out[[0, 1, 2, 4, 5]], special[[0, 1, 2, 4, 5]].to(dtype)) and out[3].isnan()
 
 
@@ -106,20 +110,22 @@ def test_bf16_stochastic_rounding_is_the_bit_trick():
     """Round up iff 16 random bits < the low half of the float32: what the kernels compute."""
     x = torch.randn(100_000) * 10
     bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    r = _quant.random16(123, x.numel())
+    r = _rounding.random16(123, x.numel())
     up = (r < (bits & 0xFFFF)).to(torch.int64)
     out = (bits & 0xFFFF0000) + (up << 16)
     out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32).view(torch.float32).to(torch.bfloat16)
-    assert torch.equal(out, _quant.round_stochastic(x, torch.bfloat16, 123))
+    assert torch.equal(out, _rounding.round_stochastic(x, torch.bfloat16, 123))
 
 
 def test_the_hash_is_the_one_written_in_the_note():
     """mix32 on int64 tensors equals mix32 on Python ints (no overflow), and the bits look uniform."""
     xs = [0, 1, 2, 0xFFFFFFFF, 123456789]
-    assert _quant.mix32(torch.tensor(xs)).tolist() == [_quant.mix32(x) for x in xs]
-    r = _quant.random16(99, 1 << 16)
+    assert _rounding.mix32(torch.tensor(xs)).tolist() == [_rounding.mix32(x) for x in xs]
+    r = _rounding.random16(99, 1 << 16)
     assert r.min() >= 0 and r.max() < 65536 and abs(r.double().mean().item() / 65535 - 0.5) < 0.01
-    assert len(set(_quant.rounding_seeds(0, 0, 100))) == 100 and _quant.rounding_seeds(0, 1, 3) != _quant.rounding_seeds(0, 0, 3)
+    assert len(set(_rounding.rounding_seeds(0, 0, 100))) == 100 and _rounding.rounding_seeds(
+        0, 1, 3
+    ) != _rounding.rounding_seeds(0, 0, 3)
 
 
 DRIFT = [(AdamW, dict(weight_decay=0.0)), (Lion, dict(weight_decay=0.0))]
@@ -232,7 +238,12 @@ def test_adamw8bit_reference_matches_the_float64_formula_every_step(extra, cols)
         p.grad = torch.randn(p.shape, generator=gen) * 10.0 ** (t % 3 - 1)
         s = opt.state.get(p)
         if s:
-            before = (s["exp_avg"].clone(), s["exp_avg_scale"].clone(), s["exp_avg_sq"].clone(), s["exp_avg_sq_scale"].clone())
+            before = (
+                s["exp_avg"].clone(),
+                s["exp_avg_scale"].clone(),
+                s["exp_avg_sq"].clone(),
+                s["exp_avg_sq_scale"].clone(),
+            )
         else:
             before = (torch.zeros(p.shape, dtype=torch.uint8), torch.zeros(33, -(-cols // 256)),
                       torch.zeros(p.shape, dtype=torch.uint8), torch.zeros(33, -(-cols // 256)))
@@ -242,8 +253,8 @@ def test_adamw8bit_reference_matches_the_float64_formula_every_step(extra, cols)
         torch.testing.assert_close(p.detach().double(), want_p, rtol=1e-5, atol=1e-7)
         # the stored codes are the formula's values encoded (a float32 value on a code boundary may
         # round to the neighbouring code)
-        m_codes, _ = _quant.encode_signed(want_m.float())
-        r_codes, _ = _quant.encode_root(want_r.float(), _quant.root_seed(t))  # (stochastic: either neighbour)
+        m_codes, _ = _8bit.encode_signed(want_m.float())
+        r_codes, _ = _8bit.encode_root(want_r.float(), _8bit.root_seed(t))  # (stochastic: either neighbour)
         assert (m_codes.int() - s["exp_avg"].view(torch.int8).int()).abs().max() <= 1
         assert (r_codes.int() - s["exp_avg_sq"].int()).abs().max() <= 1
         assert (m_codes != s["exp_avg"].view(torch.int8)).float().mean() < 0.01
@@ -265,7 +276,7 @@ def test_lion8bit_reference_matches_the_float64_formula_every_step(extra):
         want_p, want_m = lion8bit_formula(p.detach().double(), p.grad.double(), before, **hyper)
         opt.step()
         torch.testing.assert_close(p.detach().double(), want_p, rtol=1e-6, atol=1e-7)
-        codes, _ = _quant.encode_signed(want_m.float())
+        codes, _ = _8bit.encode_signed(want_m.float())
         assert (codes.int() - opt.state[p]["exp_avg"].view(torch.int8).int()).abs().max() <= 1
 
 
@@ -287,9 +298,9 @@ def tracking_errors(name: str, state: str, steps: int = 1000) -> list[tuple[floa
         if step % 10 == 9:
             s32, s8 = opt32.state[p32], opt8.state[p8]
             if state == "exp_avg":
-                decoded = _quant.decode_signed(s8["exp_avg"].view(torch.int8), s8["exp_avg_scale"])
+                decoded = _8bit.decode_signed(s8["exp_avg"].view(torch.int8), s8["exp_avg_scale"])
             else:
-                decoded = _quant.decode_root(s8["exp_avg_sq"], s8["exp_avg_sq_scale"]) ** 2
+                decoded = _8bit.decode_root(s8["exp_avg_sq"], s8["exp_avg_sq_scale"]) ** 2
             rel = (decoded - s32[state]) / s32[state].abs().clamp(min=1e-12)
             errors.append((rel.abs().median().item(), rel.mean().item()))
     return errors
@@ -324,7 +335,7 @@ def test_second_moment_codes_are_unbiased_for_v():
     x = 255 * (r.double() / r.max()).sqrt()
     lo = x.floor()
     p_up = (x**4 - lo**4) / ((lo + 1) ** 4 - lo**4)
-    codes = torch.stack([_quant.encode_root(r, _quant.root_seed(t))[0] for t in range(1, 4001)]).double()
+    codes = torch.stack([_8bit.encode_root(r, _8bit.root_seed(t))[0] for t in range(1, 4001)]).double()
     assert ((codes == lo) | (codes == lo + 1) | ((lo == 0) & (codes == 1))).all()  # (a positive r gets 1)
     big = lo[0] >= 1
     frequency = (codes == lo + 1).double().mean(0)[0]
@@ -339,11 +350,11 @@ def test_second_moment_codes_depend_on_the_values_and_step_only():
     step draws other bits."""
     gen = torch.Generator().manual_seed(1)
     r = torch.rand(12, 700, generator=gen)
-    seed = _quant.root_seed(17)
-    whole, _ = _quant.encode_root(r, seed)
-    assert torch.equal(_quant.encode_root(r[5:9], seed)[0], whole[5:9])
-    assert torch.equal(_quant.encode_root(r.flip(0), seed)[0], whole.flip(0))
-    assert not torch.equal(_quant.encode_root(r, _quant.root_seed(18))[0], whole)
+    seed = _8bit.root_seed(17)
+    whole, _ = _8bit.encode_root(r, seed)
+    assert torch.equal(_8bit.encode_root(r[5:9], seed)[0], whole[5:9])
+    assert torch.equal(_8bit.encode_root(r.flip(0), seed)[0], whole.flip(0))
+    assert not torch.equal(_8bit.encode_root(r, _8bit.root_seed(18))[0], whole)
 
 
 # ----- options, checkpoints -------------------------------------------------------------
@@ -405,7 +416,7 @@ def test_8bit_checkpoints_round_trip_and_convert_explicitly(cls8, cls):
     assert as_float.param_groups[0]["state_dtype"] is None
     assert {k: v.dtype for k, v in as_float.state[w].items() if k != "step"} == {
         k: torch.float32 for k in cls.state_keys}
-    expected = _quant.decode_signed(opt.state[w]["exp_avg"].view(torch.int8), opt.state[w]["exp_avg_scale"])
+    expected = _8bit.decode_signed(opt.state[w]["exp_avg"].view(torch.int8), opt.state[w]["exp_avg_scale"])
     assert torch.equal(as_float.state[w]["exp_avg"], expected)
     back = cls8(model.parameters(), lr=1e-2, min_8bit_size=1)
     back.load_state_dict(as_float.state_dict())

@@ -1,5 +1,5 @@
 """The lean features' Triton kernels against their references at every step: the 8-bit
-kernels ``adamw8bit`` and ``lion8bit`` (Note [8-bit states] in _quant.py, Note [8-bit
+kernels ``adamw8bit`` and ``lion8bit`` (Note [8-bit states] in _8bit.py, Note [8-bit
 kernels] in _fused_triton.py) and the stochastic rounding of bf16/fp16 parameters in all
 four kernels (Note [stochastic rounding]).
 
@@ -21,14 +21,13 @@ import math
 
 import pytest
 import torch
-
 from helpers import assert_unchanged, snapshot
 
 triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 
-from optimizer import AdamW, AdamW8bit, Lion, Lion8bit, _dispatch, _quant  # noqa: E402
+from optimizer import AdamW, AdamW8bit, Lion, Lion8bit, _8bit, _dispatch, _rounding  # noqa: E402
 from optimizer import _fused_triton as FT  # noqa: E402
 from optimizer.adamw8bit import _single_tensor_adamw8bit  # noqa: E402
 from optimizer.lion8bit import _single_tensor_lion8bit  # noqa: E402
@@ -80,7 +79,7 @@ def new_states(algo, params):
     """The 8-bit states of the backends' lists: codes, scales (and AdamW's step counters)."""
     n = 2 if algo == "adamw" else 1
     codes = [[torch.zeros(p.shape, dtype=torch.uint8, device=p.device) for p in params] for _ in range(n)]
-    scales = [[torch.zeros(_quant.scale_shape(p.shape), device=p.device) for p in params] for _ in range(n)]
+    scales = [[torch.zeros(_8bit.scale_shape(p.shape), device=p.device) for p in params] for _ in range(n)]
     steps = [[torch.tensor(0.0, device=p.device) for p in params]] if algo == "adamw" else []
     return codes + scales + steps
 
@@ -181,7 +180,7 @@ def test_8bit_kernel_matches_the_reference_bit_for_bit_every_step(case, ieee_sqr
     gen = torch.Generator().manual_seed(2)
     for step in range(12):
         grads = make_grads(ref_params, gen, "cpu")
-        seeds = _quant.rounding_seeds(7, step, len(params)) if sr else None
+        seeds = _rounding.rounding_seeds(7, step, len(params)) if sr else None
         one_step(algo, False, ref_params, grads, ref_states, hyper, seeds)
         one_step(algo, True, params, [g.to(DEVICE) for g in grads], states, hyper_dev, seeds)
         for i, (a, b) in enumerate(zip(ref_params, params)):
@@ -231,7 +230,7 @@ def test_8bit_kernel_within_an_ulp_of_the_plain_reference_every_step(case):
     codes_total = codes_equal = 0
     for step in range(10):
         grads = make_grads(params, gen, "cpu")
-        seeds = _quant.rounding_seeds(9, step, len(params)) if sr else None
+        seeds = _rounding.rounding_seeds(9, step, len(params)) if sr else None
         ref_params, ref_states = clone_all([params], "cpu")[0], clone_all(states, "cpu")
         before = [p.detach().cpu().float().clone() for p in params]
         one_step(algo, False, ref_params, grads, ref_states, hyper, seeds)
@@ -352,19 +351,19 @@ def edge_values(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_stochastic_rounding_is_round_stochastic_bit_for_bit(dtype):
     """The kernels' rounding on values around zero, subnormals, the largest finite values,
-    infinities and NaN, and on random ones, against _quant.round_stochastic."""
+    infinities and NaN, and on random ones, against _rounding.round_stochastic."""
     x = edge_values(dtype)
     for seed in (0, 0xDEADBEEF, 12345):
         out = torch.empty(x.shape, dtype=dtype, device=DEVICE)
         _round_probe[(triton.cdiv(x.numel(), 1024),)](x.to(DEVICE), out, torch.tensor([seed], device=DEVICE),
                                                       x.numel(), DTYPE=FT._TL[dtype], BLOCK=1024)
-        assert_bits_equal(out.cpu(), _quant.round_stochastic(x, dtype, seed), f"seed {seed}")
+        assert_bits_equal(out.cpu(), _rounding.round_stochastic(x, dtype, seed), f"seed {seed}")
 
 
 @pytest.mark.parametrize("name", ["adamw", "lion"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_float_kernels_round_their_float32_result_stochastically(name, dtype):
-    """A bf16/fp16 parameter with a seed is _quant.round_stochastic of the very float32 value the
+    """A bf16/fp16 parameter with a seed is _rounding.round_stochastic of the very float32 value the
     kernel computes (that of a float32 twin): element indices run across the kernel's blocks."""
     sizes = [(2 * FT.BLOCK + 5,), (5, 7), (1,)]
     params = make_params(sizes, dtype, seed=10, device=DEVICE)
@@ -379,12 +378,12 @@ def test_float_kernels_round_their_float32_result_stochastically(name, dtype):
         hyper.update(eps=1e-8, correct_bias=True)
         steps = [[torch.tensor(3.0, device=DEVICE) for _ in params]]
         states, twin_states = states + steps, twin_states + clone_all(steps)
-    seeds = _quant.rounding_seeds(1, 4, len(params))
+    seeds = _rounding.rounding_seeds(1, 4, len(params))
     getattr(FT, name)(twins, [g.float() for g in grads], *twin_states, **hyper)
     getattr(FT, name)(params, grads, *states, **hyper, rounding_seeds=seeds)
     moved = 0
     for p, f, s in zip(params, twins, seeds):
-        assert_bits_equal(p.cpu(), _quant.round_stochastic(f.cpu(), dtype, s), "params")
+        assert_bits_equal(p.cpu(), _rounding.round_stochastic(f.cpu(), dtype, s), "params")
         moved += int((p.cpu() != f.cpu().to(dtype)).sum())
     assert moved > 0  # not all to nearest
 
@@ -517,7 +516,7 @@ def test_kernels_compile_for_a_gpu(tmp_path):
     if done.stdout.startswith("SKIP"):
         pytest.skip(done.stdout.strip())
     counts = json.loads(done.stdout.strip().splitlines()[-1])
-    per_thread = FT.PER_PROGRAM * _quant.BLOCK // (32 * FT.NUM_WARPS_8BIT)  # values a thread
+    per_thread = FT.PER_PROGRAM * _8bit.BLOCK // (32 * FT.NUM_WARPS_8BIT)  # values a thread
     assert counts["_adamw8bit_kernel fp32 False"][0] >= 2 * per_thread // 4  # p and g: 16-byte vectors
     assert counts["_lion8bit_kernel fp32 False"][0] >= 2 * per_thread // 4
     for key, value in counts.items():
@@ -545,7 +544,7 @@ def test_cuda_8bit_kernel_near_torchs_cuda_reference_every_step(case):
     n = 2 if algo == "adamw" else 1
     for step in range(10):
         grads = make_grads(params, gen, "cuda")
-        seeds = _quant.rounding_seeds(2, step, len(params)) if sr else None
+        seeds = _rounding.rounding_seeds(2, step, len(params)) if sr else None
         ref_params, ref_states = clone_all([params])[0], clone_all(states)
         before = [p.detach().float().clone() for p in params]
         one_step(algo, False, ref_params, grads, ref_states, hyper_dev, seeds)

@@ -1,4 +1,4 @@
-/* The loop of the 8-bit kernels (Note [8-bit states] in optimizer/_quant.py): one call
+/* The loop of the 8-bit kernels (Note [8-bit states] in optimizer/_8bit.py): one call
  * updates every block of QBLOCK values of every tensor of a step once; the blocks are
  * shared by the threads. A tensor is seen as rows x cols (rows its first dimension), each row
  * cut into ceil(cols / QBLOCK) blocks, contiguous in memory; block k of a tensor is row

@@ -1,8 +1,8 @@
-/* Helpers of the 8-bit (blockwise) CPU kernels, Note [8-bit states] in optimizer/_quant.py,
+/* Helpers of the 8-bit (blockwise) CPU kernels, Note [8-bit states] in optimizer/_8bit.py,
  * pasted after fused_prelude.h: print a kernel's translation unit with
  *     python -m optimizer kernel-source adamw8bit
  * Each state value is a byte per value and a float32 scale per block of QBLOCK values of one
- * row. Every operation is the reference's (_quant.py), in its order, in float32. */
+ * row. Every operation is the reference's (_8bit.py), in its order, in float32. */
 #define QBLOCK 256
 
 /* Codes and their values with one quotient per block (the reference's _units and _unit): a value

@@ -1,7 +1,7 @@
 """The C loops of the lean features (optimizer/_fused_cpu.py): 8-bit states (Note [8-bit states],
-csrc/blockwise_loop.c) and stochastic rounding (Note [stochastic rounding]) against the plain-torch
+csrc/8bit_loop.c) and stochastic rounding (Note [stochastic rounding]) against the plain-torch
 references, bit for bit at every step; and their pieces of C (the codes, the rounding) against
-optimizer/_quant.py value by value, edge cases included.
+optimizer/_8bit.py value by value, edge cases included.
 
 Bit for bit, where torch's float32 ``sqrt`` is correctly rounded: torch's CPU ``sqrt`` is MKL's
 vector math here (``VML_HA``, measured up to 0.75 ulp off on an AMD EPYC, differently on other
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from optimizer import AdamW, Lion, _dispatch, _fused_cpu, _quant
+from optimizer import AdamW, Lion, _8bit, _dispatch, _fused_cpu, _rounding
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
 
@@ -157,7 +157,7 @@ def test_8bit_fused_step_takes_the_c_loop(algo, monkeypatch):
     params = make([(33, 515)], torch.bfloat16)
     params[0].grad = torch.randn(33, 515).to(torch.bfloat16)
     lists = [params, [params[0].grad]] + [[torch.zeros(33, 515, dtype=torch.uint8)]] * len(backends.c_kernel.states) \
-        + [[_quant.new_scales(params[0])]] * len(backends.c_kernel.states) \
+        + [[_8bit.new_scales(params[0])]] * len(backends.c_kernel.states) \
         + [[torch.zeros(())]] * (len(backends.names) - 2 - 2 * len(backends.c_kernel.states))
     assert _dispatch.route(backends, lists, {"rounding_seeds": [7]}, foreach=None, fused=True) == {"c": [0]}
     refusing = dataclasses.replace(backends, reference=_refuse, foreach=_refuse)
@@ -302,7 +302,7 @@ def helpers(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("helpers")
     csrc = _fused_cpu._CSRC
     src = tmp / "helpers.c"
-    src.write_text((csrc / "fused_prelude.h").read_text() + (csrc / "blockwise_prelude.h").read_text() + HARNESS)
+    src.write_text((csrc / "fused_prelude.h").read_text() + (csrc / "8bit_prelude.h").read_text() + HARNESS)
     lib = tmp / "helpers.so"
     cmd = ["cc", *_fused_cpu._CFLAGS, *request.param, "-Wall", "-Wextra", "-Werror", str(src), "-o", str(lib)]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -332,13 +332,13 @@ def special_blocks() -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("step", [1, 2, 1000])
-def test_codes_match_quant_value_by_value(helpers, exact_sqrt, step):
-    seed = _quant.root_seed(step)  # the second moment's stochastic codes
+def test_codes_match_the_reference_value_by_value(helpers, exact_sqrt, step):
+    seed = _8bit.root_seed(step)  # the second moment's stochastic codes
     for x in special_blocks():
         n = x.numel()
-        for signed, fn, ref in ((True, helpers.t_encode_signed, _quant.encode_signed),
+        for signed, fn, ref in ((True, helpers.t_encode_signed, _8bit.encode_signed),
                                 (False, lambda *a: helpers.t_encode_root(*a, ctypes.c_uint32(seed)),
-                                 lambda r: _quant.encode_root(r, seed))):
+                                 lambda r: _8bit.encode_root(r, seed))):
             x_in = x if signed else x.abs()  # r >= 0 (or NaN)
             codes, scale = torch.empty(n, dtype=torch.uint8), torch.empty(1)
             fn(ptr(x_in), n, ptr(codes), ptr(scale))
@@ -347,12 +347,12 @@ def test_codes_match_quant_value_by_value(helpers, exact_sqrt, step):
             assert torch.equal(codes, ref_codes.view(torch.uint8).reshape(n)), (x_in[:8], codes[:8], ref_codes[0, :8])
 
 
-def test_decoding_matches_quant_for_every_code(helpers):
+def test_decoding_matches_the_reference_for_every_code(helpers):
     codes = torch.arange(256, dtype=torch.int64).to(torch.uint8)
     for scale in (1.0, 0.3, 7.7e-30, 3.3e37, 0.0, math.inf, math.nan):
         s = torch.full((1, 1), scale)
-        for fn, ref in ((helpers.t_decode_signed, lambda c: _quant.decode_signed(c.view(torch.int8), s)),
-                        (helpers.t_decode_root, lambda c: _quant.decode_root(c, s))):
+        for fn, ref in ((helpers.t_decode_signed, lambda c: _8bit.decode_signed(c.view(torch.int8), s)),
+                        (helpers.t_decode_root, lambda c: _8bit.decode_root(c, s))):
             out = torch.empty(256)
             fn(ptr(codes), 256, ctypes.c_float(scale), ptr(out))
             assert same(out, ref(codes.reshape(1, 256)).reshape(256)), scale
@@ -386,7 +386,7 @@ def rounding_inputs(dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_stochastic_rounding_matches_quant_value_by_value(helpers, dtype):
+def test_stochastic_rounding_matches_the_reference_value_by_value(helpers, dtype):
     fn = helpers.t_round_bf16 if dtype == torch.bfloat16 else getattr(helpers, "t_round_f16", None)
     if fn is None:
         pytest.skip("this C compiler has no _Float16")
@@ -394,6 +394,6 @@ def test_stochastic_rounding_matches_quant_value_by_value(helpers, dtype):
     for seed in (0, 12345, 0xFFFFFFFF):
         out = torch.empty(x.numel(), dtype=dtype)
         fn(ptr(x), x.numel(), ctypes.c_uint32(seed), ptr(out))
-        assert same(out, _quant.round_stochastic(x, dtype, seed)), seed
+        assert same(out, _rounding.round_stochastic(x, dtype, seed)), seed
     up = (out.float().abs() > x.abs()) & x.isfinite()
     assert 0.2 < up.float().mean() < 0.8  # both ways

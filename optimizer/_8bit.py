@@ -1,5 +1,5 @@
-"""Lean number formats, written as plain torch: the spec that the C loop and the Triton
-kernels follow bit for bit (tests/test_lean.py ties them).
+"""8-bit optimizer states, written as plain torch: the spec that the C loop and the Triton
+kernels follow bit for bit (tests/test_8bit.py ties them).
 
 Note [8-bit states]
 ~~~~~~~~~~~~~~~~~~~
@@ -39,37 +39,20 @@ a large tensor in one byte, with one float32 scale per block of values (Dettmers
   of v, near the top of a block), so every decrease is rounded away while a large gradient's
   increase is kept: v ratchets up (the median error, against float32 states fed the same
   gradients, grows without bound: +7% after 1000 steps, +27% after 3000). Stochastic codes
-  turn that bias into noise that does not grow (about 6% median, unbiased; tests/test_lean.py).
+  turn that bias into noise that does not grow (about 6% median, unbiased; tests/test_8bit.py).
   The 16 random bits of a value are a hash of its r (its float32 bits but the last 8) and
   of the step, ``mix32((bits(r) >> 8) ^ root_seed(t)) >> 16``, rounding up iff
   ``bits (hi^4 - lo^4) < (x^4 - lo^4) 65536``. They depend on nothing but the value and the
   step, so a shard (FSDP2, ZeRO) rounds as the whole tensor does and a resumed run is
   bit-identical; without r's last bits, an r one rounding away (a sqrt that is not
-  correctly rounded, as torch's CPU one) nearly always draws the same bits. The first moments (AdamW's and Lion's) decay by 10% (1%) a step, far more
-  than a code: they round to nearest.
+  correctly rounded, as torch's CPU one) nearly always draws the same bits. The first
+  moments (AdamW's and Lion's) decay by 10% (1%) a step, far more than a code: they round
+  to nearest.
 * Each step decodes, updates in float32 exactly as the float32 optimizer does, and encodes
   again, in one pass (the kernels keep a block in registers / cache). A NaN or infinity in
   a block makes its scale NaN and the whole block decodes to NaN (as one NaN gradient
   poisons a float32 state); a block of zeros has scale 0 and codes 0.
 * Everything is a function of the values and the step: a resumed run is bit-identical.
-
-Note [stochastic rounding]
-~~~~~~~~~~~~~~~~~~~~~~~~~~
-With ``stochastic_rounding=True``, a bf16/fp16 parameter's update is computed in float32
-and rounded into the parameter *stochastically*: down to the representable value toward
-zero, or up to the next one away from zero with probability equal to the distance to
-the lower one, in units of the gap. Updates smaller than half a gap are then not lost:
-they move the parameter on average (round to nearest drops every update below half an
-ulp: bf16 weights at 1.0 ignore any step under 0.0039). float32/float64 parameters are
-rounded as usual.
-
-The random bits are a hash, not a generator: 16 bits per element,
-``mix32(index ^ seed_t) >> 16`` with ``seed_t`` = :func:`rounding_seeds` of the group's
-``seed``, the group's count of stochastic steps (``rounding_step``, saved with the group
-in ``state_dict``) and the tensor's position in the step. So a run is reproducible, a
-resumed run is bit-identical, and no generator state needs saving. The parameter rounds
-up iff ``bits < frac * 65536`` (``frac`` in [0, 1), exact in float32). Where the value
-above is infinite (beyond the largest finite value), it rounds to nearest.
 """
 
 from __future__ import annotations
@@ -80,13 +63,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "MIN_8BIT_SIZE", "ROUNDED", "decode_root", "decode_signed", "encode_root", "encode_signed",
-           "mix32", "quantized", "random16", "root_seed", "round_stochastic", "rounding_seeds", "scale_shape",
-           "store_param"]
+from ._rounding import M32, mix32
+from ._tensors import is_dtensor
+
+__all__ = ["BLOCK", "MIN_8BIT_SIZE", "convert_states", "decode_root", "decode_signed", "encode_root",
+           "encode_signed", "new_scales", "quantized", "root_seed", "rows_cols", "scale_shape"]
 
 BLOCK = 256          # values per scale (Note [8-bit states])
 MIN_8BIT_SIZE = 4096  # smaller tensors keep float32 states
-_M32 = 0xFFFFFFFF
 
 
 def quantized(param: Tensor, min_8bit_size: int = MIN_8BIT_SIZE) -> bool:
@@ -163,7 +147,7 @@ def decode_signed(codes: Tensor, scale: Tensor) -> Tensor:
 
 def root_seed(step: int | float) -> int:
     """The 32-bit seed of the second moment's stochastic codes at step ``t`` (already counted)."""
-    return mix32(int(step) & _M32)
+    return mix32(int(step) & M32)
 
 
 def encode_root(r: Tensor, seed: int | None = None) -> tuple[Tensor, Tensor]:
@@ -178,7 +162,7 @@ def encode_root(r: Tensor, seed: int | None = None) -> tuple[Tensor, Tensor]:
         lo = torch.floor(torch.sqrt(u))
         hi = lo + 1
         lo2, hi2 = lo * lo, hi * hi
-        bits = mix32(((r.view(torch.int32).to(torch.int64) & _M32) >> 8) ^ seed) >> 16
+        bits = mix32(((r.view(torch.int32).to(torch.int64) & M32) >> 8) ^ seed) >> 16
         up = bits.to(torch.float32) * (hi2 * hi2 - lo2 * lo2) < (u * u - lo2 * lo2) * 65536
         c = torch.nan_to_num(lo + up, nan=0.0).clamp(max=255)  # (u may pass 255^2 by an ulp)
     c = torch.where(r > 0, c.clamp(min=1), c)
@@ -191,58 +175,6 @@ def decode_root(codes: Tensor, scale: Tensor) -> Tensor:
     return (c * c) * _per_value(_unit(scale, 255), codes.shape[1])  # c^2 is exact
 
 
-# ----- stochastic rounding, Note [stochastic rounding] ---------------------------------
-
-def mix32(x: int | Tensor) -> int | Tensor:
-    """A 32-bit integer hash (xor-shift-multiply; both multipliers below 2^31, so int64 tensors
-    hold every product exactly). Python ints or int64 tensors of values in [0, 2^32)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x1B873593) & _M32
-    return x ^ (x >> 16)
-
-
-def rounding_seeds(seed: int, step: int, n: int) -> list[int]:
-    """The 32-bit seed of each of the n tensors of a stochastic step."""
-    base = mix32((seed & _M32) ^ mix32(step & _M32))
-    return [mix32(base ^ mix32(i)) for i in range(n)]
-
-
-def random16(seed_t: int, n: int, device: torch.device | str = "cpu") -> Tensor:
-    """16 random bits (int64 in [0, 65536)) for elements 0..n-1 of a tensor with seed ``seed_t``."""
-    index = torch.arange(n, dtype=torch.int64, device=device) & _M32
-    return mix32(index ^ seed_t) >> 16
-
-
-ROUNDED = (torch.bfloat16, torch.float16)  # the parameter dtypes rounded stochastically
-
-
-def round_stochastic(x: Tensor, dtype: torch.dtype, seed_t: int) -> Tensor:
-    """float32 ``x`` rounded stochastically into ``dtype`` (bf16 or fp16), elements taken in
-    ``x``'s logical (row-major) order."""
-    x = x.to(torch.float32)
-    nearest = x.to(dtype)
-    toward_zero = torch.where(nearest.to(torch.float32).abs() > x.abs(),
-                              torch.nextafter(nearest, torch.zeros_like(nearest)), nearest)
-    away = torch.nextafter(toward_zero, torch.where(x < 0, -math.inf, math.inf).to(dtype))
-    lo, hi = toward_zero.to(torch.float32), away.to(torch.float32)
-    frac = (x.abs() - lo.abs()) / (hi.abs() - lo.abs())  # exact: the gap is a power of two
-    bits = random16(seed_t, x.numel(), x.device).reshape(x.shape)
-    up = bits.to(torch.float32) < frac * 65536
-    out = torch.where(up, away, toward_zero)
-    return torch.where(torch.isfinite(hi) & ~x.isnan(), out, nearest)
-
-
-def store_param(param: Tensor, value: Tensor, seed_t: int | None) -> None:
-    """Write the float32 ``value`` into ``param``: stochastically for bf16/fp16 where ``seed_t``
-    is given, else rounded to nearest (a plain copy)."""
-    if seed_t is not None and param.dtype in ROUNDED:
-        param.copy_(round_stochastic(value, param.dtype, seed_t).reshape(param.shape))
-    elif value is not param:
-        param.copy_(value.reshape(param.shape))
-
-
 # ----- checkpoints -------------------------------------------------------------------
 
 _ROOT_KEYS = ("exp_avg_sq",)  # second moments, stored as their square root
@@ -251,7 +183,7 @@ _ROOT_KEYS = ("exp_avg_sq",)  # second moments, stored as their square root
 def new_scales(param: Tensor) -> Tensor:
     """Zero scales for ``param``'s 8-bit states; for an FSDP2 parameter (a DTensor sharded on
     its first dimension) a DTensor sharded the same way: a shard's scales are its rows'."""
-    if type(param).__name__ != "DTensor":
+    if not is_dtensor(param):
         return torch.zeros(scale_shape(param.shape), dtype=torch.float32, device=param.device)
     from torch.distributed.tensor import DTensor
 
@@ -276,7 +208,7 @@ def convert_states(param: Tensor, saved: dict[str, object], keys: Sequence[str],
             out[key] = value.detach().to(device=param.device, dtype=torch.uint8, copy=True)
             scales[f"{key}_scale"] = scale.detach().to(device=param.device, dtype=torch.float32, copy=True)
             continue
-        if type(value).__name__ == "DTensor" or type(param).__name__ == "DTensor":
+        if is_dtensor(value) or is_dtensor(param):
             raise ValueError(f"Invalid state[{key!r}]: converting sharded (DTensor) states between 8-bit and "
                              "float precision is not supported; load with the state_dtype they were saved in")
         if is_8bit:
