@@ -70,7 +70,7 @@ _PRECISION_KEYS = ("state_dtype", "min_8bit_size")
 
 
 @dataclass
-class _Part:
+class Part:
     """Tensors of a group that one set of backends updates: all of them, or, with 8-bit
     states, the quantised ones and the others (Note [8-bit states])."""
 
@@ -81,11 +81,11 @@ class _Part:
 
 
 @dataclass
-class _Prepared:
+class Prepared:
     """A group checked and planned for this step (Note [two-phase step])."""
 
     group: dict[str, Any]
-    parts: list[_Part]
+    parts: list[Part]
     new: dict[Tensor, dict[str, Any]] = field(default_factory=dict)  # state to create
 
     @property
@@ -170,13 +170,13 @@ class Optimizer(torch.optim.Optimizer):
 
     # ----- the step, Note [two-phase step] ------------------------------------
 
-    def _prepare(self, gi: int, group: dict[str, Any]) -> _Prepared:
+    def _prepare(self, gi: int, group: dict[str, Any]) -> Prepared:
         """Phase 1 for one group: check everything, plan the update; changes nothing."""
         self._check_group(group)
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             empty = [[] for _ in range(2 + len(self.state_keys) + len(self.counter_keys))]
-            return _Prepared(group, [_Part(self.backends, empty, {}, {})])
+            return Prepared(group, [Part(self.backends, empty, {}, {})])
         grads = list(map(_GRAD, params))
         # the common case checked with C-level maps (this runs every step), the culprit found after
         meta = Meta(params)
@@ -216,7 +216,7 @@ class Optimizer(torch.optim.Optimizer):
                         sub_hyper["rounding_seeds"] = [hyper["rounding_seeds"][i] for i in idx]
                     parts.append(self._part(gi, group, sub, [grads[i] for i in idx], [states[i] for i in idx],
                                             Meta(sub), sub_hyper, new, eight=is_8bit))
-        return _Prepared(group, parts, new)
+        return Prepared(group, parts, new)
 
     def _8bit_indices(self, params: list[Tensor], group: dict[str, Any]) -> list[int]:
         """Which of a step's parameters keep 8-bit states (Note [8-bit states])."""
@@ -243,7 +243,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _part(self, gi: int, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
               states: list[dict[str, Any]], meta: Meta, hyper: dict[str, Any], new: dict[Tensor, Any], *,
-              eight: bool) -> _Part:
+              eight: bool) -> Part:
         """Gather, check and route the tensors that one set of backends updates."""
         lists = self._gather(gi, group, params, grads, states, self._state_keys(eight))
         check = ((lambda: self._check_8bit_states(gi, group, params, lists)) if eight
@@ -251,7 +251,7 @@ class Optimizer(torch.optim.Optimizer):
         self._check_once((gi, eight), params, lists, meta, new, check)
         backends = self.backends_8bit if eight else self.backends
         routes = _dispatch.route(backends, lists, hyper, foreach=group["foreach"], fused=group["fused"])
-        return _Part(backends, lists, routes, hyper)
+        return Part(backends, lists, routes, hyper)
 
     def _gather(self, gi: int, group: dict[str, Any], params: list[Tensor], grads: list[Any],
                 states: list[dict[str, Any]], keys: tuple[str, ...]) -> list[list[Any]]:
@@ -368,7 +368,7 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"Invalid {name}: {value!r} (GradScaler sets a one-element float tensor)")
         return amp
 
-    def _run(self, group: dict[str, Any], part: _Part, amp: dict[str, Tensor | None]) -> None:
+    def _run(self, group: dict[str, Any], part: Part, amp: dict[str, Tensor | None]) -> None:
         _dispatch.step(part.backends, part.lists, part.hyper, foreach=group["foreach"], fused=group["fused"],
                        routes=part.routes, **amp)
 
@@ -426,7 +426,7 @@ class Optimizer(torch.optim.Optimizer):
             lists: list[list[Any]] = [[] for _ in range(2 + len(self.state_keys) + len(self.counter_keys))]
             self._init_group(group, *lists)
             if lists[0]:
-                part = _Part(self.backends, lists, None, self._hyper(group))
+                part = Part(self.backends, lists, None, self._hyper(group))
                 self._run(group, part, {"grad_scale": None, "found_inf": None})
 
     # ----- checkpoints ---------------------------------------------------------

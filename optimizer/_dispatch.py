@@ -58,7 +58,7 @@ triton     ``_adamw_kernel``, ``_lion_kernel`` in              test_fused_triton
 =========  =================================================  =========================================
 
 8-bit states (Note [8-bit states] in _8bit.py) have their own backends, with the same rows:
-``_single_tensor_adamw8bit``/``_lion8bit`` (the references, in adamw8bit.py, lion8bit.py, tied to
+``_single_tensor_adamw8bit``/``_lion8bit`` (the references, in adamw.py, lion.py, tied to
 a float64 transcription by test_8bit), their C bodies beside them (test_8bit_c) and the
 ``adamw8bit``/``lion8bit`` Triton kernels (test_8bit_triton); the foreach path takes the reference.
 Stochastic rounding (Note [stochastic rounding]) is done by the reference, the C loops and the

@@ -105,13 +105,13 @@ __all__ = ["BLOCK", "SUPPORTED", "adamw", "adamw8bit", "lion", "lion8bit"]
 
 BLOCK = 2048
 NUM_WARPS = 4
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # (parameter dtype, state dtype) pairs the kernels take (Note [backends]); the rest go the foreach way
-SUPPORTED = {(p, s) for p in _TL for s in (torch.float32, torch.bfloat16)}
+SUPPORTED = {(p, s) for p in TL for s in (torch.float32, torch.bfloat16)}
 
 
 @triton.jit
-def _store(ptr, offs, mask, x, DTYPE: tl.constexpr):
+def store(ptr, offs, mask, x, DTYPE: tl.constexpr):
     """Store float32 ``x`` as DTYPE, rounded to nearest even (bf16 by hand: the same
     result as the hardware's conversion, and Triton's interpreter would truncate)."""
     if DTYPE == tl.bfloat16:
@@ -180,7 +180,7 @@ def _store_param(ptr, offs, mask, x, seed, DTYPE: tl.constexpr, ROUND: tl.conste
     if ROUND:
         _round_stochastic(ptr, offs, mask, x, seed, DTYPE)
     else:
-        _store(ptr, offs, mask, x, DTYPE)
+        store(ptr, offs, mask, x, DTYPE)
 
 
 @triton.jit
@@ -232,8 +232,8 @@ def _adamw_elements(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, bc1, bc2_sqrt, g
     p = p + tl.div_rn((-lr / bc1) * m, denom)                 # theta - lr m_hat / denom
 
     _store_param(p_ptr, offs, mask, p, seed, P, ROUND)
-    _store(m_ptr, offs, mask, m, S)
-    _store(v_ptr, offs, mask, v, S)
+    store(m_ptr, offs, mask, m, S)
+    store(v_ptr, offs, mask, v, S)
 
 
 @triton.jit
@@ -289,7 +289,7 @@ def _lion_elements(p_ptr, g_ptr, m_ptr, offs, mask, lr, grad_scale_ptr, weight_d
     m = _lerp(m, g, w2)                                       # m_t = b2 m + (1 - b2) g
 
     _store_param(p_ptr, offs, mask, p, seed, P, ROUND)
-    _store(m_ptr, offs, mask, m, S)
+    store(m_ptr, offs, mask, m, S)
 
 
 @triton.jit
@@ -333,7 +333,7 @@ def _store_signed(codes_ptr, scales_ptr, offs, q, mask, real, m):
 
 
 @triton.jit
-def _lerp_fma(a, b, w):
+def lerp_fma(a, b, w):
     """torch.lerp as torch's CPU vector kernel and its CUDA kernel compute it: one fused
     multiply-add, w (b - a) + a for w < 0.5, else (w - 1)(b - a) + b."""
     if w < 0.5:
@@ -439,7 +439,7 @@ def _adamw8bit_blocks(entry, first, seed, root_seed, decay, step_size, bc2_sqrt,
     v = r * r
 
     p = p * decay                                             # theta (1 - lr wd)
-    m = _lerp_fma(m, g, w1)                                   # m_t = b1 m + (1 - b1) g
+    m = lerp_fma(m, g, w1)                                   # m_t = b1 m + (1 - b1) g
     v = tl.fma(w2 * g, g, v * beta2)                          # v_t = b2 v + (1 - b2) g^2 (addcmul)
     r = tl.sqrt_rn(v)
     denom = tl.div_rn(r, bc2_sqrt) + eps                      # sqrt(v_hat) + eps
@@ -505,11 +505,11 @@ def _lion8bit_blocks(entry, first, seed, decay, lr, grad_scale_ptr, w1, w2,
     g = _gradient(g, grad_scale_ptr, SCALED, MAXIMIZE)
     m = _decode_signed(tl.load(m_ptr + offs, mask=mask, other=0), tl.load(m_scales + q, mask=real, other=0.0))
 
-    c = _lerp_fma(m, g, w1)                                   # c = b1 m + (1 - b1) g
+    c = lerp_fma(m, g, w1)                                   # c = b1 m + (1 - b1) g
     sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))  # torch.sign: 0 at 0 and at nan
     p = p * decay                                             # theta (1 - lr wd)
     p = p - sign * lr                                         # theta - lr sign(c)
-    m = _lerp_fma(m, g, w2)                                   # m_t = b2 m + (1 - b2) g
+    m = lerp_fma(m, g, w2)                                   # m_t = b2 m + (1 - b2) g
 
     _store_signed(m_ptr, m_scales, offs, q, mask, real, m)
     _store_param(p_ptr, offs, mask, p, seed, P, ROUND)
@@ -614,7 +614,7 @@ def _amp_args(grad_scale: Tensor | None, found_inf: Tensor | None, device: torch
     return tuple(None if t is None else t.to(device, non_blocking=True) for t in (grad_scale, found_inf))
 
 
-def _on(device: torch.device) -> Any:
+def on(device: torch.device) -> Any:
     """Launch on ``device``'s GPU (Triton launches on the current one)."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
@@ -647,7 +647,7 @@ def _seeds(rounding_seeds: Sequence[int] | None, pdt: torch.dtype, idx: list[int
     return seeds, True
 
 
-def _f32(x: float) -> float:
+def f32(x: float) -> float:
     """``x`` rounded to float32 (to nearest even), as torch rounds a scalar for a float32 op: the
     kernels get these exact values on every device (Triton's interpreter computes with the Python
     floats themselves, a GPU with float32 arguments)."""
@@ -669,11 +669,11 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
         scale, inf = _amp_args(grad_scale, found_inf, device)
         seeds, rounds = _seeds(rounding_seeds, pdt, idx, device)
         if n_blocks:
-            with _on(device):
+            with on(device):
                 _adamw_kernel[(n_blocks,)](
                     table, blocks, lr_t, lr_value, scale, inf, _log_betas(beta1, beta2, device), seeds,
                     weight_decay, beta2, 1 - beta1, 1 - beta2, eps,
-                    P=_TL[pdt], S=_TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
+                    P=TL[pdt], S=TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
                     SKIPPABLE=found_inf is not None, CORRECT_BIAS=correct_bias, MAXIMIZE=maximize, ALIGNED=aligned,
                     ROUND=rounds,
                     num_warps=NUM_WARPS, enable_fp_fusion=True,  # fused multiply-adds, as nvcc compiles torch's
@@ -691,10 +691,10 @@ def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, l
         scale, inf = _amp_args(grad_scale, found_inf, device)
         seeds, rounds = _seeds(rounding_seeds, pdt, idx, device)
         if n_blocks:
-            with _on(device):
+            with on(device):
                 _lion_kernel[(n_blocks,)](
                     table, blocks, lr_t, lr_value, scale, inf, seeds, weight_decay, 1 - beta1, 1 - beta2,
-                    P=_TL[pdt], S=_TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
+                    P=TL[pdt], S=TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
                     SKIPPABLE=found_inf is not None, MAXIMIZE=maximize, ALIGNED=aligned, ROUND=rounds,
                     num_warps=NUM_WARPS, enable_fp_fusion=True,  # fused multiply-adds, as nvcc compiles torch's
                 )
@@ -704,7 +704,7 @@ def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, l
 
 PER_PROGRAM = 4       # blocks of 256 values a program updates: 1024 values, 8 a thread
 NUM_WARPS_8BIT = 4
-EIGHT_BIT = tuple(_TL)  # parameter dtypes the 8-bit kernels take
+EIGHT_BIT = tuple(TL)  # parameter dtypes the 8-bit kernels take
 
 
 def _plan_8bit(params: list[Tensor], grads: list[Tensor], codes: list[list[Tensor]], scales: list[list[Tensor]],
@@ -766,11 +766,11 @@ def adamw8bit(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
         scale, inf = _amp_args(grad_scale, found_inf, device)
         seeds, rounds = _seeds(rounding_seeds, pdt, idx, device)
         if n_programs:
-            with _on(device):
+            with on(device):
                 _adamw8bit_kernel[(n_programs,)](
                     table, blocks, lr_t, lr_value, float(weight_decay), scale, inf, _log_betas(beta1, beta2, device),
-                    seeds, _f32(beta2), _f32(1 - beta1), _f32(1 - beta2), _f32(eps),
-                    P=_TL[pdt], QBLOCK=_8bit.BLOCK, PER_PROGRAM=PER_PROGRAM, LR_TENSOR=lr_tensor,
+                    seeds, f32(beta2), f32(1 - beta1), f32(1 - beta2), f32(eps),
+                    P=TL[pdt], QBLOCK=_8bit.BLOCK, PER_PROGRAM=PER_PROGRAM, LR_TENSOR=lr_tensor,
                     SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None, CORRECT_BIAS=correct_bias,
                     MAXIMIZE=maximize, ROUND=rounds,
                     num_warps=NUM_WARPS_8BIT, enable_fp_fusion=False,  # only the reference's fused multiply-adds
@@ -789,11 +789,11 @@ def lion8bit(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], 
         scale, inf = _amp_args(grad_scale, found_inf, device)
         seeds, rounds = _seeds(rounding_seeds, pdt, idx, device)
         if n_programs:
-            with _on(device):
+            with on(device):
                 _lion8bit_kernel[(n_programs,)](
                     table, blocks, lr_t, lr_value, float(weight_decay), scale, inf, seeds,
-                    _f32(1 - beta1), _f32(1 - beta2),
-                    P=_TL[pdt], QBLOCK=_8bit.BLOCK, PER_PROGRAM=PER_PROGRAM, LR_TENSOR=lr_tensor,
+                    f32(1 - beta1), f32(1 - beta2),
+                    P=TL[pdt], QBLOCK=_8bit.BLOCK, PER_PROGRAM=PER_PROGRAM, LR_TENSOR=lr_tensor,
                     SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None, MAXIMIZE=maximize,
                     ROUND=rounds,
                     num_warps=NUM_WARPS_8BIT, enable_fp_fusion=False,  # only the reference's fused multiply-adds

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._fused_triton import _TL, _f32, _lerp_fma, _on, _store
-from .adamw import _bias_corrections
+from ._fused_triton import TL, f32, lerp_fma, on, store
+from .adamw import bias_corrections
 
 __all__ = ["BLOCK", "SUPPORTED", "sparse_adamw"]
 
@@ -34,7 +34,7 @@ BLOCK = 2048  # elements a program holds at a time: ROWS x COLS
 NUM_WARPS = 4
 # (parameter dtype, state dtype) pairs the kernel takes: SparseAdamW keeps float32 state for
 # fp32/bf16/fp16 parameters; float64 parameters take the reference
-SUPPORTED = {(p, torch.float32) for p in _TL}
+SUPPORTED = {(p, torch.float32) for p in TL}
 
 
 @triton.jit
@@ -62,12 +62,12 @@ def _sparse_adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, rows_ptr, logs_ptr, n_rows,
             g = -g
 
         p = p * decay                                             # theta <- theta * owed
-        m = _lerp_fma(m, g, w1)                                   # m_t = b1 m + (1 - b1) g
+        m = lerp_fma(m, g, w1)                                   # m_t = b1 m + (1 - b1) g
         v = tl.fma(w2 * g, g, v * beta2)                          # v_t = b2 v + (1 - b2) g^2 (addcmul)
         denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps          # sqrt(v_t / (1 - b2^t)) + eps
         p = p + tl.div_rn(neg_step_size * m, denom)               # theta -= lr / (1 - b1^t) m_t / denom
 
-        _store(p_ptr, offs, mask, p, P)
+        store(p_ptr, offs, mask, p, P)
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
     tl.store(logs_ptr + row, tl.zeros((ROWS,), tl.float64) + log_after, mask=live)  # l[i] = L_t
@@ -88,7 +88,7 @@ def sparse_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     lr = float(lr)
     decay = 1 - lr * weight_decay
     log_step = math.log1p(-lr * weight_decay)
-    steps = _bias_corrections(lr, beta1, beta2, state_steps, correct_bias)
+    steps = bias_corrections(lr, beta1, beta2, state_steps, correct_bias)
     for i, (p, grad, m, v, decay_log, logs) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, decay_logs,
                                                               row_decay_logs)):
         rows, values = grad._indices()[0], grad._values().contiguous()
@@ -99,10 +99,10 @@ def sparse_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
         per, cols = launch_shape(row_len)
         before = float(decay_log)
         neg_step_size, bc2_sqrt = steps[i]
-        with _on(p.device):
+        with on(p.device):
             _sparse_adamw_kernel[(triton.cdiv(n, per),)](
                 p, values, m, v, rows, logs, n, row_len, before, before + log_step, decay,
-                _f32(neg_step_size), _f32(bc2_sqrt), _f32(1 - beta1), _f32(beta2), _f32(1 - beta2), _f32(eps),
-                P=_TL[p.dtype], ROWS=per, COLS=cols, MAXIMIZE=maximize,
+                f32(neg_step_size), f32(bc2_sqrt), f32(1 - beta1), f32(beta2), f32(1 - beta2), f32(eps),
+                P=TL[p.dtype], ROWS=per, COLS=cols, MAXIMIZE=maximize,
                 num_warps=NUM_WARPS, enable_fp_fusion=False,  # only the reference's fused multiply-adds
             )

@@ -2,13 +2,15 @@
 
 Read top to bottom: the class (checks, state), the functional entry ``adamw``,
 then the backends, all with one signature (Note [backends] in _dispatch.py):
-``_single_tensor_adamw`` is the reference, ``_multi_tensor_adamw`` the foreach
-path, ``_fused_c_adamw`` the C loop (its update is ``_ADAMW_KERNEL``),
-``_fused_torch_adamw`` torch's own fused CPU kernel; the Triton kernel is in
-_fused_triton.py. Swapping backends changes speed, never results beyond rounding.
+``_single_tensor_adamw`` is the reference (the update of one tensor is
+``_adamw_update``), ``_multi_tensor_adamw`` the foreach path, ``_fused_c_adamw``
+the C loop (its update is ``_ADAMW_KERNEL``), ``_fused_torch_adamw`` torch's own
+fused CPU kernel; the Triton kernel is in _fused_triton.py. Last, the backends for
+8-bit states (Note [8-bit states] in _8bit.py): the same update between a decode and
+an encode. Swapping backends changes speed, never results beyond rounding.
 
-(About 400 lines, on purpose: the one algorithm, its math and every CPU form of its
-update side by side, so that a reader compares them on one screen.)
+Every form of the update sits in this one file, so that a reader compares the
+reference, the C body and the 8-bit forms on one page.
 """
 
 from __future__ import annotations
@@ -24,14 +26,7 @@ from torch import Tensor
 from . import _8bit, _dispatch, _fused_cpu, _rounding
 from ._base import Optimizer
 from ._checks import check_backend, check_betas, check_flag, check_lr, check_nonnegative, check_precision, plain
-from ._tensors import (
-    as_real,
-    compute_dtype,
-    foreach_buckets,
-    group_by_device_and_dtype,
-    host_value,
-    step_device,
-)
+from ._tensors import as_real, compute_dtype, foreach_buckets, group_by_device_and_dtype, host_value, local, step_device
 
 __all__ = ["AdamW", "adamw"]
 
@@ -215,7 +210,7 @@ def _single_tensor_adamw(
     maximize: bool,
     rounding_seeds: Sequence[int] | None = None,
 ) -> None:
-    """The reference: one tensor at a time, one line per equation of :class:`AdamW`."""
+    """The reference: one tensor at a time, each through :func:`_adamw_update`."""
     lr = host_value(lr)  # a number (a tensor under torch.compile)
     for i, (param, grad, m, v, step_t) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
         # math in float32 or better (Note [state precision]); .to() is a no-op where no cast is needed
@@ -226,27 +221,37 @@ def _single_tensor_adamw(
         if maximize:
             g = -g
 
-        t = host_value(step_t)                             # t, already counted (Note [step counters])
-        p.mul_(1 - lr * weight_decay)                      # theta <- theta * (1 - lr * wd)
-        m.lerp_(g, 1 - beta1)                              # m_t = b1 m + (1 - b1) g
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)      # v_t = b2 v + (1 - b2) g^2
-        if correct_bias:
-            bias_correction1 = _one_minus_pow(beta1, t)   # m_hat = m_t / (1 - b1^t)
-            bias_correction2 = _one_minus_pow(beta2, t)   # v_hat = v_t / (1 - b2^t)
-        else:
-            bias_correction1 = bias_correction2 = 1.0
-        denom = (v.sqrt() / bias_correction2**0.5).add_(eps)  # sqrt(v_hat) + eps
-        step_size = lr / bias_correction1
-        if isinstance(step_size, Tensor):                  # under torch.compile: no tensor value= in addcdiv_
-            p.sub_(m / denom * step_size)
-        else:
-            p.addcdiv_(m, denom, value=-step_size)         # theta -= lr m_hat / denom
-
+        _adamw_update(p, g, m, v, host_value(step_t), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                      weight_decay=weight_decay, correct_bias=correct_bias)
         for low, high in ((m_r, m), (v_r, v)):
             if high is not low:                            # low precision: round the result once
                 low.copy_(high)
         if p is not param_r:                               # to nearest, or stochastically (Note [stochastic rounding])
             _rounding.store_param(param_r, p, None if rounding_seeds is None else rounding_seeds[i])
+
+
+def _adamw_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, t: float | Tensor, *, lr: float | Tensor,
+                  beta1: float, beta2: float, eps: float, weight_decay: float, correct_bias: bool) -> Tensor:
+    """AdamW's update of one tensor, in place on ``p``, ``m`` and ``v`` (float32 or wider): the
+    equations of :class:`AdamW`, one line each, at step ``t`` (already counted, Note [step
+    counters]). Returns ``sqrt(v_t)``. Both references call it, the 8-bit one between a decode
+    and an encode of the moments (it stores that root)."""
+    p.mul_(1 - lr * weight_decay)                      # theta <- theta * (1 - lr * wd)
+    m.lerp_(g, 1 - beta1)                              # m_t = b1 m + (1 - b1) g
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)      # v_t = b2 v + (1 - b2) g^2
+    if correct_bias:
+        bias_correction1 = _one_minus_pow(beta1, t)   # m_hat = m_t / (1 - b1^t)
+        bias_correction2 = _one_minus_pow(beta2, t)   # v_hat = v_t / (1 - b2^t)
+    else:
+        bias_correction1 = bias_correction2 = 1.0
+    root = v.sqrt()
+    denom = (root / bias_correction2**0.5).add_(eps)   # sqrt(v_hat) + eps
+    step_size = lr / bias_correction1
+    if isinstance(step_size, Tensor):                  # under torch.compile: no tensor value= in addcdiv_
+        p.sub_(m / denom * step_size)
+    else:
+        p.addcdiv_(m, denom, value=-step_size)         # theta -= lr m_hat / denom
+    return root
 
 
 def _one_minus_pow(beta: float, t: float | Tensor) -> float | Tensor:
@@ -351,7 +356,7 @@ def _fused_c_adamw(
     parameters rounded stochastically where ``rounding_seeds`` are given (Note [stochastic rounding])."""
     lr = float(lr)  # read once on the host; the scalars stay float64 until the kernel
     _fused_cpu.run(_ADAMW_KERNEL, params, grads, [exp_avgs, exp_avg_sqs], _c_scalars(lr, beta1, beta2, eps,
-                   weight_decay), _bias_corrections(lr, beta1, beta2, state_steps, correct_bias), maximize=maximize,
+                   weight_decay), bias_corrections(lr, beta1, beta2, state_steps, correct_bias), maximize=maximize,
                    rounding_seeds=rounding_seeds)
 
 
@@ -360,11 +365,12 @@ def _c_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay: 
     return [1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps]
 
 
-def _bias_corrections(lr: float, beta1: float, beta2: float, steps: list[Tensor],
+def bias_corrections(lr: float, beta1: float, beta2: float, steps: list[Tensor],
                       correct_bias: bool) -> list[tuple[float, float]]:
     """Per tensor (-lr / (1 - b1^t), sqrt(1 - b2^t)), t already counted (Note [step counters]),
-    computed as the reference does, in Python floats: torch's float64 pow and sqrt round
-    differently (the float32 values the kernels use would then differ in rare steps)."""
+    for the kernels (the C loops and Triton's, SparseAdamW's too), computed as the reference
+    does, in Python floats: torch's float64 pow and sqrt round differently (the float32 values
+    the kernels use would then differ in rare steps)."""
     counts = _stack(steps).tolist() if correct_bias else [0.0] * len(steps)  # (nothing read where unused)
     return [_bias_correction(lr, beta1, beta2, t, correct_bias) for t in counts]
 
@@ -425,3 +431,131 @@ _BACKENDS = _dispatch.Backends(
     torch_applies=operator.itemgetter("correct_bias"),
 )
 AdamW.backends = _BACKENDS
+
+# ----- 8-bit states (Note [8-bit states] in _8bit.py) ---------------------------------------
+# The same update between a decode and an encode of the moments: each step decodes them,
+# updates in float32 and encodes them again. ``AdamW8bit`` (adamw8bit.py) is AdamW with these
+# by default.
+
+
+def _single_tensor_adamw8bit(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    exp_avg_scales: list[Tensor],
+    exp_avg_sq_scales: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    correct_bias: bool,
+    maximize: bool,
+    rounding_seeds: Sequence[int] | None = None,
+) -> None:
+    """The reference: AdamW's update between a decode and an encode of the states."""
+    lr = host_value(lr)
+    lists = zip(params, grads, exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales, state_steps)
+    for i, tensors in enumerate(lists):
+        # FSDP2: each shard's rows and their blocks are updated where they are (Note [8-bit states])
+        param, grad, m_codes, r_codes, m_scale, r_scale, step_t = map(local, tensors)
+        rows, cols = _8bit.rows_cols(param.shape)
+        p = param.reshape(rows, cols).to(torch.float32, copy=True)
+        g = grad.reshape(rows, cols).to(torch.float32)
+        if maximize:
+            g = -g
+        m = _8bit.decode_signed(m_codes.view(torch.int8).reshape(rows, cols), m_scale)
+        r = _8bit.decode_root(r_codes.reshape(rows, cols), r_scale)
+        v = r * r
+
+        t = host_value(step_t)
+        r = _adamw_update(p, g, m, v, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                          correct_bias=correct_bias)
+
+        codes, scale = _8bit.encode_signed(m)
+        m_codes.view(torch.int8).copy_(codes.reshape(m_codes.shape))
+        m_scale.copy_(scale)
+        codes, scale = _8bit.encode_root(r, _8bit.root_seed(t))  # stochastic codes, unbiased for v
+        r_codes.copy_(codes.reshape(r_codes.shape))
+        r_scale.copy_(scale)
+        _rounding.store_param(param, p, None if rounding_seeds is None else rounding_seeds[i])
+
+
+def _foreach_adamw8bit(*lists: list[Tensor], **hyper: Any) -> None:
+    """The foreach path takes the reference for 8-bit states (there is no foreach form of a
+    blockwise encode worth its temporaries)."""
+    _single_tensor_adamw8bit(*lists, **hyper)
+
+
+# The C loop (Note [fused CPU] in _fused_cpu.py, csrc/8bit_loop.c): a block of 256 values of a
+# row at a time, its moments decoded into the locals m and r = sqrt(v) before this body and
+# encoded after it. Its body is _ADAMW_KERNEL's with two differences, which is why it is written
+# out: it keeps the root r (what is stored) rather than v, and divides by bc2_sqrt with QUOTIENT,
+# a correctly rounded division by a loop invariant that exists for float32 only (the float kernel
+# also has a float64 variant). The operations are the reference's, in its order, as torch's CPU
+# kernels compute them: lerp and addcmul are one fused multiply-add each, addcdiv is
+# p + (value m) / denom.
+_ADAMW8BIT_KERNEL = _fused_cpu.Kernel(
+    name="adamw8bit",
+    states=("m", "r"),
+    codes=("signed", "root"),
+    scalars=("decay", "w1", "beta2", "w2", "eps"),
+    per_tensor=("neg_step_size", "bc2_sqrt", "step"),
+    body="""
+        T v = r * r;                                    /* v = r^2: the second moment, decoded */
+        m = LERP(m, g, w1);                             /* m_t = b1 m + (1 - b1) g, with w1 = 1 - b1 */
+        v = FMA(w2 * g, g, v * beta2);                  /* v_t = b2 v + (1 - b2) g^2, with w2 = 1 - b2 */
+        r = SQRT(v);                                    /* what is stored: sqrt(v_t) */
+        T denom = QUOTIENT(r, bc2_sqrt) + eps;          /* r / sqrt(1 - b2^t) + eps, correctly rounded */
+        p = p * decay + neg_step_size * m / denom;      /* theta (1 - lr wd) - lr / (1 - b1^t) m_t / denom */
+    """,
+)
+
+
+def _fused_c_adamw8bit(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    exp_avg_scales: list[Tensor],
+    exp_avg_sq_scales: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    correct_bias: bool,
+    maximize: bool,
+    rounding_seeds: Sequence[int] | None = None,
+) -> None:
+    """The C loop: one pass over the blocks of all tensors, one call per parameter dtype.
+
+    Bit for bit the reference where torch's float32 ``sqrt`` is correctly rounded; torch's
+    CPU ``sqrt`` (MKL's vector math where torch is built with it) may be one unit in the last
+    place off, so a value whose code lies on a rounding boundary may get the neighbouring code,
+    and r (and the parameter) may differ by about one float32 rounding (tests/test_8bit_c.py)."""
+    lr = float(lr)  # read once on the host; the scalars stay float64 until the kernel
+    steps = _stack(state_steps).tolist()  # read once: the bias corrections, and the seeds of v's codes
+    per_tensor = [(*_bias_correction(lr, beta1, beta2, t, correct_bias), t) for t in steps]
+    _fused_cpu.run(_ADAMW8BIT_KERNEL, params, grads, [exp_avgs, exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales],
+                   _c_scalars(lr, beta1, beta2, eps, weight_decay), per_tensor, maximize=maximize,
+                   rounding_seeds=rounding_seeds)
+
+
+_BACKENDS_8BIT = _dispatch.Backends(
+    names=("params", "grads", "exp_avgs", "exp_avg_sqs", "exp_avg_scales", "exp_avg_sq_scales", "state_steps"),
+    reference=_single_tensor_adamw8bit,
+    foreach=_foreach_adamw8bit,
+    c=_fused_c_adamw8bit,
+    c_kernel=_ADAMW8BIT_KERNEL,
+    n_states=4,
+    triton="adamw8bit",
+    eight_bit=True,
+    rounding=frozenset({"reference", "foreach", "c", "triton"}),
+)
+AdamW.backends_8bit = _BACKENDS_8BIT

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import importlib.metadata
 import json
-import os
 import platform
 import statistics
 import time
@@ -256,10 +256,11 @@ def model_shapes(model: str) -> list[tuple[int, ...]]:
 
 
 def run(model: str, device_name: str, reps: int, only: list[str] | None, json_path: str | None,
-        dtype: str = "fp32", state_dtype: str | None = None, compile: bool = False, readme: str | None = None,
+        dtype: str = "fp32", state_dtype: str | None = None, compile: bool = False,
         command: str = "python -m optimizer bench") -> int:
     """Time every candidate on ``model``'s list (each list of a suite such as ``many-small``) and
-    print the table; optionally write the JSON (a list for a suite) and the README's table."""
+    print the table; optionally write the JSON (a list for a suite), from which the repository's
+    ``tools/bench_tables.py`` writes the tables of its README and docs."""
     results = []
     if model in SPARSE_MODELS:
         if dtype != "fp32" or state_dtype or compile:
@@ -272,17 +273,21 @@ def run(model: str, device_name: str, reps: int, only: list[str] | None, json_pa
         with open(json_path, "w") as f:
             json.dump(results[0] if len(results) == 1 else results, f, indent=1)
         print(f"wrote {json_path}")
-    if readme:
-        update_readme("README.md", readme, markdown(results))
     return 0
 
 
-def readme_from_json(path: str, name: str) -> int:
-    """Rewrite the README's table ``name`` from a JSON file that ``--json`` wrote."""
+def load_results(path: str) -> list[dict[str, Any]]:
+    """The runs of a JSON file that ``--json`` wrote (one run, or a list for a suite)."""
+    not_ours = ValueError(f"{path!r} is not a JSON file written by python -m optimizer bench --json")
     with open(path) as f:
-        data = json.load(f)
-    update_readme("README.md", name, markdown(data if isinstance(data, list) else [data]))
-    return 0
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError:
+            raise not_ours from None
+    results = data if isinstance(data, list) else [data]
+    if not results or not all(isinstance(r, dict) and {"model", "rows", "date", "machine"} <= set(r) for r in results):
+        raise not_ours
+    return results
 
 
 def run_one(model: str, device_name: str, reps: int, only: list[str] | None,
@@ -408,8 +413,17 @@ def run_one(model: str, device_name: str, reps: int, only: list[str] | None,
     result = {"model": model, "tensors": len(shapes), "params": n, "dtype": dtype, "state_dtype": state_dtype,
               "device": str(device), "machine": machine(device), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "bandwidth_gb_per_s": bw, "reps": reps, "interleaved": interleave,
-              "rows": out, "unavailable": failed, "skipped": skipped}
+              "rows": out, "unavailable": failed, "skipped": skipped,
+              "versions": {r.peer: _version(r.peer) for r in rows if r.peer and r.name in medians}}
     return result
+
+
+def _version(distribution: str) -> str:
+    """A peer's installed version, which the table's footer names."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 class SparseRow(NamedTuple):
@@ -542,27 +556,32 @@ def machine(device: torch.device) -> str:
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    """The README's table of one or more runs (``run``'s results, or its JSON), with date, machine
-    and the command that measured them."""
+    """The Markdown table of one or more runs (``run``'s results, or its JSON), with the date, the
+    machine, the versions of the peers and the command that measured them; with ``--compile``, a
+    column of each compiled row's ratio to the same implementation in eager mode."""
     lines = []
     for r in results:
         if r.get("kind") == "sparse":
             lines += _sparse_markdown(r)
             continue
+        eager = any(row.get("vs_eager") is not None for row in r["rows"])
         lines += [f"`{r['model']}` ({r['tensors']} tensors, {r['params'] / 1e6:.1f} M params, {r['dtype']}):", "",
-                  "| implementation | ms/step | B/param | state B/param | of bandwidth | / torch fused |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| implementation | ms/step | B/param | state B/param | of bandwidth | / torch fused |"
+                  + (" / eager |" if eager else ""),
+                  "|---|---:|---:|---:|---:|---:|" + ("---:|" if eager else "")]
         lines += [f"| {row['name']} | {row['ms']:.2f} | {_bytes(row['bytes_per_param'])} | "
                   f"{_held(row.get('state_bytes_per_param'))} | {row['fraction_of_bandwidth']:.0%} "
-                  f"| {_ratio(row['vs_torch_fused'])} |"
+                  f"| {_ratio(row['vs_torch_fused'])} |" + (f" {_ratio(row.get('vs_eager'))} |" if eager else "")
                   for row in r["rows"]]
         if r.get("skipped"):
             lines += ["", "Skipped: " + "; ".join(f"{name} ({why})" for name, why in r["skipped"].items()) + "."]
         lines.append("")
     first = results[0]
+    versions = {k: v for r in results for k, v in r.get("versions", {}).items()}
     lines.append(
-        f"Measured {first['date']} on {first['machine']} ({first['device']}, torch {first['torch']}) with "
-        f"`{first.get('command', 'python -m optimizer bench')}`; medians of {first['reps']} steps"
+        f"Measured {first['date']} on {first['machine']} ({first['device']}, torch {first['torch']}"
+        + "".join(f", {k} {v}" for k, v in versions.items())
+        + f") with `{first.get('command', 'python -m optimizer bench')}`; medians of {first['reps']} steps"
         + (", interleaved." if first["interleaved"] else ".")
     )
     return "\n".join(lines)
@@ -580,25 +599,3 @@ def _bytes(x: float) -> str:
 def _held(x: float | None) -> str:
     """State bytes per parameter (absent from results written before that column)."""
     return "-" if x is None else f"{x:.2f}"
-
-
-def check_markers(path: str, name: str) -> str:
-    """``path``'s text, which must hold one ``<!-- bench:NAME -->`` ... ``<!-- /bench:NAME -->`` pair."""
-    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    with open(path) as f:
-        text = f.read()
-    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
-        raise ValueError(f"Invalid --readme: {path} has no single {start} ... {end} pair")
-    return text
-
-
-def update_readme(path: str, name: str, table: str) -> None:
-    """Put ``table`` between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in ``path``."""
-    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    text = check_markers(path, name)
-    head, rest = text.split(start)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(head + start + "\n" + table + "\n" + end + rest.split(end, 1)[1])
-    os.replace(tmp, path)
-    print(f"updated {path} ({name})")

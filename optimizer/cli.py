@@ -528,9 +528,12 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="TEXT", help="only implementations whose name contains TEXT")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--readme", metavar="NAME",
-                   help="also write the table into ./README.md between <!-- bench:NAME --> and <!-- /bench:NAME -->")
+                   help="deprecated: the package no longer rewrites files. Writes the JSON (to --json FILE, else "
+                   "./NAME.json) and prints the command that puts it in the tables: python tools/bench_tables.py "
+                   "NAME=FILE, run in a clone of the repository")
     p.add_argument("--from-json", metavar="FILE",
-                   help="with --readme: write the table from FILE (written by --json) instead of measuring")
+                   help="deprecated: prints the Markdown table of FILE (written by --json) instead of measuring; "
+                   "python tools/bench_tables.py FILE writes it into the repository's README and docs")
     p.add_argument("--compile", action="store_true",
                    help="also time each of ours and torch's AdamW with torch.compile(opt.step), with the ratio "
                    "to the same implementation in eager mode")
@@ -538,7 +541,7 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
 
 
 def bench(args: argparse.Namespace, argv: list[str]) -> int:
-    """``argv``: the command line as given, which a table written into the README records."""
+    """``argv``: the command line as given, which the JSON records (the tables show it)."""
     import torch
 
     from .bench import run
@@ -549,22 +552,40 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
     if args.reps < 1:
         raise ConfigError(f"Invalid --reps: {args.reps} (must be >= 1)")
     model = args.model or ("gpt2-30m" if device == "cpu" else "llama-1.1b")
-    if args.readme is not None:  # checked before minutes of measuring
-        from .bench import check_markers
-
-        if not pathlib.Path("README.md").is_file():
-            raise ConfigError("Invalid --readme: there is no README.md in the current folder")
-        check_markers("README.md", args.readme)
+    # Deprecated flags (the file-rewriting moved to the repository's tools/bench_tables.py): accepted,
+    # one warning line each, and the nearest thing that writes no file but a JSON one.
     if args.from_json is not None:
-        if args.readme is None:
-            raise ConfigError("Invalid --from-json: it needs --readme NAME (the table to write)")
+        from .bench import load_results, markdown
+
         if not pathlib.Path(args.from_json).is_file():
             raise ConfigError(f"Invalid --from-json: {args.from_json!r} is not a file")
-        from .bench import readme_from_json
+        try:
+            table = markdown(load_results(args.from_json))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"Invalid --from-json: {err}") from None
+        name = f"{args.readme}=" if args.readme else ""
+        _deprecated("--from-json", f"python tools/bench_tables.py {name}{args.from_json}")
+        print(table)
+        return 0
+    json_path = args.json
+    if args.readme is not None:
+        if not re.fullmatch(r"[\w-]+", args.readme):
+            raise ConfigError(f"Invalid --readme: {args.readme!r} (a table name: letters, digits, - and _)")
+        json_path = json_path or f"{args.readme}.json"
+        if args.json is None and pathlib.Path(json_path).exists():  # checked before minutes of measuring
+            raise ConfigError(f"Invalid --readme: {json_path} exists and is not overwritten; pass --json FILE")
+        _deprecated("--readme", f"--json FILE, then python tools/bench_tables.py {args.readme}=FILE")
+    done = run(model, device, args.reps, args.only, json_path, dtype=args.dtype, state_dtype=args.state_dtype,
+               compile=args.compile, command=f"{PROG} {shlex.join(argv)}")
+    if args.readme is not None:
+        print(f"to put it in the tables, in a clone of the repository: python tools/bench_tables.py "
+              f"{args.readme}={json_path}")
+    return done
 
-        return readme_from_json(args.from_json, args.readme)
-    return run(model, device, args.reps, args.only, args.json, dtype=args.dtype, state_dtype=args.state_dtype,
-               compile=args.compile, readme=args.readme, command=f"{PROG} {shlex.join(argv)}")
+
+def _deprecated(flag: str, instead: str) -> None:
+    print(f"{PROG} bench: warning: {flag} is deprecated (the package no longer rewrites files); "
+          f"use {instead}", file=sys.stderr)
 
 
 def _kernel_source_parser(sub) -> argparse.ArgumentParser:

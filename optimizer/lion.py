@@ -3,13 +3,15 @@ Optimization Algorithms", arXiv:2302.06675, Algorithm 2).
 
 Read top to bottom: the class, the functional entry ``lion``, then the
 backends with one signature (Note [backends] in _dispatch.py):
-``_single_tensor_lion`` (the reference), ``_multi_tensor_lion`` (foreach) and
-``_fused_c_lion`` (the C loop; its update is ``_LION_KERNEL``); the Triton kernel
-is in _fused_triton.py.
+``_single_tensor_lion`` (the reference; the update of one tensor is ``_lion_update``),
+``_multi_tensor_lion`` (foreach) and ``_fused_c_lion`` (the C loop; its update is
+``_LION_KERNEL``); the Triton kernel is in _fused_triton.py. Last, the backends for 8-bit
+states (Note [8-bit states] in _8bit.py): the same update between a decode and an encode.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +21,7 @@ from torch import Tensor
 from . import _8bit, _dispatch, _fused_cpu, _rounding
 from ._base import Optimizer
 from ._checks import check_backend, check_betas, check_flag, check_lr, check_nonnegative, check_precision, plain
-from ._tensors import as_real, compute_dtype, foreach_buckets, host_value
+from ._tensors import as_real, compute_dtype, foreach_buckets, host_value, local
 
 __all__ = ["Lion", "lion"]
 
@@ -160,7 +162,7 @@ def _single_tensor_lion(
     maximize: bool,
     rounding_seeds: Sequence[int] | None = None,
 ) -> None:
-    """The reference: one tensor at a time, one line per equation of :class:`Lion`."""
+    """The reference: one tensor at a time, each through :func:`_lion_update`."""
     lr = host_value(lr)  # a number (a tensor under torch.compile)
     for i, (param, grad, m) in enumerate(zip(params, grads, exp_avgs)):
         # math in float32 or better (Note [state precision]); .to() is a no-op where no cast is needed
@@ -171,15 +173,22 @@ def _single_tensor_lion(
         if maximize:
             g = -g
 
-        c = m.lerp(g, 1 - beta1)                    # c = b1 m + (1 - b1) g
-        p.mul_(1 - lr * weight_decay)               # theta <- theta * (1 - lr * wd)
-        p.sub_(torch.sign(c).mul_(lr))              # theta <- theta - lr sign(c) (exact product)
-        m.lerp_(g, 1 - beta2)                       # m_t = b2 m + (1 - b2) g
-
+        _lion_update(p, g, m, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
         if m is not m_r:                            # low precision: round the result once
             m_r.copy_(m)
         if p is not param_r:                        # to nearest, or stochastically (Note [stochastic rounding])
             _rounding.store_param(param_r, p, None if rounding_seeds is None else rounding_seeds[i])
+
+
+def _lion_update(p: Tensor, g: Tensor, m: Tensor, *, lr: float | Tensor, beta1: float, beta2: float,
+                 weight_decay: float) -> None:
+    """Lion's update of one tensor, in place on ``p`` and ``m`` (float32 or wider): the equations
+    of :class:`Lion`, one line each. Both references call it, the 8-bit one between a decode
+    and an encode of ``m``."""
+    c = m.lerp(g, 1 - beta1)                    # c = b1 m + (1 - b1) g
+    p.mul_(1 - lr * weight_decay)               # theta <- theta * (1 - lr * wd)
+    p.sub_(torch.sign(c).mul_(lr))              # theta <- theta - lr sign(c) (exact product)
+    m.lerp_(g, 1 - beta2)                       # m_t = b2 m + (1 - b2) g
 
 
 def _multi_tensor_lion(
@@ -253,3 +262,85 @@ _BACKENDS = _dispatch.Backends(
     rounding=frozenset({"reference", "c", "triton"}),  # Note [stochastic rounding]
 )
 Lion.backends = _BACKENDS
+
+# ----- 8-bit states (Note [8-bit states] in _8bit.py) ---------------------------------------
+# The same update between a decode and an encode of the momentum: each step decodes it, updates
+# in float32 and encodes it again. ``Lion8bit`` (lion8bit.py) is Lion with these by default.
+
+
+def _single_tensor_lion8bit(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_scales: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    rounding_seeds: Sequence[int] | None = None,
+) -> None:
+    """The reference: Lion's update between a decode and an encode of the momentum."""
+    lr = host_value(lr)
+    for i, tensors in enumerate(zip(params, grads, exp_avgs, exp_avg_scales)):
+        # FSDP2: each shard's rows and their blocks are updated where they are (Note [8-bit states])
+        param, grad, m_codes, m_scale = map(local, tensors)
+        rows, cols = _8bit.rows_cols(param.shape)
+        p = param.reshape(rows, cols).to(torch.float32, copy=True)
+        g = grad.reshape(rows, cols).to(torch.float32)
+        if maximize:
+            g = -g
+        m = _8bit.decode_signed(m_codes.view(torch.int8).reshape(rows, cols), m_scale)
+
+        _lion_update(p, g, m, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
+
+        codes, scale = _8bit.encode_signed(m)
+        m_codes.view(torch.int8).copy_(codes.reshape(m_codes.shape))
+        m_scale.copy_(scale)
+        _rounding.store_param(param, p, None if rounding_seeds is None else rounding_seeds[i])
+
+
+def _foreach_lion8bit(*lists: list[Tensor], **hyper: Any) -> None:
+    """The foreach path takes the reference for 8-bit states."""
+    _single_tensor_lion8bit(*lists, **hyper)
+
+
+# The C loop (Note [fused CPU] in _fused_cpu.py, csrc/8bit_loop.c): a block of 256 values
+# of a row at a time, the momentum decoded into the local m before the body and encoded after it;
+# the body and its scalars are Lion's (above), whose operations are exactly the reference's.
+_LION8BIT_KERNEL = dataclasses.replace(_LION_KERNEL, name="lion8bit", codes=("signed",))
+
+
+def _fused_c_lion8bit(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_scales: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    rounding_seeds: Sequence[int] | None = None,
+) -> None:
+    """The C loop: one pass over the blocks of all tensors, one call per parameter dtype. Bit
+    for bit the reference where torch's float32 ``sqrt`` (of the encoding) is correctly rounded;
+    see ``_fused_c_adamw8bit``."""
+    _fused_cpu.run(_LION8BIT_KERNEL, params, grads, [exp_avgs, exp_avg_scales],
+                   _c_scalars(lr, beta1, beta2, weight_decay), maximize=maximize, rounding_seeds=rounding_seeds)
+
+
+_BACKENDS_8BIT = _dispatch.Backends(
+    names=("params", "grads", "exp_avgs", "exp_avg_scales"),
+    reference=_single_tensor_lion8bit,
+    foreach=_foreach_lion8bit,
+    c=_fused_c_lion8bit,
+    c_kernel=_LION8BIT_KERNEL,
+    n_states=2,
+    triton="lion8bit",
+    eight_bit=True,
+    rounding=frozenset({"reference", "foreach", "c", "triton"}),
+)
+Lion.backends_8bit = _BACKENDS_8BIT

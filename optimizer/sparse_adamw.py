@@ -101,10 +101,10 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _fused_cpu
-from ._base import Optimizer, _Part, _Prepared
+from ._base import Optimizer, Part, Prepared
 from ._checks import check_backend, check_betas, check_fits, check_flag, check_lr, check_nonnegative
 from ._tensors import Meta, compute_dtype, device_types, host_value, pick, state_dtype
-from .adamw import _ADAMW_KERNEL, AdamW, _bias_corrections
+from .adamw import AdamW, bias_corrections
 
 __all__ = ["SparseAdamW", "sparse_adamw"]
 
@@ -204,7 +204,7 @@ class SparseAdamW(Optimizer):
 
     # ----- the step: dense gradients as AdamW, sparse ones lazily -------------
 
-    def _prepare(self, gi: int, group: dict[str, Any]) -> _Prepared:
+    def _prepare(self, gi: int, group: dict[str, Any]) -> Prepared:
         """Phase 1 (Note [two-phase step]): the parameters with dense gradients as AdamW plans
         them, and a part for those with sparse ones, checked (rows made distinct); changes nothing."""
         sparse = [p for p in group["params"] if p.grad is not None and p.grad.layout != torch.strided]
@@ -220,7 +220,7 @@ class SparseAdamW(Optimizer):
         return super()._where(gi, self.param_groups[gi], p)  # its index in the whole group
 
     def _sparse_part(self, gi: int, group: dict[str, Any], params: list[Tensor],
-                     new: dict[Tensor, dict[str, Any]]) -> _Part:
+                     new: dict[Tensor, dict[str, Any]]) -> Part:
         grads = _coalesced(params, [p.grad for p in params], lambda i: self._where(gi, group, params[i]))
         states = []
         for p in params:
@@ -243,9 +243,9 @@ class SparseAdamW(Optimizer):
         lr = float(group["lr"])  # a CUDA tensor lr is read here: the sparse path syncs anyway
         _check_decay(lr, float(group["weight_decay"]))
         routes = _route(params, lists[2], lists[3], foreach=group["foreach"], fused=group["fused"])
-        return _Part(_SPARSE_BACKENDS, lists, routes, self._hyper(group))
+        return Part(_SPARSE_BACKENDS, lists, routes, self._hyper(group))
 
-    def _run(self, group: dict[str, Any], part: _Part, amp: dict[str, Tensor | None]) -> None:
+    def _run(self, group: dict[str, Any], part: Part, amp: dict[str, Tensor | None]) -> None:
         if part.backends is _SPARSE_BACKENDS:
             self._may_owe = True
             _apply(part.lists, part.routes, part.hyper, **amp)
@@ -535,7 +535,7 @@ def _single_tensor_sparse_adamw(
     :class:`SparseAdamW` (those of AdamW's reference, on the rows gathered with index_select)."""
     lr = float(host_value(lr))
     decay = 1 - lr * weight_decay                          # this step's factor
-    steps = _bias_corrections(lr, beta1, beta2, state_steps, correct_bias)
+    steps = bias_corrections(lr, beta1, beta2, state_steps, correct_bias)
     logs = _logs(decay_logs, lr, weight_decay)
     for i, (param, grad, m_all, v_all, row_log) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs,
                                                                   row_decay_logs)):
@@ -575,7 +575,7 @@ class _RowKernel(_fused_cpu.Kernel):
 
 # AdamW's C body, verbatim: the loop sets `decay` to the factor the row owes (Note [lazy decay])
 _SPARSE_KERNEL = _RowKernel(name="sparse_adamw", states=("m", "v"), scalars=("w1", "beta2", "w2", "eps"),
-                            per_tensor=("neg_step_size", "bc2_sqrt"), body=_ADAMW_KERNEL.body)
+                            per_tensor=("neg_step_size", "bc2_sqrt"), body=AdamW.backends.c_kernel.body)
 
 
 def _fused_c_sparse_adamw(
@@ -599,7 +599,7 @@ def _fused_c_sparse_adamw(
     pair for all tensors; contiguous tensors (the dispatcher sends no others)."""
     lr = float(lr)
     fns = _fused_cpu.library(_SPARSE_KERNEL, strict=False)
-    steps = _bias_corrections(lr, beta1, beta2, state_steps, correct_bias)
+    steps = bias_corrections(lr, beta1, beta2, state_steps, correct_bias)
     logs = _logs(decay_logs, lr, weight_decay)
     scalars = (ctypes.c_double * 4)(1 - beta1, beta2, 1 - beta2, eps)
     calls: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}

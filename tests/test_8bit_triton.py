@@ -29,8 +29,8 @@ import triton.language as tl  # noqa: E402
 
 from optimizer import AdamW, AdamW8bit, Lion, Lion8bit, _8bit, _dispatch, _rounding  # noqa: E402
 from optimizer import _fused_triton as FT  # noqa: E402
-from optimizer.adamw8bit import _single_tensor_adamw8bit  # noqa: E402
-from optimizer.lion8bit import _single_tensor_lion8bit  # noqa: E402
+from optimizer.adamw import _single_tensor_adamw8bit  # noqa: E402
+from optimizer.lion import _single_tensor_lion8bit  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -356,7 +356,7 @@ def test_stochastic_rounding_is_round_stochastic_bit_for_bit(dtype):
     for seed in (0, 0xDEADBEEF, 12345):
         out = torch.empty(x.shape, dtype=dtype, device=DEVICE)
         _round_probe[(triton.cdiv(x.numel(), 1024),)](x.to(DEVICE), out, torch.tensor([seed], device=DEVICE),
-                                                      x.numel(), DTYPE=FT._TL[dtype], BLOCK=1024)
+                                                      x.numel(), DTYPE=FT.TL[dtype], BLOCK=1024)
         assert_bits_equal(out.cpu(), _rounding.round_stochastic(x, dtype, seed), f"seed {seed}")
 
 
