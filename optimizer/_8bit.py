@@ -24,7 +24,7 @@ a large tensor in one byte, with one float32 scale per block of values (Dettmers
   ``floor(sqrt(|m| k) + 0.5)`` with ``k = 127^2 / scale``, the value as ``c |c| unit``
   with ``unit = scale / 127^2`` (``c |c|`` is an exact integer); the same for the second
   moment's 255 levels. On a CPU with few cores the 8-bit loop is bound by its arithmetic
-  (docs/benchmarks.md), and a correctly rounded quotient per value cost it 15 % of its time.
+  (docs/benchmarks.md), where a correctly rounded quotient per value costs a visible share.
   So the top code decodes to ``127^2 RN(scale / 127^2)``, within an ulp of the scale: a
   state converted to float32 and back keeps its codes, and about 1 % of its scales move by
   an ulp (a second conversion changes nothing).

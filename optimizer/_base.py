@@ -1,7 +1,7 @@
 """What every optimizer of this package shares: the two-phase step, checkpoints,
 and what ``torch.compile`` sees (argument checks are in ``_checks.py``, tensor and
-dtype helpers in ``_tensors.py``, the backends in ``_dispatch.py``). About 430
-lines: the ``torch.optim.Optimizer`` contract is one class.
+dtype helpers in ``_tensors.py``, the backends in ``_dispatch.py``). The
+``torch.optim.Optimizer`` contract is one class, so it is one file.
 
 An algorithm file (``adamw.py``, ``lion.py``) only says which hyper-parameters
 it has, which state it keeps and which backends update it; the contract that

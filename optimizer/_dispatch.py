@@ -154,14 +154,14 @@ def group_backend(devices: set[str], foreach: bool | None, fused: bool | None) -
 
     ``None`` means "choose for me"; the choice is the fastest correct path:
 
-    * CPU and CUDA: the fused kernels (measured with ``python -m optimizer bench``
-      against torch's fused AdamW, see the README, 'Backends'). Without a C compiler,
-      or without Triton, they fall back to foreach with one warning.
+    * CPU and CUDA: the fused kernels (``python -m optimizer bench`` times them against
+      torch's fused AdamW, docs/benchmarks.md). Without a C compiler, or without
+      Triton, they fall back to foreach with one warning.
     * CUDA with ``fused=False``: foreach, one kernel launch per operation instead
       of one per tensor and operation.
-    * elsewhere, or CPU with ``fused=False``: the per-tensor loop, which on the
-      2-core CI machine is as fast as foreach for AdamW and holds temporaries
-      for one tensor at a time rather than for the whole model.
+    * elsewhere, or CPU with ``fused=False``: the per-tensor loop, which on a CPU
+      runs about as fast as foreach for AdamW (both are bound by memory) and holds
+      temporaries for one tensor at a time rather than for the whole model.
 
     An explicit ``fused=True`` on other devices raises rather than falling back.
     """

@@ -17,7 +17,7 @@ tensors of every size. Here:
 * The tables depend only on those addresses and sizes. They are built on the
   host, copied with a non-blocking copy from pinned memory (no host sync), and
   kept in a small cache keyed by the addresses, sizes, dtypes and layouts (read
-  with C-level maps: about 0.3 us per tensor): in a training loop the caching
+  with C-level maps, so a lookup costs little per tensor): in a training loop the caching
   allocator hands the gradients the same memory each step, so after the first
   step nothing is rebuilt or copied; and a step captured in a CUDA graph
   replays the same tables.

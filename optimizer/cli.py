@@ -3,9 +3,8 @@
 Bad flags or config values end with one line naming the key and the allowed
 values, exit code 2, and no traceback.
 
-(About 590 lines: most of it turns each flag and config key into one checked
-setting with a one-line error; the commands share those checks, so they stay in
-one file.)
+Most of it turns each flag and config key into one checked setting with a one-line
+error; the commands share those checks, so they stay in one file.
 """
 
 from __future__ import annotations

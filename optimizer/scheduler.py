@@ -5,8 +5,8 @@ Layout (top to bottom): the adapter ``ScheduleLR`` around a pure function of the
 step (``schedules.py``: the family and ``make_schedule``), ``WarmupCosineScheduler``
 (the Intro2LLM lesson L07's class), the same adapter around Hugging Face's and
 timm's curves (``HFScheduleLR``, ``TimmScheduleLR``), and the ``get_scheduler``
-factory (Note [whose curve]). (About 420 lines: the adapters and the one factory that
-chooses between them stay together.)
+factory (Note [whose curve]). The adapters and the one factory that chooses between
+them stay together.
 
 Note [whose curve]
 ~~~~~~~~~~~~~~~~~~

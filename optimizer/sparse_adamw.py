@@ -34,9 +34,9 @@ Decisions, and why
   updated, the others keep their moments and weights; the step count ``t`` of the bias
   corrections is the parameter's, +1 at every step it has a gradient, even an empty one
   (SparseAdam counts so too). A gradient is coalesced only if its rows repeat: the
-  backends need distinct rows, not sorted ones, and coalescing copies every value (a third
-  of a step on a 1024-wide table, where checking that the rows are distinct costs 4 %);
-  the results are the same, bit for bit.
+  backends need distinct rows, not sorted ones, and coalescing copies every value (on a
+  wide table, a large share of a step; checking that the rows are distinct costs far
+  less); the results are the same, bit for bit.
 * **Lazy decay, exact** (Note [lazy decay]): per parameter a float64 running log
   ``decay_log`` of the product of ``1 - lr_s * wd`` over its steps, per row a float64
   ``row_decay_log``, the value of that log when the row last paid. The factors are those

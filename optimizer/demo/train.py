@@ -9,8 +9,8 @@ model computes in float32 from them (llama.py). ``uint8`` states are 8-bit with 
 per row and block of 256 values (Note [8-bit states]). The memory columns count every
 tensor of the optimizer's state (codes, scales, step counters).
 
-(About 380 lines: the loop, its checkpoints, resume and interrupt handling must agree
-step for step, so they are read together.)"""
+The loop, its checkpoints, resume and interrupt handling must agree step for step, so
+they sit in one file, to be read together."""
 
 from __future__ import annotations
 
