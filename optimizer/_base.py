@@ -384,7 +384,7 @@ class Optimizer(torch.optim.Optimizer):
         elif (any(g["fused"] or (g["fused"] is None and g["foreach"] is None) or g.get("stochastic_rounding")
                   or g.get("state_dtype") == torch.uint8 for g in self.param_groups)
               or getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None):
-            # fused, or the default (fused on CPU and CUDA), or lean states, or GradScaler's flag to
+            # fused, or the default (fused on CPU and CUDA), or 8-bit states, or GradScaler's flag to
             # read: Note [torch.compile]
             self._step_outside_graph()
         else:

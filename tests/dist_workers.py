@@ -21,7 +21,7 @@ STEPS = 4
 # 8-bit states (float32 parameters; min_8bit_size=1 so that every matrix is quantised). Every
 # rank trains on the whole batch: the averaged gradient is then exactly the single process's,
 # and a sharded step can be compared bit for bit with the unsharded one.
-LEAN = [("AdamW8bit", AdamW8bit, dict(lr=1e-2, weight_decay=0.1, min_8bit_size=1)),
+EIGHT_BIT = [("AdamW8bit", AdamW8bit, dict(lr=1e-2, weight_decay=0.1, min_8bit_size=1)),
         ("Lion8bit", Lion8bit, dict(lr=1e-3, weight_decay=0.1, min_8bit_size=1))]
 
 
@@ -43,19 +43,19 @@ def finish() -> None:
     os._exit(0)
 
 
-def make_model(lean: bool = False) -> torch.nn.Module:
+def make_model(eight_bit: bool = False) -> torch.nn.Module:
     """Small, with sizes that do not divide by 4 (uneven FSDP2 shards, some of them empty); the
     8-bit runs' model is float32, with a row longer than one block of 256."""
     torch.manual_seed(0)
-    if lean:
+    if eight_bit:
         return torch.nn.Sequential(torch.nn.Linear(6, 301), torch.nn.GELU(), torch.nn.Linear(301, 3))
     return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.GELU(), torch.nn.Linear(10, 3)).double()
 
 
 def runs(which: str) -> list[tuple[str, type, dict, bool]]:
-    """(name, class, hyper-parameters, lean) of the table's optimizers or of the 8-bit ones."""
-    if which == "lean":
-        return [(name, cls, hyper, True) for name, cls, hyper in LEAN]
+    """(name, class, hyper-parameters, 8-bit or not) of the table's optimizers or of the 8-bit ones."""
+    if which == "8bit":
+        return [(name, cls, hyper, True) for name, cls, hyper in EIGHT_BIT]
     return [(info.name, info.cls, info.dist_hyper, False) for info in OPTIMIZERS]
 
 
@@ -67,15 +67,15 @@ def batches(
              torch.randn(size, 3, generator=gen, dtype=torch.float64).to(dtype)) for _ in range(n)]
 
 
-def lean_train(model: torch.nn.Module, opt: torch.optim.Optimizer, data) -> None:
-    """Every rank the whole batch (see LEAN)."""
+def eight_bit_train(model: torch.nn.Module, opt: torch.optim.Optimizer, data) -> None:
+    """Every rank the whole batch (see EIGHT_BIT)."""
     train(model, opt, data)
 
 
-def lean_reference(cls, hyper, data, backend: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def eight_bit_reference(cls, hyper, data, backend: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The single-process run with the same backend: sharding must not change one bit (each
     backend is tied to the reference in test_8bit_c.py and test_8bit_triton.py)."""
-    model = make_model(lean=True)
+    model = make_model(eight_bit=True)
     opt = cls(model.parameters(), **hyper, **backend)
     train(model, opt, data)
     return model, opt
@@ -188,7 +188,7 @@ def zero(rank: int, world: int, port: int) -> None:
     finish()
 
 
-def lean(rank: int, world: int, port: int) -> None:
+def eight_bit(rank: int, world: int, port: int) -> None:
     """8-bit states under FSDP2 (codes and scales sharded by rows as the parameter) and under
     ZeroRedundancyOptimizer: parameters and states bit-identical to the unsharded run."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -196,12 +196,12 @@ def lean(rank: int, world: int, port: int) -> None:
 
     setup(rank, world, port)
     data = batches(dtype=torch.float32)
-    for name, cls, hyper, _ in runs("lean"):
+    for name, cls, hyper, _ in runs("8bit"):
         for backend, kw in BACKENDS.items():
-            ref, ref_opt = lean_reference(cls, hyper, data, kw)
-            model = shard(make_model(lean=True), world)
+            ref, ref_opt = eight_bit_reference(cls, hyper, data, kw)
+            model = shard(make_model(eight_bit=True), world)
             opt = cls(model.parameters(), **hyper, **kw)
-            lean_train(model, opt, data)
+            eight_bit_train(model, opt, data)
             assert_same_params(model, ref, f"FSDP2 {name} {backend} rank {rank}/{world}", rtol=1e-6)
             assert_same_state(opt, ref_opt, model, ref, f"FSDP2 {name} {backend} rank {rank}/{world}")
             for p in model.parameters():
@@ -210,9 +210,9 @@ def lean(rank: int, world: int, port: int) -> None:
                         assert type(value).__name__ == "DTensor" and value.placements == p.placements, key
                         assert value.to_local().shape[0] == p.to_local().shape[0], key
 
-            model = DistributedDataParallel(make_model(lean=True))
+            model = DistributedDataParallel(make_model(eight_bit=True))
             opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **hyper, **kw)
-            lean_train(model, opt, data)
+            eight_bit_train(model, opt, data)
             assert_same_params(model.module, ref, f"ZeRO {name} {backend} rank {rank}/{world}", rtol=1e-6)
             opt.consolidate_state_dict(to=0)
             if rank == 0:
@@ -230,13 +230,13 @@ def dcp_save(rank: int, world: int, port: int, where: str, first: int, which: st
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     setup(rank, world, port)
-    for name, cls, hyper, is_lean in runs(which):
-        data = batches(dtype=torch.float32 if is_lean else torch.float64)[:first]
+    for name, cls, hyper, is_8bit in runs(which):
+        data = batches(dtype=torch.float32 if is_8bit else torch.float64)[:first]
         for backend, kw in BACKENDS.items():
-            model = shard(make_model(is_lean), world) if world > 1 else make_model(is_lean)
+            model = shard(make_model(is_8bit), world) if world > 1 else make_model(is_8bit)
             opt = cls(model.parameters(), **hyper, **kw)
-            if is_lean:
-                lean_train(model, opt, data)
+            if is_8bit:
+                eight_bit_train(model, opt, data)
             else:
                 train(model, opt, data, rank, world)
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
@@ -256,22 +256,22 @@ def dcp_load(rank: int, world: int, port: int, where: str, first: int, which: st
     )
 
     setup(rank, world, port)
-    for name, cls, hyper, is_lean in runs(which):
-        data = batches(dtype=torch.float32 if is_lean else torch.float64)
+    for name, cls, hyper, is_8bit in runs(which):
+        data = batches(dtype=torch.float32 if is_8bit else torch.float64)
         for backend, kw in BACKENDS.items():
-            ref, _ = lean_reference(cls, hyper, data, kw) if is_lean else reference(
+            ref, _ = eight_bit_reference(cls, hyper, data, kw) if is_8bit else reference(
                 next(i for i in OPTIMIZERS if i.name == name), data)
-            model = shard(make_model(is_lean), world) if world > 1 else make_model(is_lean)
+            model = shard(make_model(is_8bit), world) if world > 1 else make_model(is_8bit)
             opt = cls(model.parameters(), **hyper, **kw)
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
             dcp.load(state, checkpoint_id=os.path.join(where, f"{name}-{backend}"))
             set_model_state_dict(model, state["model"])
             set_optimizer_state_dict(model, opt, state["optim"])
-            if is_lean:
-                lean_train(model, opt, data[first:])
+            if is_8bit:
+                eight_bit_train(model, opt, data[first:])
             else:
                 train(model, opt, data[first:], rank, world)
             assert_same_params(
-                model, ref, f"DCP {name} {backend}, resumed at world {world}", rtol=1e-6 if is_lean else 1e-9
+                model, ref, f"DCP {name} {backend}, resumed at world {world}", rtol=1e-6 if is_8bit else 1e-9
             )
     finish()

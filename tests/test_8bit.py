@@ -1,4 +1,4 @@
-"""Lean states: the 8-bit format and stochastic rounding of optimizer._quant (the spec), the
+"""8-bit states and stochastic rounding: the formats of optimizer._8bit and optimizer._rounding (the spec), the
 8-bit references against a float64 transcription, error bounds over long runs, checkpoints
 and conversions, and the bf16 drift case on every backend. The fused kernels are tied to
 these references in test_8bit_c.py and test_8bit_triton.py."""

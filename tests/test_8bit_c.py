@@ -1,4 +1,4 @@
-"""The C loops of the lean features (optimizer/_fused_cpu.py): 8-bit states (Note [8-bit states],
+"""The C loops of 8-bit states and stochastic rounding (optimizer/_fused_cpu.py): 8-bit states (Note [8-bit states],
 csrc/8bit_loop.c) and stochastic rounding (Note [stochastic rounding]) against the plain-torch
 references, bit for bit at every step; and their pieces of C (the codes, the rounding) against
 optimizer/_8bit.py value by value, edge cases included.

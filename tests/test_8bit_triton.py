@@ -1,4 +1,4 @@
-"""The lean features' Triton kernels against their references at every step: the 8-bit
+"""The Triton kernels of 8-bit states and stochastic rounding against their references at every step: the 8-bit
 kernels ``adamw8bit`` and ``lion8bit`` (Note [8-bit states] in _8bit.py, Note [8-bit
 kernels] in _fused_triton.py) and the stochastic rounding of bf16/fp16 parameters in all
 four kernels (Note [stochastic rounding]).

@@ -1,11 +1,15 @@
 """The bench command (``python -m optimizer bench``): its table and JSON, a model's own
-parameters and dtypes, compiled steps next to eager ones. Each runs the command in a
+parameters and dtypes, compiled steps next to eager ones, and the repository's
+tools/bench_tables.py that writes the tables from the JSON. Each runs the command in a
 subprocess on the CPU."""
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_bench_command_writes_the_table_and_json(tmp_path):
@@ -28,33 +32,74 @@ def test_bench_command_writes_the_table_and_json(tmp_path):
         assert abs(row["fraction_of_bandwidth"] - row["gb_per_s"] / best) < 1e-9
 
 
-def test_many_small_runs_both_lists_and_writes_the_readme_table(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("# x\n\n<!-- bench:cpu-many-small -->\nold table\n<!-- /bench:cpu-many-small -->\ntail\n")
+def test_many_small_runs_both_lists_and_the_tool_writes_the_tables(tmp_path):
+    """--model many-small times both lists into one JSON; tools/bench_tables.py (a repository script, not
+    the package) copies it to docs/bench/NAME.json and writes the table between its markers; --check
+    fails where a table is not its JSON's."""
+    from optimizer import bench
+
+    (tmp_path / "README.md").write_text("# x\n\n<!-- bench:cpu-many-small -->\nold table\n"
+                                        "<!-- /bench:cpu-many-small -->\ntail\n")
     done = subprocess.run(
         [sys.executable, "-m", "optimizer", "bench", "--device", "cpu", "--model", "many-small", "--reps", "1",
-         "--only", "torch AdamW fused", "ours AdamW default", "--readme", "cpu-many-small", "--json", "r.json"],
+         "--only", "torch AdamW fused", "ours AdamW default", "--json", "r.json"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     assert "small-400x64x64: 400 tensors" in done.stdout and "small-2000x256: 2000 tensors" in done.stdout
-    text = readme.read_text()
+    assert "old table" in (tmp_path / "README.md").read_text()  # the package writes no file but the JSON
+    tool = [sys.executable, str(ROOT / "tools" / "bench_tables.py"), "--root", str(tmp_path)]
+    wrote = subprocess.run([*tool, "cpu-many-small=r.json"], capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
+    assert wrote.returncode == 0, wrote.stderr
+    text = (tmp_path / "README.md").read_text()
     assert "old table" not in text and text.endswith("<!-- /bench:cpu-many-small -->\ntail\n")
     assert "`small-400x64x64` (400 tensors" in text and "`small-2000x256` (2000 tensors" in text
     assert text.count("| torch AdamW fused |") == 2 and "| ours AdamW default |" in text
     assert "Measured " in text and "--model many-small" in text
-    # the same table again from the JSON alone; a README without the markers is refused in one line
-    measured = text
-    readme.write_text("# x\n\n<!-- bench:cpu-many-small -->\n<!-- /bench:cpu-many-small -->\ntail\n")
-    again = subprocess.run([sys.executable, "-m", "optimizer", "bench", "--from-json", "r.json", "--readme",
-                            "cpu-many-small"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert readme.read_text() == measured
-    readme.write_text("# no markers\n")
-    refused = subprocess.run([sys.executable, "-m", "optimizer", "bench", "--from-json", "r.json", "--readme",
-                              "cpu-many-small"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert refused.returncode == 2 and "Invalid --readme" in refused.stderr
+    kept = tmp_path / "docs" / "bench" / "cpu-many-small.json"
+    assert kept.read_text() == (tmp_path / "r.json").read_text()
+    assert bench.markdown(bench.load_results(str(kept))) in text
+    # regenerated from the kept JSON alone: the same text; a table edited by hand fails --check
+    assert subprocess.run([*tool, "--check"], capture_output=True, timeout=300).returncode == 0
+    (tmp_path / "README.md").write_text(text.replace("| torch AdamW fused |", "| torch AdamW fused! |", 1))
+    assert subprocess.run([*tool, "--check"], capture_output=True, timeout=300).returncode == 1
+    assert subprocess.run(tool, capture_output=True, timeout=300).returncode == 0
+    assert (tmp_path / "README.md").read_text() == text
+    # a JSON for a table that no document marks is refused, in one line
+    refused = subprocess.run([*tool, "other=r.json"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert refused.returncode == 2 and "no <!-- bench:other --> table" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_deprecated_readme_flags_write_no_document_and_say_what_to_run(tmp_path):
+    """--readme NAME: one deprecation line, the JSON written (./NAME.json without --json, never over an
+    existing file) and the tool's command printed; --from-json FILE: the table printed, nothing written."""
+    readme = "# x\n\n<!-- bench:t -->\n<!-- /bench:t -->\n"
+    (tmp_path / "README.md").write_text(readme)
+    done = subprocess.run(
+        [sys.executable, "-m", "optimizer", "bench", "--device", "cpu", "--model", "small-2000x256", "--reps", "1",
+         "--only", "torch AdamW fused", "--readme", "t"], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "deprecated" in line]
+    assert len(warned) == 1 and "--readme" in warned[0] and "tools/bench_tables.py" in warned[0]
+    assert "python tools/bench_tables.py t=t.json" in done.stdout
+    assert (tmp_path / "t.json").is_file() and (tmp_path / "README.md").read_text() == readme
+    again = subprocess.run([sys.executable, "-m", "optimizer", "bench", "--device", "cpu", "--readme", "t"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 2 and "Invalid --readme: t.json exists" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    shown = subprocess.run([sys.executable, "-m", "optimizer", "bench", "--from-json", "t.json", "--readme", "t"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "| torch AdamW fused |" in shown.stdout and (tmp_path / "README.md").read_text() == readme
+    assert "--from-json is deprecated" in shown.stderr and "python tools/bench_tables.py t=t.json" in shown.stderr
+    (tmp_path / "bad.json").write_text("{}")
+    bad = subprocess.run([sys.executable, "-m", "optimizer", "bench", "--from-json", "bad.json"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bad.returncode == 2 and "Invalid --from-json" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_bench_takes_a_models_own_parameters_and_dtypes():
@@ -72,15 +117,21 @@ def test_bench_takes_a_models_own_parameters_and_dtypes():
     assert lion.split()[4] == "10"  # bytes per parameter: 3 x 2 (p, g, p) + 2 x 2 (m, m)
 
 
-def test_bench_compile_times_compiled_steps_next_to_eager_ones():
+def test_bench_compile_times_compiled_steps_next_to_eager_ones(tmp_path):
+    from optimizer import bench
+
+    out = tmp_path / "compile.json"
     done = subprocess.run(
         [sys.executable, "-m", "optimizer", "bench", "--device", "cpu", "--model", "optimizer.demo.llama:Llama",
-         "--reps", "1", "--compile", "--only", "ours Lion reference"],
+         "--reps", "1", "--compile", "--only", "ours Lion reference", "--json", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr
     compiled = next(line for line in done.stdout.splitlines() if line.startswith("ours Lion reference compiled"))
     assert compiled.split()[-1].endswith("x")  # its ratio to the eager row of the same run
+    table = bench.markdown(bench.load_results(str(out)))  # the table keeps that ratio as a column
+    assert "| / eager |" in table and next(line for line in table.splitlines()
+                                           if line.startswith("| ours Lion reference compiled |")).endswith("x |")
 
 
 def test_8bit_and_stochastic_rounding_rows_count_their_real_state(tmp_path):
@@ -156,8 +207,8 @@ def test_peers_are_skipped_and_listed_where_they_cannot_run(monkeypatch, capsys)
     assert "| state B/param |" in table and "Skipped: bitsandbytes Lion8bit" in table
 
 
-def test_readme_table_of_results_written_before_the_state_column():
-    """--from-json of a file written before "state B/param" existed: that column reads "-"."""
+def test_table_of_results_written_before_the_state_column():
+    """A JSON written before "state B/param" existed: that column reads "-"."""
     from optimizer import bench
 
     old = {"model": "gpt2-30m", "tensors": 76, "params": 27_800_000, "dtype": "fp32", "device": "cpu",

@@ -61,11 +61,18 @@ def test_lr_plot_is_linear_with_warmup_and_end_marked(run):
         assert math.isclose(max(ax.get_lines()[0].get_ydata()), peak)
 
 
-def test_loss_plot_title_says_the_precision_when_it_is_not_fp32(run):
+def test_loss_plot_title_says_the_precision_when_it_is_not_fp32_and_fits_the_figure(run):
+    def title(cfg):
+        fig = train.loss_figure(results, cfg, entropy=3.1)
+        text = fig.axes[0].get_title()
+        fig.canvas.draw()  # the title's drawn width within the figure's: not cut off at either edge
+        box = fig.axes[0].title.get_window_extent()
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.width, (box, fig.bbox)
+        return " ".join(text.split("\n"))
+
     cfg, results = run
-    assert "params" not in train.loss_figure(results, cfg, entropy=3.1).axes[0].get_title().split("\n")[0]
-    lean = {**cfg, "param_dtype": "bf16", "stochastic_rounding": True, "state_dtype": "uint8"}
-    title = train.loss_figure(results, lean, entropy=3.1).axes[0].get_title()
-    assert "bf16 params (stochastic rounding, no fp32 master copy), uint8 states" in title, title
-    nearest = train.loss_figure(results, {**lean, "stochastic_rounding": False, "state_dtype": "fp32"}, entropy=3.1)
-    assert nearest.axes[0].get_title().split("\n")[0].endswith("bf16 params (round to nearest, no fp32 master copy)")
+    assert "params" not in title(cfg) and "states" not in title(cfg)
+    low = {**cfg, "param_dtype": "bf16", "stochastic_rounding": True, "state_dtype": "uint8"}
+    assert "bf16 params (stochastic rounding, no fp32 master copy), 8-bit states" in title(low)
+    nearest = title({**low, "stochastic_rounding": False, "state_dtype": "fp32"})
+    assert "bf16 params (round to nearest, no fp32 master copy)" in nearest and "states" not in nearest

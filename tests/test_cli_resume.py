@@ -138,7 +138,7 @@ def test_torchrun_without_distributed_trains_as_ddp_and_says_so_once(tmp_path):
     assert summary["world_size"] == 2 and summary["config"]["distributed"] == "ddp"
 
 
-LEAN = {"uint8 states": ["--state-dtype", "uint8"],
+PRECISIONS = {"8-bit states": ["--state-dtype", "uint8"],
         "bf16 params, stochastic rounding": ["--param-dtype", "bf16", "--stochastic-rounding"]}
 
 
@@ -146,8 +146,8 @@ def final_checkpoints(out) -> dict:
     return {name: torch.load(out / f"{name}.ckpt", weights_only=True) for name in ("adamw", "lion")}
 
 
-@pytest.mark.parametrize("flags", LEAN.values(), ids=list(LEAN))
-def test_a_lean_run_resumes_bit_identically(tmp_path, capsys, flags):
+@pytest.mark.parametrize("flags", PRECISIONS.values(), ids=list(PRECISIONS))
+def test_a_low_precision_run_resumes_bit_identically(tmp_path, capsys, flags):
     """Stopped mid-run (between two checkpoints) and resumed with only --out, a run with 8-bit states (codes
     and scales in the checkpoint) or with bf16 parameters rounded stochastically (the rounding step in the
     checkpoint's param_groups) ends with the losses, parameters and optimizer state of an uninterrupted run."""

@@ -58,13 +58,13 @@ def test_dcp_checkpoint_reshards_and_training_continues_identically(tmp_path, sa
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_8bit_states_shard_with_fsdp2_and_zero_bit_identically(world):
-    spawn(dist_workers.lean, world)
+    spawn(dist_workers.eight_bit, world)
 
 
 @pytest.mark.parametrize(("save_world", "load_world"), [(2, 1), (1, 2)])
 def test_dcp_checkpoint_of_8bit_states_reshards_and_training_continues_identically(tmp_path, save_world, load_world):
-    spawn(dist_workers.dcp_save, save_world, str(tmp_path), 2, "lean")
-    spawn(dist_workers.dcp_load, load_world, str(tmp_path), 2, "lean")
+    spawn(dist_workers.dcp_save, save_world, str(tmp_path), 2, "8bit")
+    spawn(dist_workers.dcp_load, load_world, str(tmp_path), 2, "8bit")
 
 
 def test_workers_reference_is_deterministic():

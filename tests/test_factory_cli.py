@@ -255,7 +255,7 @@ def test_demo_state_bytes_count_8bit_codes_scales_and_counters(tmp_path, capsys)
     per row and block of 256, the others float32 states; every byte is counted, counters too."""
     argv = [*TINY, "--dim", "64", "--state-dtype", "uint8", "--optimizers", "adamw", "lion"]
     assert cli.main(["demo", *argv, "--out", str(tmp_path)]) == 0
-    assert ", uint8 states" in capsys.readouterr().out
+    assert ", 8-bit states" in capsys.readouterr().out
     results = read_summary(tmp_path)["results"]
     model = Llama(dim=64, layers=1, heads=2, max_seq=32)
     n = sum(p.numel() for p in model.parameters())
@@ -337,10 +337,10 @@ def test_create_optimizer_takes_named_parameters():
         (
             "transformers",
             "cosine",
-            "as transformers' get_scheduler: lr(0) = 0   lr(10) end of warmup = 1   lr(100) end = 0",
+            "Hugging Face transformers' curve: lr(0) = 0   lr(10) end of warmup = 1   lr(100) end = 0",
         ),
-        ("timm", "cosine", "as timm's scheduler: lr(0) = 0   lr(10) end of warmup = 0.9755"),
-        ("ours", "cosine", "ours: lr(0) = 0.09091   lr(10) end of warmup = 1   lr(100) end = 0"),
+        ("timm", "cosine", "timm's curve: lr(0) = 0   lr(10) end of warmup = 0.9755"),
+        ("ours", "cosine", "this library's curve: lr(0) = 0.09091   lr(10) end of warmup = 1   lr(100) end = 0"),
     ],
 )
 def test_plot_schedule_says_whose_convention_it_drew(capsys, like, name, expected):

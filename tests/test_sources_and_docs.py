@@ -1,5 +1,6 @@
 """The API of the sources this library grew from, as they write it (the CMU 11-711 minllama
-assignment's optimizer.py, the Intro2LLM lesson L07), the README's example, and the demo command."""
+assignment's optimizer.py, the Intro2LLM lesson L07), the README's example, the demo command, and
+the docs: quotes, links, and the measured tables generated from their JSON."""
 
 from __future__ import annotations
 
@@ -75,4 +76,16 @@ def test_docs_quote_the_code_as_it_is():
     import sys
 
     done = subprocess.run([sys.executable, str(ROOT / "docs" / "check_docs.py")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_measured_tables_are_their_json():
+    """Every table between <!-- bench:NAME --> markers in README.md and docs/*.md is what
+    tools/bench_tables.py writes from docs/bench/NAME.json (the README's headline from several):
+    generated, not edited by hand."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_tables.py"), "--check"],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -21,6 +21,7 @@ import pathlib
 import signal
 import statistics
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterable
@@ -71,12 +72,12 @@ def optimizer_options(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     """The keyword arguments optimizer ``name`` is built with: what ``--state-dtype`` and
     ``--stochastic-rounding`` give every optimizer, then its own ``optimizer_args`` (which win).
     fp32 states are the optimizers' default and pass nothing, so the default run is unchanged."""
-    lean: dict[str, Any] = {}
+    precision: dict[str, Any] = {}
     if cfg.get("state_dtype", "fp32") != "fp32":
-        lean["state_dtype"] = cfg["state_dtype"]  # as text: create_optimizer reads it
+        precision["state_dtype"] = cfg["state_dtype"]  # as text: create_optimizer reads it
     if cfg.get("stochastic_rounding"):
-        lean.update(stochastic_rounding=True, seed=cfg["seed"] % 2**32)
-    return {**lean, **cfg["optimizer_args"].get(name, {})}
+        precision.update(stochastic_rounding=True, seed=cfg["seed"] % 2**32)
+    return {**precision, **cfg["optimizer_args"].get(name, {})}
 
 
 def describe_precision(cfg: dict[str, Any]) -> str:
@@ -87,7 +88,7 @@ def describe_precision(cfg: dict[str, Any]) -> str:
         rounding = "stochastic rounding" if cfg.get("stochastic_rounding") else "round to nearest"
         parts.append(f"{cfg['param_dtype']} params ({rounding}, no fp32 master copy)")
     if cfg.get("state_dtype", "fp32") != "fp32":
-        parts.append(f"{cfg['state_dtype']} states")
+        parts.append("8-bit states" if cfg["state_dtype"] == "uint8" else f"{cfg['state_dtype']} states")
     return "".join(f", {p}" for p in parts)
 
 
@@ -213,6 +214,7 @@ def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib
 
         bar = tqdm(total=cfg["steps"], initial=start, desc=f"{name:6s}", unit="step", dynamic_ncols=True)
     tokens_per_step = cfg["batch_size"] * cfg["seq_len"]
+    trained_s = sum(hist["wall_s"])  # seconds in training steps so far (resumed runs count their earlier steps)
     stopped, interrupted = None, False
     for step in range(start, cfg["steps"]):
         if parallel.any_rank(interrupt.signum is not None, world, device):  # every rank stops at the same step
@@ -237,11 +239,12 @@ def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib
         hist["loss"].append(parallel.mean(loss, world))
         hist["lr"].append(float(lr))
         hist["wall_s"].append(time.perf_counter() - t_step)
+        trained_s += hist["wall_s"][-1]
         done = step + 1
         if done % cfg["eval_every"] == 0 or done == cfg["steps"]:
             hist["held_out"].append([done, evaluate(model, held_out, cfg["seq_len"], device)])
         if bar is not None:
-            rate = tokens_per_step / statistics.fmean(hist["wall_s"][-20:])
+            rate = tokens_per_s(len(hist["wall_s"]), tokens_per_step, trained_s)  # the table's figure, so far
             bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
             bar.update(1)
         if stop_after is not None and done - start >= stop_after and done < cfg["steps"]:
@@ -261,12 +264,19 @@ def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib
         "params": n_params,
         "final_train_loss": statistics.fmean(hist["loss"][-10:]),
         "held_out_loss": hist["held_out"][-1][1],
-        "tokens_per_s": len(hist["wall_s"]) * tokens_per_step / sum(hist["wall_s"]),
+        "tokens_per_s": tokens_per_s(len(hist["wall_s"]), tokens_per_step, sum(hist["wall_s"])),
         "optimizer_step_ms": statistics.median(hist["step_ms"]),
         "state_bytes": state_bytes,  # this rank's: every state tensor, 8-bit scales and step counters too
         "state_bytes_per_param": state_bytes / parallel.local_numel(model),  # per parameter this rank holds
         "history": hist,
     }
+
+
+def tokens_per_s(steps: int, tokens_per_step: int, seconds: float) -> float:
+    """The run's speed, as the progress bar and the table show it: tokens trained per second spent
+    in training steps (batch, forward, backward, clipping, optimizer step), over every step so far;
+    held-out evaluations and checkpoints are not counted."""
+    return steps * tokens_per_step / seconds if seconds > 0 else 0.0
 
 
 def smooth(values: list[float], beta: float = 0.9) -> list[float]:
@@ -279,7 +289,7 @@ def smooth(values: list[float], beta: float = 0.9) -> list[float]:
     return out
 
 
-def describe_run(cfg: dict[str, Any], params: int | None = None) -> str:
+def describe_run(cfg: dict[str, Any], params: int | None = None, width: int = 110) -> str:
     """The settings in a line: model, data, schedule, and each optimizer's lr and weight decay."""
     size = f", {params / 1e6:.2f} M parameters" if params else ""
     opts = "; ".join(
@@ -287,10 +297,12 @@ def describe_run(cfg: dict[str, Any], params: int | None = None) -> str:
         f"wd {cfg['optimizer_args'].get(n, {}).get('weight_decay', OPTIMIZERS[n].weight_decay):g}"
         + "".join(f" {k} {v}" for k, v in cfg["optimizer_args"].get(n, {}).items() if k not in ("lr", "weight_decay"))
         for n in cfg["optimizers"])
-    return (f"small LLaMA{size} ({cfg['dim']}x{cfg['layers']}, {cfg['heads']} heads), {cfg['steps']} steps of "
-            f"{cfg['batch_size']}x{cfg['seq_len']} bytes, {cfg['schedule']} schedule, warmup {cfg['warmup_steps']}, "
-            f"floor {cfg['min_lr_ratio']:g} x peak, clip {cfg['clip_grad_norm']:g}, seed {cfg['seed']}"
-            f"{describe_precision(cfg)}\n{opts}")
+    lines = [f"small LLaMA{size} ({cfg['dim']}x{cfg['layers']}, {cfg['heads']} heads), {cfg['steps']} steps of "
+             f"{cfg['batch_size']}x{cfg['seq_len']} bytes, seed {cfg['seed']}",
+             f"{cfg['schedule']} schedule, warmup {cfg['warmup_steps']}, floor {cfg['min_lr_ratio']:g} x peak, "
+             f"clip {cfg['clip_grad_norm']:g}{describe_precision(cfg)}", opts]
+    # a title a figure can hold: each part on its own lines, none wider than the plot
+    return "\n".join(textwrap.fill(line, width, break_long_words=False) for line in lines)
 
 
 def loss_figure(results: dict[str, dict[str, Any]], cfg: dict[str, Any], entropy: float, params: int | None = None):
@@ -418,7 +430,9 @@ def _run(cfg: dict[str, Any], checkpoints: dict[str, dict[str, Any]], *, overwri
     for name, r in results.items():
         print(f"{name:10s} {r['final_train_loss']:10.3f} {r['held_out_loss']:9.3f} {r['tokens_per_s']:9,.0f} "
               f"{r['optimizer_step_ms']:12.2f} {r['state_bytes'] / 2**20:9.2f} {r['state_bytes_per_param']:13.3f}")
-    print(f"(held-out loss of a model that ignores context: {entropy:.3f})")
+    print(f"held-out loss of a model that ignores context: {entropy:.3f}\n"
+          "tokens/s: tokens trained per second of training steps, over the whole run (the progress bar's figure); "
+          "opt step ms: median time of the optimizer's step alone")
     files = plot(results, cfg, entropy, out, params)
     summary = {"config": cfg, "text": source, "unigram_entropy": entropy, "world_size": world.size,
                "results": {n: {k: v for k, v in r.items() if k != "finished"} for n, r in results.items()}}
