@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
 from hypothesis import HealthCheck, settings
@@ -7,6 +10,12 @@ from hypothesis import HealthCheck, settings
 # it must be chosen before the kernels are defined (on first use, after this)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The compiled C kernels' cache (Note [kernel cache] in optimizer/_fused_cpu.py): one temporary folder for
+# the session and the processes it starts, never the user's own (the cache's own tests set theirs)
+_C_CACHE = tempfile.mkdtemp(prefix="clearoptim-test-cache-")
+os.environ["CLEAROPTIM_CACHE_DIR"] = _C_CACHE
+atexit.register(shutil.rmtree, _C_CACHE, ignore_errors=True)
 
 
 def _interpreter_with_a_true_fma():
