@@ -237,7 +237,7 @@ def _route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any],
     if uniform and len(devices) == 1 and len(set(pdts)) == 1 and len(set(sdts)) == 1:  # the usual step
         device = next(iter(devices))
         counters_ok = device not in TRITON_DEVICES or _counters_on(tensors[0], counters)
-        return {_fused_kernel(backends, hyper, device, pdts[0], sdts[0], True, counters_ok, strict=strict): everything}
+        return {fused_kernel(backends, hyper, device, pdts[0], sdts[0], True, counters_ok, strict=strict): everything}
 
     # otherwise one decision per kind of tensor: (device type, dtypes, layout ok, counters ok)
     if uniform:
@@ -254,7 +254,7 @@ def _route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any],
     for i, kind in enumerate(kinds):
         key = (*kind, not counters or counters_ok[i])
         if key not in chosen:
-            chosen[key] = _fused_kernel(backends, hyper, *key, strict=strict)
+            chosen[key] = fused_kernel(backends, hyper, *key, strict=strict)
         routes.setdefault(chosen[key], []).append(i)
     return routes
 
@@ -288,7 +288,7 @@ def _counters_on(params: list[Tensor], counters: list[list[Tensor]]) -> bool:
                and list(map(operator.attrgetter("device"), lst)) == devices for lst in counters)
 
 
-def _fused_kernel(backends: Backends, hyper: dict[str, Any], device: str, pdt: torch.dtype, sdt: torch.dtype,
+def fused_kernel(backends: Backends, hyper: dict[str, Any], device: str, pdt: torch.dtype, sdt: torch.dtype,
                   layout_ok: bool, counters_ok: bool, *, strict: bool) -> str:
     """The fused kernel for one kind of tensor, else "foreach"."""
     if device in TRITON_DEVICES:  # real dtypes only: the launch tables count elements, not reals

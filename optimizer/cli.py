@@ -1,4 +1,4 @@
-"""The command line: ``python -m optimizer demo | plot-schedule | bench | kernel-source``.
+"""The command line: ``python -m optimizer demo | plot-schedule | bench | kernel-source | doctor``.
 
 Bad flags or config values end with one line naming the key and the allowed
 values, exit code 2, and no traceback.
@@ -431,14 +431,14 @@ def plot_schedule(args: argparse.Namespace) -> int:
             if args.name not in HF_CURVES:
                 raise ConfigError(f"Invalid NAME: {args.name!r}; with --like transformers one of {sorted(HF_CURVES)}")
             sched = HFScheduleLR(None, args.name, w, t, peak_lr=peak, **options)
-            label = "as transformers' get_scheduler"
+            label = "Hugging Face transformers' curve"
         elif args.like == "timm":
             if args.name not in timm_schedules.NAMES:
                 raise ConfigError(f"Invalid NAME: {args.name!r}; with --like timm one of "
                                   f"{sorted(timm_schedules.NAMES)}")
             steps_kw = {"t_initial": t} if args.name in ("cosine", "tanh", "poly", "wsd") else {}
             sched = TimmScheduleLR(None, args.name, peak_lr=peak, warmup_t=w, **steps_kw, **options)
-            label = "as timm's scheduler"
+            label = "timm's curve"
         else:
             if args.name not in SCHEDULES:
                 raise ConfigError(f"Invalid NAME: {args.name!r}; one of {sorted(SCHEDULES)} (or use --like)")
@@ -452,7 +452,7 @@ def plot_schedule(args: argparse.Namespace) -> int:
             if "min_lr" in kwargs and args.name in ("constant", "inverse_sqrt"):
                 raise ConfigError(f"Invalid {floor_flag}: schedule {args.name!r} has no floor")
             sched = make_schedule(args.name, **kwargs)
-            label = "ours"
+            label = "this library's curve"
 
         def fn(step: int) -> float:
             return sched(step) if callable(sched) else sched.get_lr(step)
@@ -466,7 +466,8 @@ def plot_schedule(args: argparse.Namespace) -> int:
         if message == str(err) and args.set:  # it names no keyword: one of the options, as given
             message = f"Invalid --set {' '.join(args.set)}: {err}"
         raise ConfigError(message) from None
-    keys = f"{label}: lr(0) = {fn(0):.4g}   lr({w}) end of warmup = {fn(w):.4g}   lr({t}) end = {fn(t):.4g}"
+    values = f"lr(0) = {fn(0):.4g}   lr({w}) end of warmup = {fn(w):.4g}   lr({t}) end = {fn(t):.4g}"
+    keys = f"{label}: {values}"
     if args.output:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -475,8 +476,8 @@ def plot_schedule(args: argparse.Namespace) -> int:
         ax.plot(steps, lrs)
         ax.axvline(w, color="gray", ls=":", lw=0.8)
         ax.axvline(t, color="gray", ls=":", lw=0.8)
-        ax.set(xlabel="step", ylabel="learning rate", title=f"{args.name}: {keys}")
-        ax.title.set_fontsize(8)
+        ax.set(xlabel="step", ylabel="learning rate")
+        ax.set_title(f"learning rate of the {args.name!r} schedule ({label})\n{values}", fontsize=9)
         fig.tight_layout()
         try:
             fig.savefig(args.output, dpi=120)
@@ -608,6 +609,28 @@ def kernel_source(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("doctor", help="versions, and which backend runs what here, checked against the reference",
+                       description="Print Python, torch, Triton and the C toolchain, then for each device, "
+                       "algorithm, state format and parameter dtype: which backends are available (or why not), "
+                       "which one the default picks, and whether each agrees with the reference on a small probe. "
+                       "Exit status 1 when a backend that the default picks disagrees.")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="check only this device (default: cpu, and cuda if "
+                   "available)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    return p
+
+
+def doctor(args: argparse.Namespace) -> int:
+    import torch
+
+    from .doctor import run
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("Invalid --device: 'cuda', but CUDA is not available here; use --device cpu")
+    return run([args.device] if args.device else None, json_output=args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog=PROG, description="AdamW, Lion and learning-rate schedules for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
@@ -615,13 +638,14 @@ def main(argv: list[str] | None = None) -> int:
     _plot_parser(sub)
     _bench_parser(sub)
     _kernel_source_parser(sub)
+    _doctor_parser(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     command = args.__dict__.pop("command")
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # under torchrun: rank 0
     try:
         return {"demo": demo, "plot-schedule": plot_schedule, "bench": lambda a: bench(a, argv),
-                "kernel-source": kernel_source}[command](args)
+                "kernel-source": kernel_source, "doctor": doctor}[command](args)
     except ValueError as err:  # ConfigError and the library's argument checks: the user's input
         say(f"{PROG} {command}: error: {err}", file=sys.stderr)
         return 2

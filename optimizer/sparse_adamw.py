@@ -242,7 +242,7 @@ class SparseAdamW(Optimizer):
         check_fits(self._scalars(group), params)
         lr = float(group["lr"])  # a CUDA tensor lr is read here: the sparse path syncs anyway
         _check_decay(lr, float(group["weight_decay"]))
-        routes = _route(params, lists[2], lists[3], foreach=group["foreach"], fused=group["fused"])
+        routes = route_rows(params, lists[2], lists[3], foreach=group["foreach"], fused=group["fused"])
         return Part(_SPARSE_BACKENDS, lists, routes, self._hyper(group))
 
     def _run(self, group: dict[str, Any], part: Part, amp: dict[str, Tensor | None]) -> None:
@@ -402,7 +402,7 @@ def sparse_adamw(
     _check_decay(float(lr), float(weight_decay))
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                  maximize=maximize)
-    routes = _route(params, exp_avgs, exp_avg_sqs, foreach=foreach, fused=fused)
+    routes = route_rows(params, exp_avgs, exp_avg_sqs, foreach=foreach, fused=fused)
     _apply([params, coalesced, *lists[2:]], routes, hyper, grad_scale=grad_scale, found_inf=found_inf)
 
 
@@ -447,7 +447,7 @@ def _coalesced(params: list[Tensor], grads: list[Tensor], where: Callable[[int],
     return out
 
 
-def _route(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *, foreach: bool | None,
+def route_rows(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *, foreach: bool | None,
            fused: bool | None) -> dict[str, list[int]]:
     """Which backend updates which tensor (Note [backends]): the fused kernels for contiguous
     tensors in a dtype pair they take, the reference otherwise. Compiles the C loop or imports

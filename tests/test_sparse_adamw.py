@@ -327,7 +327,7 @@ C_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 @pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
 @pytest.mark.parametrize("dtype", C_DTYPES, ids=str)
 def test_c_loop_matches_reference_every_step(dtype):
-    from optimizer.sparse_adamw import _route
+    from optimizer.sparse_adamw import route_rows
 
     fns = _fused_cpu.library(_SPARSE_KERNEL, strict=True)
     if (dtype, torch.float64 if dtype == torch.float64 else torch.float32) not in fns:
@@ -335,7 +335,7 @@ def test_c_loop_matches_reference_every_step(dtype):
     # a wide table (rows of 300: several vector lengths and a tail) and a 1-D parameter
     _, new = _run_against_reference(dict(fused=True), dtype, [(40, 300), (64,)], n_rows=9)
     for p, state in new.state.items():  # (and it was the C loop that ran)
-        assert _route([p], [state["exp_avg"]], [state["exp_avg_sq"]], foreach=None, fused=True) == {"c": [0]}
+        assert route_rows([p], [state["exp_avg"]], [state["exp_avg_sq"]], foreach=None, fused=True) == {"c": [0]}
 
 
 @pytest.mark.skipif(not HAS_CC, reason="needs a C compiler")
