@@ -71,14 +71,16 @@ void FN(int64_t n_tensors, void *const *ptrs, const int64_t *cols, const int64_t
     (void)n_threads;
     const T g_sign = maximize ? -1 : 1; /* -g exactly, without a branch per value */
     /* Each thread takes runs of consecutive blocks, 1/8 of its share at a time (at least 64 blocks,
-       16384 values): long runs keep its memory streams long (the prefetchers follow them; runs of 16
-       blocks, the two threads interleaved, halved the bandwidth), and 8 runs a thread still let the
-       threads finish together where one of them shares its core with another process. */
+       16384 values): long runs keep its memory streams long (the prefetchers follow them; short runs
+       of the threads interleaved cost bandwidth), and 8 runs a thread still let the threads finish
+       together where one of them shares its core with another process. */
     const int64_t n_blocks = first[n_tensors], share = n_blocks / (8 * (n_threads > 1 ? n_threads : 1));
     const int64_t run = share > 64 ? share : 64;
+    const int threads = threads_for(n_blocks, run, n_threads);
     (void)run;
+    (void)threads;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, run) num_threads(n_threads)
+#pragma omp parallel for schedule(dynamic, run) num_threads(threads)
 #endif
     for (int64_t b = 0; b < n_blocks; b++) {
         const int64_t t = tensor_of(b, first, n_tensors), blk = b - first[t];

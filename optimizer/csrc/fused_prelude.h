@@ -124,6 +124,13 @@ static inline f16 store_sr_f16(float x, uint32_t r16) {
 }
 #endif
 
+/* the threads worth waking for `units` of work taken `per_thread` at a time: at most n_threads, at least
+   one; a step of a few small tensors runs on one thread instead of paying to wake the others */
+static inline int threads_for(int64_t units, int64_t per_thread, int n_threads) {
+    const int64_t useful = (units + per_thread - 1) / per_thread;
+    return useful < 1 ? 1 : useful < n_threads ? (int)useful : n_threads;
+}
+
 /* the tensor holding block b: first[t] <= b < first[t + 1], first[] the running block counts */
 static inline int64_t tensor_of(int64_t b, const int64_t *first, int64_t n_tensors) {
     int64_t lo = 0, hi = n_tensors - 1;

@@ -26,9 +26,10 @@ void FN(int64_t n_tensors, void *const *ptrs, const int64_t *numel, const int64_
     (void)scalars;
     (void)per_tensor;
     (void)seeds;
-    (void)n_threads;
+    const int threads = threads_for(first[n_tensors], 8, n_threads); /* runs of 8 rows */
+    (void)threads;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 8) num_threads(n_threads)
+#pragma omp parallel for schedule(dynamic, 8) num_threads(threads)
 #endif
     for (int64_t b = 0; b < first[n_tensors]; b++) {
         const int64_t t = tensor_of(b, first, n_tensors), r = b - first[t], len = numel[t];
