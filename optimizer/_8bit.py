@@ -37,9 +37,10 @@ a large tensor in one byte, with one float32 scale per block of values (Dettmers
   ``(c / 255)^4 scale^2``, so E[decoded v] = v). Round to nearest cannot follow v's decay:
   with beta2 = 0.999 v shrinks 0.1% a step, less than half a code (a code is 0.8% of r, 1.6%
   of v, near the top of a block), so every decrease is rounded away while a large gradient's
-  increase is kept: v ratchets up (the median error, against float32 states fed the same
-  gradients, grows without bound: +7% after 1000 steps, +27% after 3000). Stochastic codes
-  turn that bias into noise that does not grow (about 6% median, unbiased; tests/test_8bit.py).
+  increase is kept: v ratchets up (against float32 states fed the same gradients, the mean
+  relative error grows without bound: +7% after 1000 steps, +30% after 3000). Stochastic
+  codes turn that bias into noise that does not grow: a median error of 6% per value once v
+  has settled, a mean within 0.13% of zero (tests/test_8bit.py; docs/algorithms.md).
   The 16 random bits of a value are a hash of its r (its float32 bits but the last 8) and
   of the step, ``mix32((bits(r) >> 8) ^ root_seed(t)) >> 16``, rounding up iff
   ``bits (hi^4 - lo^4) < (x^4 - lo^4) 65536``. They depend on nothing but the value and the

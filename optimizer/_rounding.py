@@ -9,9 +9,9 @@ With ``stochastic_rounding=True``, a bf16/fp16 parameter's update is computed in
 and rounded into the parameter *stochastically*: down to the representable value toward
 zero, or up to the next one away from zero with probability equal to the distance to
 the lower one, in units of the gap. Updates smaller than half a gap are then not lost:
-they move the parameter on average (round to nearest drops every update below half an
-ulp: bf16 weights at 1.0 ignore any step under 0.0039). float32/float64 parameters are
-rounded as usual.
+they move the parameter on average (round to nearest drops every update below half a
+gap: a bf16 weight at 1.0 ignores any step under 2^-9, about 0.002, downwards and under
+2^-8, about 0.004, upwards). float32/float64 parameters are rounded as usual.
 
 The random bits are a hash, not a generator: 16 bits per element,
 ``mix32(index ^ seed_t) >> 16`` with ``seed_t`` = :func:`rounding_seeds` of the group's

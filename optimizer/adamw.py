@@ -53,24 +53,19 @@ class AdamW(Optimizer):
             theta_t <- theta - gamma * m_hat / (sqrt(v_hat) + eps)
         return theta_t
 
-    This is the paper's Algorithm 2 with the schedule multiplier folded into
-    ``lr`` (a scheduler sets it), and it is exactly ``torch.optim.AdamW``.
+    This is the AdamW paper's Algorithm 2 as torch.optim.AdamW writes it: the paper's step
+    size and schedule multiplier are one learning rate ``lr``, set by a scheduler, which also
+    scales the decay. With the defaults it is exactly ``torch.optim.AdamW``.
 
-    Note [eps placement]: the CMU minllama assignment's ``optimizer.py`` writes the same update as
-    ``step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t)`` and
-    ``theta -= step_size * m_t / (sqrt(v_t) + eps)``. Multiplying through shows
-    that form equals ours with ``eps`` replaced by ``eps / sqrt(1 - beta2^t)``:
-    identical when eps is 0, different only in how strongly eps damps the first
-    steps (it is the Adam paper's "more efficient" ordering, end of its Section 2). We
-    add eps to the *bias-corrected* root, as Algorithm 1 of the Adam paper, the AdamW paper and
-    torch.optim do, so eps means the same thing at every step
-    and our results equal torch's.
-
-    The weight decay is applied first, to the parameter before the Adam step
-    (``theta * (1 - lr * wd)``), as torch.optim does; the minllama assignment applies it
-    after the Adam step to the updated parameter. The two differ by a term of
-    order ``lr^2 * wd``. The Intro2LLM lesson L07's formula
-    ``theta - lr * (m_hat / (sqrt(v_hat) + eps) + lambda * theta)`` is ours.
+    Note [eps placement]: eps is added to the *bias-corrected* root, ``sqrt(v_hat) + eps``, as
+    in Algorithm 1 of the Adam paper and in torch.optim, so eps means the same thing at every
+    step. The Adam paper's "more efficient" ordering (end of its Section 2),
+    ``lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m_t / (sqrt(v_t) + eps)``, is this update with
+    ``eps / sqrt(1 - beta2^t)`` for eps: identical when eps is 0, damping the first steps more
+    otherwise. The decay is applied first, to the parameter before the Adam step, as
+    torch.optim does. How the course material this library accompanies (the CMU minllama
+    assignment, the Intro2LLM lesson L07) writes AdamW, and how it maps to this:
+    docs/algorithms.md, "The course material".
 
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
@@ -87,14 +82,22 @@ class AdamW(Optimizer):
             memory per element instead of one per operation (a C loop on
             CPU, Triton kernels on CUDA). With both None (default) the
             fastest correct path is picked: fused on CPU and CUDA (see
-            README 'Backends').
-        state_dtype: None (default: float32 for bf16/fp16 parameters, the
-            parameter's dtype otherwise), torch.float32, or torch.bfloat16
-            to store the moments in bf16 (math still in float32).
+            docs/design.md, "Backends").
+        state_dtype: how the moments are stored. None (default: float32 for
+            bf16/fp16 parameters, the parameter's dtype otherwise), torch.float32,
+            torch.bfloat16 (math still in float32), or torch.uint8: 8-bit states,
+            one byte per value and one float32 scaling factor per block of 256
+            values of a row (Note [8-bit states] in _8bit.py).
+        stochastic_rounding: round bf16/fp16 parameters stochastically instead of
+            to nearest (Note [stochastic rounding] in _rounding.py), default False.
+        seed: the seed of those random bits, default 0 (a run is reproducible).
+        min_8bit_size: with ``state_dtype=torch.uint8``, tensors with fewer values
+            (or fewer than 2 dimensions) keep float32 states, default 4096.
 
     State per parameter: ``step`` (float32 scalar tensor; on the parameter's
     GPU for CUDA parameters, so that the fused kernels read it without a
-    sync), ``exp_avg``, ``exp_avg_sq`` (in ``state_dtype``). Complex
+    sync), ``exp_avg``, ``exp_avg_sq`` (in ``state_dtype``; 8-bit states add
+    their scaling factors ``exp_avg_scale``, ``exp_avg_sq_scale``). Complex
     parameters are updated as pairs of reals.
     """
 

@@ -31,26 +31,24 @@ class Lion(Optimizer):
 
     .. code-block:: text
 
-        input: lr (eta), betas (beta1, beta2), weight_decay (lambda),
+        input: lr (gamma), betas (beta1, beta2), weight_decay (lambda),
                maximize, params theta_0, objective f
         init:  m_0 = 0 (exp_avg)
         for each step:
             g     <- grad f(theta_{t-1})            (-grad if maximize)
             c     <- beta1 * m_{t-1} + (1 - beta1) * g     # interpolation, used once
-            theta <- theta_{t-1} * (1 - eta * lambda)      # decoupled decay
-            theta_t <- theta - eta * sign(c)               # sign(0) = 0
+            theta <- theta_{t-1} * (1 - gamma * lambda)    # decoupled decay
+            theta_t <- theta - gamma * sign(c)             # sign(0) = 0
             m_t   <- beta2 * m_{t-1} + (1 - beta2) * g     # the momentum kept
         return theta_t
 
     Two betas, on purpose: the update direction interpolates with ``beta1``
     (0.9) while the momentum that is kept tracks the gradient with ``beta2``
-    (0.99), which gives the update a longer memory than its direction.
-
-    What Lion is not (the Intro2LLM lesson L07 says otherwise): "Lion" stands for
-    Evo\ *L*\ ved S\ *i*\ gn M\ *o*\ me\ *n*\ tum, found by program search; it is
-    not "Layer-wise Adaptive Rate". L07's update
-    ``v = b1 v + (1 - b1) g; theta -= lr sign(v)`` is the special case
-    ``beta1 == beta2`` of the paper's (pass ``betas=(b, b)`` to get it).
+    (0.99), which gives the update a longer memory than its direction. Beside
+    AdamW, Lion keeps a momentum but no second moment: the sign takes the place
+    of ``m_hat / (sqrt(v_hat) + eps)``. How the Intro2LLM lesson L07 writes Lion
+    (one beta, the case ``betas=(b, b)``), and how it maps to this:
+    docs/algorithms.md, "The course material".
 
     Because every coordinate moves by exactly ``lr``, the paper advises a
     learning rate 3-10x smaller than AdamW's and a weight decay 3-10x larger,
@@ -70,12 +68,17 @@ class Lion(Optimizer):
         maximize: maximise the objective instead of minimising it.
         foreach: use the multi-tensor implementation; None picks (see AdamW).
         fused: use the fused kernels (see AdamW); None picks.
-        state_dtype: None, torch.float32 or torch.bfloat16 (see AdamW).
+        state_dtype: None, torch.float32, torch.bfloat16 or torch.uint8 (8-bit
+            states; see AdamW).
+        stochastic_rounding: round bf16/fp16 parameters stochastically (see AdamW).
+        seed: the seed of those random bits, default 0.
+        min_8bit_size: smaller tensors keep float32 states with
+            ``state_dtype=torch.uint8`` (see AdamW), default 4096.
 
     State per parameter: ``exp_avg`` only (in ``state_dtype``: by default float32
-    for bf16/fp16 parameters, the parameter's dtype otherwise).
-    Complex parameters are updated as pairs of reals: the sign is taken of the
-    real and the imaginary part separately.
+    for bf16/fp16 parameters, the parameter's dtype otherwise; 8-bit states add
+    ``exp_avg_scale``). Complex parameters are updated as pairs of reals: the
+    sign is taken of the real and the imaginary part separately.
     """
 
     state_keys = ("exp_avg",)

@@ -246,7 +246,10 @@ class WarmupCosineScheduler(ScheduleLR):
     floor at ``s = T`` and held after it (Note [end of the schedule]).
 
     ``step(step)`` sets the rate for ``step`` (the call of the Intro2LLM lesson L07);
-    ``step()`` advances by one (torch's). ``get_lr(step)`` returns a float.
+    ``step()`` advances by one (torch's). ``get_lr(step)`` returns a float. The lesson's
+    own formula, warmup ``P * s / W``, is Hugging Face's ``cosine_with_min_lr``:
+    ``get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=W,
+    num_training_steps=T, min_lr_rate=0.1)`` (docs/algorithms.md, "The course material").
     """
 
     def __init__(

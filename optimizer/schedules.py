@@ -12,20 +12,25 @@ With ``W = warmup_steps`` and peak ``P``, warmup is the straight line
 
     lr(s) = P * (s + 1) / (W + 1)         for 0 <= s < W
 
-so step 0 already trains (lr = P / (W + 1), never 0: a zero first update is a
-wasted step), the rate rises strictly, and it reaches ``P`` at ``s = W``, the
-end of warmup, where the decay starts from ``P``. Hugging Face's schedules use
-``P * s / W`` instead, which spends step 0 at lr 0; this is the one place our
-own schedules deliberately differ from theirs.
+so step 0 already moves the parameters (lr = P / (W + 1), never 0), the rate rises
+strictly, and it reaches ``P`` at ``s = W``, the end of warmup, where the decay starts
+from ``P``. Hugging Face's schedules (and the Intro2LLM lesson L07's formula) use
+``P * s / W`` instead, which is 0 at step 0; this is the one place our own schedules
+deliberately differ from theirs. ``get_scheduler`` with Hugging Face's keywords gives
+their curve (Note [whose curve] in scheduler.py); why ours differs, and the lesson's own
+test of step 0: docs/algorithms.md, "The course material".
 
 Note [end of the schedule]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~
 Decays run over ``[W, T]`` with ``T = total_steps`` and progress
-``x = (s - W) / (T - W)``: the floor ``min_lr`` is reached at ``s = T`` and held
-for every later step (no re-rise, no error), as torch's ``CosineAnnealingLR``
-and the Intro2LLM lesson L07's formula do. With ``W == T`` (warmup only) the peak
-is reached at ``s = W`` and the floor one step later. Steps count in whatever unit the loop calls
-``scheduler.step()`` in: optimizer steps or epochs.
+``x = (s - W) / (T - W)``, clipped to [0, 1]: the floor ``min_lr`` is reached at ``s = T``
+and held for every later step (no rise, no error). That is our choice, not a shared
+convention: torch's ``CosineAnnealingLR`` is a cosine of period ``2 T_max`` and climbs
+back after ``T_max``, and Hugging Face's ``cosine`` schedules (like the lesson L07's
+formula evaluated past ``T``) continue their cosine upwards (tests/test_guides.py).
+With ``W == T`` (warmup only) the peak is reached at ``s = W`` and the floor one step
+later. Steps count in whatever unit the loop calls ``scheduler.step()`` in: optimizer
+steps or epochs.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ Decisions, and why
   the moments, then the step, eps added to the bias-corrected root: Note [eps placement]
   in adamw.py). So with every row touched at every step the result *is* our AdamW's: the
   tests find it bit for bit equal to ``AdamW``'s reference and C loop.
-* **torch.optim.SparseAdam** places eps as the minllama assignment does, on the
-  uncorrected root: ``p -= lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``. Ours is
-  that update with ``eps * sqrt(1 - b2^t)`` for eps. With ``weight_decay=0`` the two are the
+* **torch.optim.SparseAdam** places eps as the Adam paper's "more efficient" ordering
+  does, on the uncorrected root: ``p -= lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``.
+  Ours is that update with ``eps * sqrt(1 - b2^t)`` for eps. With ``weight_decay=0`` the two are the
   same algorithm (lazy moments, the same step counts) but for that eps: the tests compare
   with SparseAdam run with ``eps * sqrt(1 - b2^t)`` set at each step (and with ``eps=0``
   as it is) to float32 rounding, not bit for bit: SparseAdam rounds other operations
