@@ -575,6 +575,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
                   for row in r["rows"]]
         if r.get("skipped"):
             lines += ["", "Skipped: " + "; ".join(f"{name} ({why})" for name, why in r["skipped"].items()) + "."]
+        if r.get("unavailable"):
+            lines += ["", "Failed here: " + "; ".join(f"{name} ({why})" for name, why in r["unavailable"].items())
+                      + "."]
         lines.append("")
     first = results[0]
     versions = {k: v for r in results for k, v in r.get("versions", {}).items()}

@@ -82,8 +82,8 @@ def test_deprecated_readme_flags_write_no_document_and_say_what_to_run(tmp_path)
          "--only", "torch AdamW fused", "--readme", "t"], capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    warned = [line for line in done.stderr.splitlines() if "deprecated" in line]
-    assert len(warned) == 1 and "--readme" in warned[0] and "tools/bench_tables.py" in warned[0]
+    warned = [line for line in done.stderr.splitlines() if line.startswith("python -m optimizer bench: warning")]
+    assert len(warned) == 1 and "--readme is deprecated" in warned[0] and "tools/bench_tables.py" in warned[0]
     assert "python tools/bench_tables.py t=t.json" in done.stdout
     assert (tmp_path / "t.json").is_file() and (tmp_path / "README.md").read_text() == readme
     again = subprocess.run([sys.executable, "-m", "optimizer", "bench", "--device", "cpu", "--readme", "t"],
