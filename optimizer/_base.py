@@ -353,7 +353,8 @@ class Optimizer(torch.optim.Optimizer):
         if t.layout != torch.strided:
             raise RuntimeError(
                 f"{type(self).__name__} does not support sparse gradients ({where.split(': ', 1)[1]} has a "
-                f"{t.layout} {what}); use torch.optim.SparseAdam for sparse embeddings, or nn.Embedding(sparse=False)"
+                f"{t.layout} {what}); use optimizer.SparseAdamW (or torch.optim.SparseAdam) for sparse embeddings, "
+                "or nn.Embedding(sparse=False)"
             )
         raise RuntimeError(f"{where} has a {what} of shape {tuple(t.shape)}, {t.dtype} on {t.device}; "
                            f"expected shape {tuple(p.shape if shape is None else shape)}, {dtype} on {device}")
