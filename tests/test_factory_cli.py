@@ -233,7 +233,7 @@ def read_summary(path):
 def test_demo_short_run_writes_table_and_files(tmp_path, capsys):
     assert cli.main(["demo", *TINY, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "train loss" in out and "held-out" in out and "state MB" in out and "state B/param" in out
+    assert "train loss" in out and "held-out" in out and "state MiB" in out and "state B/param" in out
     mpimg = pytest.importorskip("matplotlib.image")
     for name in ("loss.png", "lr.png"):
         assert mpimg.imread(tmp_path / name).ndim == 3

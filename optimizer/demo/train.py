@@ -423,16 +423,17 @@ def _run(cfg: dict[str, Any], checkpoints: dict[str, dict[str, Any]], *, overwri
     print(f"\nsmall LLaMA, {params / 1e6:.2f} M parameters, {cfg['steps']} steps of "
           f"{cfg['batch_size']}x{cfg['seq_len']} bytes, {cfg['schedule']} schedule, warmup {cfg['warmup_steps']}"
           f"{describe_precision(cfg)}{parallel.describe(world)}")
-    state = "state MB" if world.mode == "none" else "state MB/rank"
+    state = "state MiB" if world.mode == "none" else "state MiB/rank"
     header = (f"{'optimizer':10s} {'train loss':>10s} {'held-out':>9s} {'tokens/s':>9s} {'opt step ms':>12s} "
-              f"{state:>9s} {'state B/param':>13s}")
+              f"{state:>10s} {'state B/param':>13s}")
     print(header)
     for name, r in results.items():
         print(f"{name:10s} {r['final_train_loss']:10.3f} {r['held_out_loss']:9.3f} {r['tokens_per_s']:9,.0f} "
-              f"{r['optimizer_step_ms']:12.2f} {r['state_bytes'] / 2**20:9.2f} {r['state_bytes_per_param']:13.3f}")
+              f"{r['optimizer_step_ms']:12.2f} {r['state_bytes'] / 2**20:10.2f} {r['state_bytes_per_param']:13.3f}")
     print(f"held-out loss of a model that ignores context: {entropy:.3f}\n"
-          "tokens/s: tokens trained per second of training steps, over the whole run (the progress bar's figure); "
-          "opt step ms: median time of the optimizer's step alone")
+          "losses in nats per byte; train loss: the mean of the last 10 steps'; held-out: on the last 10% of the "
+          "text\ntokens/s: tokens trained per second of training steps, over the whole run (the progress bar's "
+          "figure); opt step ms: median time of the optimizer's step alone")
     files = plot(results, cfg, entropy, out, params)
     summary = {"config": cfg, "text": source, "unigram_entropy": entropy, "world_size": world.size,
                "results": {n: {k: v for k, v in r.items() if k != "finished"} for n, r in results.items()}}
