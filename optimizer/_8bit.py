@@ -15,7 +15,8 @@ a large tensor in one byte, with one float32 scale per block of values (Dettmers
 * Which tensors: real floating tensors of at least 2 dimensions and ``min_8bit_size``
   (4096) values. Others (biases, norms, small tensors) keep float32 states: they are
   few bytes and the most sensitive ones.
-* First moment (signed, ``exp_avg``): ``scale`` = the block's largest ``|m|``; the code is
+* First moment (signed, ``exp_avg``): ``scale`` = the block's largest ``|m|`` (its largest
+  finite one, at most ``MAX_SCALE``: below); the code is
   ``c = floor(127 sqrt(|m| / scale) + 0.5)`` with m's sign, stored as int8 (viewed as the
   uint8 tensor ``exp_avg``); decoded as ``sign(c) (|c| / 127)^2 scale``. Companding by the
   square root keeps small values' relative precision: 1/127^2 of the block's largest value
@@ -50,9 +51,25 @@ a large tensor in one byte, with one float32 scale per block of values (Dettmers
   moments (AdamW's and Lion's) decay by 10% (1%) a step, far more than a code: they round
   to nearest.
 * Each step decodes, updates in float32 exactly as the float32 optimizer does, and encodes
-  again, in one pass (the kernels keep a block in registers / cache). A NaN or infinity in
-  a block makes its scale NaN and the whole block decodes to NaN (as one NaN gradient
-  poisons a float32 state); a block of zeros has scale 0 and codes 0.
+  again, in one pass (the kernels keep a block in registers / cache). A block of zeros has
+  scale 0 and codes 0.
+* Infinities and NaNs stay in their value, as in float32 states. One overflowing ``g^2``
+  makes that value's ``v`` infinite and its update 0 from then on (``m / inf``), while
+  float32 AdamW keeps every other value finite; Lion's momentum can overflow the same way
+  (``g - m``). Were the infinity its block's scale, every code of the block would decode to
+  ``0 inf`` = NaN or to inf. So a block that holds an infinity or a NaN ("special") has as
+  its scale its largest *finite* magnitude, stored negated (the sign bit marks the block;
+  -0 where nothing in it is finite and non-zero), codes its finite values on fewer levels,
+  126 signed and 253 root, and gives the top codes to the others: signed ``127`` = +inf,
+  ``-127`` = -inf, ``-128`` = NaN; root ``255`` = inf, ``254`` = NaN. Its other values keep
+  their 8-bit accuracy (against its largest finite value), and the special value goes on
+  exactly as in float32. Ordinary blocks are coded as before, so checkpoints written before
+  keep their meaning: no scale was negative (one of NaN or inf still decodes its block to
+  NaN, as it did), and the signed code -128 was never written. The C loop tests for a
+  special block once per block: ordinary blocks run the loops they ran before.
+* A scale is at most ``MAX_SCALE``, the float32 below the largest: with the largest as its
+  scale, a block's top code would decode to ``127^2 RN(scale / 127^2)``, which rounds up to
+  inf. The largest value itself still gets the top code, and decodes within an ulp of it.
 * Everything is a function of the values and the step: a resumed run is bit-identical.
 """
 
@@ -105,45 +122,75 @@ def _per_value(scale: Tensor, cols: int) -> Tensor:
 
 
 def _block_max(a: Tensor) -> Tensor:
-    """Largest of each block of ``a`` (>= 0 or NaN), NaN if the block holds a NaN."""
+    """Largest of each block of ``a`` (>= 0)."""
     return _blocks(a).amax(dim=2)
 
 
-def _units(a: Tensor, scale: Tensor, levels: int) -> Tensor:
-    """``levels^2 a / scale`` for a = |x| or r in [0, scale]: the square of the unrounded code.
-    Evaluated as ``a k`` with ``k = levels^2 / scale`` rounded once per block (a product per value,
-    no division), or as ``(a / scale) levels^2`` where k overflows (scales below levels^2 / 3.4e38);
-    0 where the scale is 0 or NaN (a NaN block's codes are 0: its scale carries the NaN). The
-    per-block quotients divide two tensors: torch's CUDA division *by a Python number* is a
-    multiplication by its reciprocal, which does not round as the division does."""
-    k = torch.full_like(scale, levels * levels) / scale
-    s, kv = _per_value(scale, a.shape[1]), _per_value(k, a.shape[1])
-    u = torch.where(kv.isfinite(), a * kv, a / s * (levels * levels))
+# Levels of the codes: (ordinary block, special block); the top codes of a special block are its
+# infinities and NaNs (Note [8-bit states])
+SIGNED_LEVELS = (127, 126)
+ROOT_LEVELS = (255, 253)
+SIGNED_INF, SIGNED_NAN = 127, -128  # (-127: -inf)
+ROOT_NAN, ROOT_INF = 254, 255
+# The largest scale, the float32 below the largest: at the largest, the top code would decode to
+# 127^2 RN(scale / 127^2), which rounds up to inf (Note [8-bit states])
+MAX_SCALE = 3.4028232635611926e38  # bits 0x7f7ffffe
+
+
+def _finite_blocks(a: Tensor, levels: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For ``a`` = |x| or r (rows, cols): ``a`` with its infinities and NaNs zeroed, the largest
+    finite value of each block (at most MAX_SCALE: its scale), which blocks hold an infinity or a
+    NaN, and their levels."""
+    finite = a.isfinite()
+    finite_a = torch.where(finite, a, torch.zeros_like(a))
+    top = _block_max(finite_a).clamp(max=MAX_SCALE)
+    special = _block_max((~finite).to(a.dtype)) > 0
+    return finite_a, top, special, torch.full_like(top, levels[0]).masked_fill_(special, levels[1])
+
+
+def _units(a: Tensor, top: Tensor, block_levels: Tensor) -> Tensor:
+    """``levels^2 a / top`` for finite a in [0, top]: the square of the unrounded code.
+    Evaluated as ``a k`` with ``k = levels^2 / top`` rounded once per block (a product per value,
+    no division), or as ``(a / top) levels^2`` where k overflows (tops below levels^2 / 3.4e38);
+    0 where top is 0. The per-block quotients divide two tensors: torch's CUDA division *by a
+    Python number* is a multiplication by its reciprocal, which does not round as the division
+    does."""
+    levels2 = block_levels * block_levels
+    k = levels2 / top
+    s, kv, l2 = (_per_value(b, a.shape[1]) for b in (top, k, levels2))
+    u = torch.where(kv.isfinite(), a * kv, a / s * l2)
     return torch.where(s > 0, u, torch.zeros_like(u))
 
 
 def _nearest_code(u: Tensor) -> Tensor:
-    """floor(sqrt(u) + 0.5): the code nearest to sqrt(u); 0 where u is NaN (an infinite value)."""
-    return torch.nan_to_num(torch.floor(torch.sqrt(u) + 0.5), nan=0.0)
+    """floor(sqrt(u) + 0.5): the code nearest to sqrt(u)."""
+    return torch.floor(torch.sqrt(u) + 0.5)
 
 
-def _unit(scale: Tensor, levels: int) -> Tensor:
-    """The value of one squared code step of each block, ``scale / levels^2``, rounded once."""
-    return scale / torch.full_like(scale, levels * levels)  # (two tensors: see _units)
+def _unit(scale: Tensor, levels: tuple[int, int]) -> Tensor:
+    """The value of one squared code step of each block, ``|scale| / levels^2`` (levels of a
+    special block where the scale is negative), rounded once."""
+    levels2 = torch.full_like(scale, levels[0] ** 2).masked_fill_(torch.signbit(scale), levels[1] ** 2)
+    return scale.abs() / levels2  # (two tensors: see _units)
 
 
 def encode_signed(x: Tensor) -> tuple[Tensor, Tensor]:
     """float32 (rows, cols) -> int8 codes (rows, cols), float32 scales (rows, blocks)."""
     a = x.abs()
-    scale = _block_max(a)
-    c = _nearest_code(_units(a, scale, 127))
-    return (torch.sign(x) * c).to(torch.int8), scale
+    finite_a, top, special, block_levels = _finite_blocks(a, SIGNED_LEVELS)
+    c = _nearest_code(_units(finite_a, top, block_levels))
+    c = torch.where(a == math.inf, float(SIGNED_INF), c)      # +-inf: the top code, with the sign
+    c = torch.where(x.isnan(), float(SIGNED_NAN), torch.sign(x) * c)
+    return c.to(torch.int8), torch.where(special, -top, top)   # a special block's scale negated
 
 
 def decode_signed(codes: Tensor, scale: Tensor) -> Tensor:
-    """int8 codes (rows, cols), scales (rows, blocks) -> float32 values: c |c| (scale / 127^2)."""
+    """int8 codes (rows, cols), scales (rows, blocks) -> float32 values: c |c| (|scale| / 127^2),
+    or 126^2 and the infinities and NaNs in a special block (a negative scale)."""
     c = codes.to(torch.float32)
-    return (c * c.abs()) * _per_value(_unit(scale, 127), codes.shape[1])  # c |c| is exact
+    x = (c * c.abs()) * _per_value(_unit(scale, SIGNED_LEVELS), codes.shape[1])  # c |c| is exact
+    specials = torch.where(c == SIGNED_NAN, math.nan, torch.sign(c) * math.inf)
+    return torch.where(_per_value(torch.signbit(scale), codes.shape[1]) & (c.abs() >= SIGNED_INF), specials, x)
 
 
 def root_seed(step: int | float) -> int:
@@ -155,8 +202,8 @@ def encode_root(r: Tensor, seed: int | None = None) -> tuple[Tensor, Tensor]:
     """float32 r >= 0 (rows, cols) -> uint8 codes, float32 scales; a positive r gets code >= 1.
     With ``seed`` (:func:`root_seed`) the codes round stochastically, unbiased for v = r^2;
     without, to nearest (checkpoint conversions)."""
-    scale = _block_max(r)
-    u = _units(r, scale, 255)                    # x^2, x = 255 sqrt(r / scale) the unrounded code
+    finite_r, top, special, block_levels = _finite_blocks(r, ROOT_LEVELS)
+    u = _units(finite_r, top, block_levels)      # x^2, x = levels sqrt(r / top) the unrounded code
     if seed is None:
         c = _nearest_code(u)
     else:
@@ -165,15 +212,19 @@ def encode_root(r: Tensor, seed: int | None = None) -> tuple[Tensor, Tensor]:
         lo2, hi2 = lo * lo, hi * hi
         bits = mix32(((r.view(torch.int32).to(torch.int64) & M32) >> 8) ^ seed) >> 16
         up = bits.to(torch.float32) * (hi2 * hi2 - lo2 * lo2) < (u * u - lo2 * lo2) * 65536
-        c = torch.nan_to_num(lo + up, nan=0.0).clamp(max=255)  # (u may pass 255^2 by an ulp)
+        c = torch.minimum(lo + up, _per_value(block_levels, r.shape[1]))  # (u may pass levels^2 by an ulp)
     c = torch.where(r > 0, c.clamp(min=1), c)
-    return c.to(torch.uint8), scale
+    c = torch.where(r == math.inf, float(ROOT_INF), torch.where(r.isnan(), float(ROOT_NAN), c))
+    return c.to(torch.uint8), torch.where(special, -top, top)   # a special block's scale negated
 
 
 def decode_root(codes: Tensor, scale: Tensor) -> Tensor:
-    """uint8 codes (rows, cols), scales (rows, blocks) -> float32 r: c^2 (scale / 255^2)."""
+    """uint8 codes (rows, cols), scales (rows, blocks) -> float32 r: c^2 (|scale| / 255^2), or
+    253^2 and the infinities and NaNs in a special block (a negative scale)."""
     c = codes.to(torch.float32)
-    return (c * c) * _per_value(_unit(scale, 255), codes.shape[1])  # c^2 is exact
+    r = (c * c) * _per_value(_unit(scale, ROOT_LEVELS), codes.shape[1])  # c^2 is exact
+    specials = torch.where(c == ROOT_INF, math.inf, math.nan)
+    return torch.where(_per_value(torch.signbit(scale), codes.shape[1]) & (c >= ROOT_NAN), specials, r)
 
 
 # ----- checkpoints -------------------------------------------------------------------

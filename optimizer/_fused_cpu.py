@@ -217,7 +217,6 @@ def source(kernel: Kernel) -> str:
                     for line in (
                         f"uint8_t *restrict C_{s} = (uint8_t *)tp[{2 + j}] + base;",
                         f"float *restrict Z_{s} = (float *)tp[{2 + k + j}] + blk;",
-                        f"const float unit_{s} = {code.upper()}_UNIT(*Z_{s});",
                         f"float buf_{s}[QBLOCK];",
                         f"uint32_t top_{s} = 0;",
                     )
@@ -228,7 +227,7 @@ def source(kernel: Kernel) -> str:
             _macro(
                 "KERNEL_DECODE",
                 [
-                    f"for (int i = 0; i < n; i++) buf_{s}[i] = decode_{code}(C_{s}[i], unit_{s});"
+                    f"decode_{code}_block(C_{s}, n, buf_{s}, *Z_{s});"
                     for s, code in zip(kernel.states, kernel.codes)
                 ],
             ),
@@ -236,7 +235,7 @@ def source(kernel: Kernel) -> str:
             _macro("KERNEL_KEEP", [f"buf_{s}[i] = {s}; top_{s} = top_bits(top_{s}, {s});" for s in kernel.states]),
             # a second moment's codes round stochastically with the seed of the tensor's step
             _macro("KERNEL_ENCODE", [
-                f"encode_{code}(buf_{s}, n, C_{s}, Z_{s}, scale_of_top(top_{s})"
+                f"encode_{code}(buf_{s}, n, C_{s}, Z_{s}, top_{s}"
                 + (", mix32((uint32_t)step));" if code == "root" else ");")
                 for s, code in zip(kernel.states, kernel.codes)]),
         ]

@@ -56,9 +56,10 @@ tensor is row ``q // per_row``, values ``256 (q % per_row) ..`` of it (the last
 block of a row masked), and its scales sit at offset q; the program holds its
 blocks as a [4, 256] tile: it decodes, updates, takes each block's largest
 magnitude (a row of the tile), encodes and stores, reading and writing each value
-once. The largest magnitude is taken without the NaNs, which are counted apart:
-a block with one gets the scale NaN and codes 0, the same on every device
-whatever its max instruction does with a NaN.
+once. The largest magnitude is taken over the finite values, the infinities and
+NaNs found by comparisons and counted apart: a block with one is special (its
+scale negated, its finite values on fewer levels, Note [8-bit states]), the
+same on every device whatever its max instruction does with a NaN.
 
 The update is the reference's (``_single_tensor_adamw8bit``, ``_single_tensor_lion8bit``)
 operation for operation, in its order, each correctly rounded: divisions ``div_rn``,
@@ -326,8 +327,8 @@ def _lion_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr,
 def _store_signed(codes_ptr, scales_ptr, offs, q, mask, real, m):
     """Encode the first moment ``m`` [B, QBLOCK] (_8bit.encode_signed) and store its int8 codes
     and its blocks' scales."""
-    c, scale = _encode(tl.abs(m), mask, 0, 127, False)
-    c = tl.where(m > 0, c, tl.where(m < 0, -c, 0.0))          # m's sign; 0 for nan
+    c, scale = _encode(tl.abs(m), mask, 0, 127, 126, 127.0, 128.0, False)
+    c = tl.where(m > 0, c, tl.where(m < 0, -c, tl.where(m != m, -128.0, 0.0)))  # m's sign; -128 for nan
     tl.store(codes_ptr + offs, c.to(tl.int8), mask=mask)
     tl.store(scales_ptr + q, scale, mask=real)
 
@@ -345,35 +346,52 @@ def lerp_fma(a, b, w):
 
 @triton.jit
 def _decode_signed(codes, scale):
-    """int8 codes [B, QBLOCK], float32 scales [B] -> c |c| (scale / 127^2), as _8bit.decode_signed."""
+    """int8 codes [B, QBLOCK], float32 scales [B] -> c |c| (|scale| / 127^2), or 126^2 and the
+    infinities and NaNs of a special block (a negative scale), as _8bit.decode_signed."""
     c = codes.to(tl.float32)
-    return (c * tl.abs(c)) * tl.div_rn(scale, 16129.0)[:, None]
+    negative = scale.to(tl.int32, bitcast=True) < 0
+    x = (c * tl.abs(c)) * tl.div_rn(tl.abs(scale), tl.where(negative, 15876.0, 16129.0))[:, None]
+    special = negative[:, None]
+    x = tl.where(special & (c == 127.0), float("inf"), x)
+    x = tl.where(special & (c == -127.0), float("-inf"), x)
+    return tl.where(special & (c == -128.0), float("nan"), x)
 
 
 @triton.jit
 def _decode_root(codes, scale):
-    """uint8 codes [B, QBLOCK], float32 scales [B] -> c^2 (scale / 255^2), as _8bit.decode_root."""
+    """uint8 codes [B, QBLOCK], float32 scales [B] -> c^2 (|scale| / 255^2), or 253^2 and the
+    infinities and NaNs of a special block (a negative scale), as _8bit.decode_root."""
     c = codes.to(tl.float32)
-    return (c * c) * tl.div_rn(scale, 65025.0)[:, None]
+    negative = scale.to(tl.int32, bitcast=True) < 0
+    r = (c * c) * tl.div_rn(tl.abs(scale), tl.where(negative, 64009.0, 65025.0))[:, None]
+    special = negative[:, None]
+    r = tl.where(special & (c == 255.0), float("inf"), r)
+    return tl.where(special & (c == 254.0), float("nan"), r)
 
 
 @triton.jit
-def _encode(a, mask, seed, LEVELS: tl.constexpr, STOCHASTIC: tl.constexpr):
-    """|x| or r [B, QBLOCK] (>= 0 or nan) -> (codes as float32, scales [B]): over each row's
-    block maximum, from u = LEVELS^2 a / scale as _8bit._units computes it, floor(sqrt(u) + 0.5)
-    (_8bit._nearest_code), or where STOCHASTIC the second moment's stochastic code of
-    _8bit.encode_root with ``seed``; a nan in a block makes its scale nan and its codes 0 (the
-    maximum is taken without the nans, which are counted apart: the same on every device,
-    whatever its max instruction does with a nan)."""
+def _encode(a, mask, seed, LEVELS: tl.constexpr, SPECIAL_LEVELS: tl.constexpr, INF_CODE: tl.constexpr,
+            NAN_CODE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """|x| or r [B, QBLOCK] (>= 0, inf or nan) -> (codes as float32, scales [B]), as
+    _8bit.encode_signed / encode_root: over each row's largest finite value, from
+    u = levels^2 a / top as _8bit._units computes it, floor(sqrt(u) + 0.5) (_8bit._nearest_code),
+    or where STOCHASTIC the second moment's stochastic code with ``seed``. A row that holds an
+    infinity or a nan is special (Note [8-bit states]): its scale negated, SPECIAL_LEVELS for its
+    finite values, INF_CODE and NAN_CODE for the others (found by comparisons, not by the max
+    instruction, whose handling of a nan differs between devices)."""
     a = tl.where(mask, a, 0.0)
-    is_nan = a != a
-    top = tl.max(tl.where(is_nan, 0.0, a), axis=1)
-    scale = tl.where(tl.max(is_nan.to(tl.int32), axis=1) > 0, float("nan"), top)
-    s = scale[:, None]
+    bad = (a != a) | (a == float("inf"))
+    a_finite = tl.where(bad, 0.0, a)
+    top = tl.minimum(tl.max(a_finite, axis=1), 3.4028232635611926e38)  # _8bit.MAX_SCALE
+    special = tl.max(bad.to(tl.int32), axis=1) > 0
+    scale = tl.where(special, -top, top)
+    levels = tl.where(special, SPECIAL_LEVELS * 1.0, LEVELS * 1.0)
+    levels2 = (levels * levels)[:, None]
+    s = top[:, None]
     positive = s > 0
-    k = tl.div_rn(tl.full(scale.shape, LEVELS * LEVELS, tl.float32), tl.where(scale > 0, scale, 1.0))[:, None]
-    u = tl.where(k < float("inf"), a * k, tl.div_rn(a, tl.where(positive, s, 1.0)) * (LEVELS * LEVELS))
-    u = tl.where(positive, u, 0.0)  # 0 where the scale is 0 or nan
+    k = tl.div_rn(levels * levels, tl.where(top > 0, top, 1.0))[:, None]
+    u = tl.where(k < float("inf"), a_finite * k, tl.div_rn(a_finite, tl.where(positive, s, 1.0)) * levels2)
+    u = tl.where(positive, u, 0.0)  # 0 where the largest finite value is 0
     if STOCHASTIC:  # lo = floor(x), x = sqrt(u), + 1 iff bits (hi^4 - lo^4) < (u^2 - lo^4) 65536: unbiased for a^2
         lo = tl.floor(tl.sqrt_rn(u))
         hi = lo + 1.0
@@ -381,12 +399,11 @@ def _encode(a, mask, seed, LEVELS: tl.constexpr, STOCHASTIC: tl.constexpr):
         hi2 = hi * hi
         bits = (_mix32((a.to(tl.uint32, bitcast=True) >> 8) ^ seed) >> 16).to(tl.float32)
         c = lo + (bits * (hi2 * hi2 - lo2 * lo2) < (u * u - lo2 * lo2) * 65536.0).to(tl.float32)
-        c = tl.where(c != c, 0.0, c)   # the nan of an infinite value (inf 0): nan_to_num -> 0
-        c = tl.where(c < 255.0, c, 255.0)  # u may pass 255^2 by an ulp
+        c = tl.minimum(c, levels[:, None])  # u may pass levels^2 by an ulp
     else:
         c = tl.floor(tl.sqrt_rn(u) + 0.5)
-        c = tl.where(c != c, 0.0, c)
-    return c, scale
+    c = tl.where(a == float("inf"), INF_CODE, c)
+    return tl.where(a != a, NAN_CODE, c), scale
 
 
 @triton.jit
@@ -446,7 +463,7 @@ def _adamw8bit_blocks(entry, first, seed, root_seed, decay, step_size, bc2_sqrt,
     p = p + tl.div_rn(step_size * m, denom)                   # theta - lr m_hat / denom (addcdiv)
 
     _store_signed(m_ptr, m_scales, offs, q, mask, real, m)
-    c, scale = _encode(r, mask, root_seed, 255, True)         # stochastic, unbiased for v
+    c, scale = _encode(r, mask, root_seed, 255, 253, 255.0, 254.0, True)  # stochastic, unbiased for v
     c = tl.where(r > 0, tl.maximum(c, 1.0), c)                # a positive r never decodes to 0
     tl.store(v_ptr + offs, c.to(tl.uint8), mask=mask)
     tl.store(v_scales + q, scale, mask=real)

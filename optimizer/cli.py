@@ -10,6 +10,7 @@ error; the commands share those checks, so they stay in one file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import inspect
 import math
@@ -18,6 +19,7 @@ import pathlib
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from . import timm_schedules
@@ -150,9 +152,11 @@ def _demo_settings(args: argparse.Namespace) -> dict[str, Any]:
     return _demo_plan(args)[0]
 
 
-def _demo_plan(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+def _demo_plan(args: argparse.Namespace, hold: Callable[[pathlib.Path, str], None] | None = None
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The run's settings (see :func:`_demo_settings`) and this invocation's: resume, overwrite,
-    stop_after, no_progress, the checkpoints to resume from, and how errors name each setting."""
+    stop_after, no_progress, the checkpoints to resume from, and how errors name each setting.
+    ``hold(out, flag)`` is called once the run folder is known, before anything in it is read."""
     from .demo import train
 
     flags = _demo_flags()
@@ -176,6 +180,8 @@ def _demo_plan(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]
 
     cfg = copy.deepcopy(train.DEFAULTS)
     out = pathlib.Path(given.get("out", cfg["out"]))
+    if hold is not None:
+        hold(out, names["out"])
     run["checkpoints"] = {}
     if run.get("resume"):
         run["checkpoints"] = _read_checkpoints(out, names)
@@ -323,22 +329,14 @@ def _check_resume(cfg: dict[str, Any], checkpoints: dict[str, dict[str, Any]], n
 
 
 def _check_out(out: pathlib.Path, names: dict[str, str], overwrite: bool) -> None:
-    """A new run needs an empty (or new, creatable) folder, or --overwrite."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"Invalid {names['out']}: {str(out)!r} is a file, not a folder")
-    if out.is_dir():
-        held = sorted(p.name for p in out.iterdir())
-        if held and not overwrite:
-            listed = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
-            raise ConfigError(f"Invalid {names['out']}: {str(out)!r} already holds files ({listed}); add --resume "
-                              "to continue its run, or --overwrite to start again")
-        return
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"Invalid {names['out']}: cannot create {str(out)!r} ({str(parent)!r} is not a "
-                          "writable folder)")
+    """A new run needs an empty folder (this run holds it, folder.py: so it exists), or --overwrite."""
+    from .demo.folder import LOCK_NAME
+
+    held = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+    if held and not overwrite:
+        listed = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ConfigError(f"Invalid {names['out']}: {str(out)!r} already holds files ({listed}); add --resume "
+                          "to continue its run, or --overwrite to start again")
 
 
 def _in_flags(message: str, names: dict[str, str]) -> str:
@@ -348,20 +346,28 @@ def _in_flags(message: str, names: dict[str, str]) -> str:
 
 
 def demo(args: argparse.Namespace) -> int:
-    cfg, run = _demo_plan(args)
-    if not run["checkpoints"]:
-        _check_out(pathlib.Path(cfg["out"]), run["names"], run.get("overwrite", False))
-    try:
-        import matplotlib  # noqa: F401
-        import tqdm  # noqa: F401
-    except ImportError as err:
-        raise ConfigError(f"the demo needs {err.name}: pip install 'clearoptim[demo]'") from None
-    from .demo.train import run as train
+    from .demo import folder
 
-    if "note" in run and os.environ.get("RANK", "0") == "0":
-        print(run["note"])
-    return train(cfg, checkpoints=run["checkpoints"], overwrite=run.get("overwrite", False),
-                 stop_after=run.get("stop_after"), progress=not run.get("no_progress", False))
+    writer = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 writes the files
+    with contextlib.ExitStack() as held:
+        def hold(out: pathlib.Path, flag: str) -> None:  # Note [one run per folder] in demo/folder.py
+            if writer:
+                held.enter_context(folder.hold(out, flag))
+
+        cfg, run = _demo_plan(args, hold)
+        if not run["checkpoints"] and writer:
+            _check_out(pathlib.Path(cfg["out"]), run["names"], run.get("overwrite", False))
+        try:
+            import matplotlib  # noqa: F401
+            import tqdm  # noqa: F401
+        except ImportError as err:
+            raise ConfigError(f"the demo needs {err.name}: pip install 'clearoptim[demo]'") from None
+        from .demo.train import run as train
+
+        if "note" in run and writer:
+            print(run["note"])
+        return train(cfg, checkpoints=run["checkpoints"], overwrite=run.get("overwrite", False),
+                     stop_after=run.get("stop_after"), progress=not run.get("no_progress", False))
 
 
 # ---------------------------------------------------------------------------

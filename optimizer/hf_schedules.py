@@ -195,6 +195,14 @@ def make(name: str, *, lr_init: float, num_warmup_steps: int | None = None, num_
         if num_training_steps <= num_warmup_steps:
             raise ValueError(f"Invalid num_training_steps: {num_training_steps} (polynomial needs more than "
                              f"num_warmup_steps={num_warmup_steps})")
+        power = kwargs.get("power", 1.0)
+        if isinstance(power, bool) or not isinstance(power, (int, float)) or not power >= 0:  # (0 ** power at the end)
+            raise ValueError(f"Invalid power: {power!r} (must be a number >= 0)")
+    if name == "inverse_sqrt":
+        timescale = kwargs.get("timescale")
+        if timescale is not None and (isinstance(timescale, bool) or not isinstance(timescale, (int, float))
+                                      or not timescale > 0):  # (a quotient by it)
+            raise ValueError(f"Invalid timescale: {timescale!r} (must be a number > 0, or None)")
     return _bind(fn, {**args, **_known(name, fn, kwargs)})
 
 

@@ -24,7 +24,9 @@ The curves themselves, and Notes [warmup] and [end of the schedule], are in ``sc
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import math
+import numbers
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -202,32 +204,64 @@ class ScheduleLR(LRScheduler):
                     group["lr"] = lr
         self._last_lr = lrs
 
-    # what a state_dict must hold to rebuild the curves, besides last_epoch and base_lrs
+    # what a state_dict must hold to rebuild the curves, besides last_epoch and base_lrs, and what
+    # else it may hold; _STATE_RULES says what each must be
     _state_keys: tuple[str, ...] = ("schedule", "warmup_steps", "total_steps", "options")
+    _optional_state_keys: tuple[str, ...] = ("min_lr", "min_lr_ratio")
 
     def state_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "_fns")}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        required = {"base_lrs", "last_epoch", *self._state_keys}
-        missing = sorted(required - set(state_dict))
+        """Load what :meth:`state_dict` gave. Every key is checked and the curves are rebuilt
+        before anything changes: a bad state_dict raises a one-line ``ValueError`` naming its
+        key and leaves the scheduler as it was."""
+        values, fns = self._checked_state(state_dict)
+        self.__dict__.update(values)
+        self._fns = fns
+
+    def _checked_state(self, state_dict: Any) -> tuple[dict[str, Any], list[Callable[[int], float]]]:
+        """The attributes ``state_dict`` sets and the curves they make, without changing ``self``."""
+        where = f"Invalid state_dict for {type(self).__name__}"
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"{where}: expected a dict, got {type(state_dict).__name__}")
+        required = ("base_lrs", "last_epoch", *self._state_keys)
+        missing = sorted(set(required) - set(state_dict))
         if missing:
-            raise ValueError(f"Invalid state_dict for {type(self).__name__}: missing {missing}")
-        if len(state_dict["base_lrs"]) != len(self.base_lrs):
-            raise ValueError(
-                f"Invalid state_dict: it has {len(state_dict['base_lrs'])} learning rates, "
-                f"the optimizer has {len(self.base_lrs)} parameter groups"
-            )
-        previous = dict(self.__dict__)
-        self.__dict__.update({k: v for k, v in state_dict.items() if k not in ("optimizer", "_fns", "like")})
+            raise ValueError(f"{where}: missing {missing}")
+        known = {*required, *self._optional_state_keys, "_step_count", "_last_lr"}
+        ignored = ("optimizer", "_fns", "like")  # never loaded (the optimizer is this scheduler's own)
+        for key, value in state_dict.items():
+            if key in ignored:
+                continue
+            if key not in known:
+                raise ValueError(f"{where}: unknown key {key!r} (a {type(self).__name__} holds {sorted(known)})")
+            ok, rule = _STATE_RULES[key]
+            if not ok(value):
+                raise ValueError(f"{where}: {key!r} is {value!r} (must be {rule})")
+        n = len(self.base_lrs)
+        for key in ("base_lrs", "_last_lr"):
+            if key in state_dict and len(state_dict[key]) != n:
+                raise ValueError(f"{where}: {key!r} has {len(state_dict[key])} learning rates, the optimizer has "
+                                 f"{n} parameter groups")
+        values = {k: v for k, v in state_dict.items() if k not in ignored}
+        values["base_lrs"] = list(values["base_lrs"])
+        trial = object.__new__(type(self))  # the curves built on a copy: self changes only once they are
+        trial.__dict__.update(self.__dict__)
+        trial.__dict__.update(values)
         try:
-            if type(self) is ScheduleLR:
-                self.schedule = _canonical_name(self.schedule)
-            self._build()
-        except ValueError:
-            self.__dict__.clear()
-            self.__dict__.update(previous)
-            raise
+            if type(self)._build is ScheduleLR._build:
+                trial.schedule = values["schedule"] = _canonical_name(trial.schedule)
+            trial._build()
+            for fn in trial._fns:  # the rates of this step and the next: no error waits for the next step()
+                fn(values["last_epoch"])
+                fn(values["last_epoch"] + 1)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        except (TypeError, ArithmeticError, LookupError) as err:
+            keys = ", ".join(repr(k) for k in self._state_keys)
+            raise ValueError(f"{where}: its {keys} make no schedule ({type(err).__name__}: {err})") from None
+        return values, trial._fns
 
 
 class WarmupCosineScheduler(ScheduleLR):
@@ -271,6 +305,37 @@ class WarmupCosineScheduler(ScheduleLR):
         )
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _are_rates(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(_is_real(v) and v >= 0 for v in value)
+
+
+# What each key of a scheduler's state_dict must be (load_state_dict checks them all first)
+_STATE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "base_lrs": (_are_rates, "a list of finite learning rates >= 0"),
+    "_last_lr": (_are_rates, "a list of finite learning rates >= 0"),
+    "last_epoch": (_is_int, "an integer >= 0"),
+    "_step_count": (_is_int, "an integer >= 0"),
+    "schedule": (lambda v: isinstance(v, str), "a schedule name"),
+    "options": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a dict of keyword arguments"),
+    "warmup_steps": (_is_int, "an integer >= 0"),
+    "total_steps": (lambda v: v is None or _is_int(v), "None or an integer >= 0"),
+    "num_warmup_steps": (lambda v: v is None or _is_int(v), "None or an integer >= 0"),
+    "num_training_steps": (lambda v: v is None or _is_int(v), "None or an integer >= 0"),
+    "min_lr": (lambda v: v is None or _is_real(v), "None or a finite number"),
+    "min_lr_ratio": (lambda v: v is None or _is_real(v), "None or a finite number"),
+    "lr_init": (lambda v: _is_real(v) and v > 0, "a finite number > 0"),
+    "t_in_epochs": (lambda v: isinstance(v, bool), "True or False"),
+}
+
+
 class HFScheduleLR(ScheduleLR):
     """Hugging Face's schedule ``name`` (``optimizer.hf_schedules``): what transformers'
     ``get_scheduler(name, optimizer, num_warmup_steps, num_training_steps,
@@ -280,6 +345,7 @@ class HFScheduleLR(ScheduleLR):
 
     like = "transformers"
     _state_keys = ("schedule", "num_warmup_steps", "num_training_steps", "options", "lr_init")
+    _optional_state_keys = ()
 
     def __init__(self, optimizer: torch.optim.Optimizer | None, name: str, num_warmup_steps: int | None = None,
                  num_training_steps: int | None = None, *, peak_lr: float = 1.0, last_epoch: int = -1,
@@ -313,6 +379,7 @@ class TimmScheduleLR(ScheduleLR):
 
     like = "timm"
     _state_keys = ("schedule", "options", "t_in_epochs")
+    _optional_state_keys = ()
 
     def __init__(self, optimizer: torch.optim.Optimizer | None, name: str, *, t_in_epochs: bool = True,
                  initialize: bool = True, peak_lr: float = 1.0, **kwargs: Any) -> None:

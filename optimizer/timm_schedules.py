@@ -210,24 +210,39 @@ def _check(name: str, kw: dict[str, Any]) -> None:
         if not ok:
             raise ValueError(f"Invalid {key}: {kw.get(key)!r} ({rule})")
 
+    def number(key: str, default: float | None = None) -> float:
+        """The value of ``key`` where a rule compares it: a finite number, or an error naming it."""
+        value = kw.get(key, default)
+        need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), key,
+             "must be a finite number")
+        return value
+
     if name in ("cosine", "tanh", "poly", "wsd"):
         need("t_initial" in kw, "t_initial", "required")
-        need(kw["t_initial"] > 0, "t_initial", "must be > 0")
-        need(kw.get("lr_min", 0.0) >= 0, "lr_min", "must be >= 0")
+        need(number("t_initial") > 0, "t_initial", "must be > 0")
+        need(number("lr_min", 0.0) >= 0, "lr_min", "must be >= 0")
+    if name in ("cosine", "tanh", "poly"):  # (a cycle's length is t_initial times a power of it)
+        need(number("cycle_mul", 1.0) > 0, "cycle_mul", "must be > 0")
     if name in ("step", "multistep"):
         need("decay_t" in kw, "decay_t", "required")
+    if name == "step":  # (t // decay_t)
+        need(number("decay_t") > 0, "decay_t", "must be > 0")
     if name == "multistep":
-        need(list(kw["decay_t"]) == sorted(kw["decay_t"]), "decay_t", "milestones must be sorted")
+        milestones = kw["decay_t"]
+        need(isinstance(milestones, (list, tuple)) and all(isinstance(m, (int, float)) and not isinstance(m, bool)
+                                                            for m in milestones), "decay_t", "a list of steps")
+        need(list(milestones) == sorted(milestones), "decay_t", "milestones must be sorted")
     if name == "tanh":
-        need(kw.get("lb", -7.0) < kw.get("ub", 3.0), "lb", "must be below ub")
+        need(number("lb", -7.0) < number("ub", 3.0), "lb", "must be below ub")
     if name == "wsd":
-        need("decay_t" in kw and 0 < kw["decay_t"] <= kw["t_initial"], "decay_t", "must be in (0, t_initial]")
+        need("decay_t" in kw, "decay_t", "required")
+        need(0 < number("decay_t") <= kw["t_initial"], "decay_t", "must be in (0, t_initial]")
         need(kw.get("stable_fn", "constant") in _STABLE, "stable_fn", f"one of {list(_STABLE)}")
         need(kw.get("decay_fn", "1-sqrt") in _DECAY, "decay_fn",
              f"one of {list(_DECAY)}; a callable cannot be saved in a state_dict")
-        need(0 < kw.get("decay_ratio", 0.1) < 1, "decay_ratio", "must be in (0, 1)")
-        need(kw.get("decay_power", 0.5) > 0, "decay_power", "must be > 0")
-        need(kw.get("stable_power", 0.5) > 0, "stable_power", "must be > 0")
+        need(0 < number("decay_ratio", 0.1) < 1, "decay_ratio", "must be in (0, 1)")
+        need(number("decay_power", 0.5) > 0, "decay_power", "must be > 0")
+        need(number("stable_power", 0.5) > 0, "stable_power", "must be > 0")
         if kw.get("stable_fn", "constant") != "constant":
             timescale = kw.get("stable_timescale", kw.get("warmup_t", 0))
             need(timescale is not None and timescale > 0, "stable_timescale",

@@ -63,8 +63,10 @@ def grads_of(params, gen, step, nan_step=None):
     out = []
     for j, p in enumerate(params):
         g = torch.randn(p.shape, generator=gen) * (0.1 if j % 2 else 1.0)
-        if step == nan_step and j == 1:  # one NaN, in the tail block of row 1: its block's states become NaN
+        if step == nan_step and j == 1:  # one NaN, in the tail block of row 1: that value's states become NaN
             g.view(-1)[515 + 513] = math.nan
+        if nan_step is not None and step >= nan_step and j == 2:  # g^2 overflows, then the momentum (g - m)
+            g.view(-1)[7] = 3.4e38 * (-1) ** step
         out.append(g.to(p.dtype))
     return out
 
@@ -108,11 +110,19 @@ CONFIGS = {
 def test_8bit_c_loop_matches_the_reference_every_step(algo, config, dtype, exact_sqrt):
     kw = dict(CONFIGS[algo][config], state_dtype=torch.uint8, min_8bit_size=1)
 
-    def nan_stays_in_its_block(step, opt, params):  # the NaN poisons its own block (row 1, block 2) only
+    def nan_stays_in_its_element(step, opt, params):  # its block (row 1, block 2) is special, the rest finite
         if step >= 5:
-            scales = opt.state[params[1]]["exp_avg_scale"]
-            assert scales[1, 2].isnan() and scales.isnan().sum() == 1
-    run_pair(algo, dtype, steps=20, nan_step=5, check=nan_stays_in_its_block, **kw)
+            state = opt.state[params[1]]
+            scales = state["exp_avg_scale"]
+            assert torch.signbit(scales[1, 2]) and torch.signbit(scales).sum() == 1
+            m = _8bit.decode_signed(state["exp_avg"].view(torch.int8).reshape(33, 515), scales)
+            assert m.isnan().nonzero().tolist() == [[1, 513]] and m.isinf().sum() == 0
+            assert (~params[1].isfinite()).sum() <= 1
+            state = opt.state[params[2]]  # (7, 768): the overflows at value 7, in row 0's first block
+            m = _8bit.decode_signed(state["exp_avg"].view(torch.int8).reshape(7, 768), state["exp_avg_scale"])
+            assert (~m.isfinite()).nonzero().tolist() in ([[[0, 7]]] if step > 5 else [[], [[0, 7]]])  # (bf16: inf)
+            assert (~params[2].isfinite()).nonzero().tolist() in ([], [[0, 2, 1]])
+    run_pair(algo, dtype, steps=20, nan_step=5, check=nan_stays_in_its_element, **kw)
 
 
 def test_8bit_fp16_params_match_the_reference(exact_sqrt):
@@ -270,16 +280,16 @@ def test_stochastic_rounding_is_taken_and_rounds(algo, monkeypatch):
 
 HARNESS = r"""
 void t_encode_signed(const float *x, int n, uint8_t *codes, float *scale) {
-    encode_signed(x, n, codes, scale, block_scale(x, n));
+    encode_signed(x, n, codes, scale, block_top(x, n));
 }
 void t_encode_root(const float *x, int n, uint8_t *codes, float *scale, uint32_t seed) {
-    encode_root(x, n, codes, scale, block_scale(x, n), seed);
+    encode_root(x, n, codes, scale, block_top(x, n), seed);
 }
 void t_decode_signed(const uint8_t *c, int n, float scale, float *out) {
-    for (int i = 0; i < n; i++) out[i] = decode_signed(c[i], SIGNED_UNIT(scale));
+    decode_signed_block(c, n, out, scale);
 }
 void t_decode_root(const uint8_t *c, int n, float scale, float *out) {
-    for (int i = 0; i < n; i++) out[i] = decode_root(c[i], ROOT_UNIT(scale));
+    decode_root_block(c, n, out, scale);
 }
 void t_round_bf16(const float *x, int64_t n, uint32_t seed, bf16 *out) {
     for (int64_t i = 0; i < n; i++) out[i] = store_sr_bf16(x[i], random16(i, seed));
@@ -321,6 +331,13 @@ def special_blocks() -> list[torch.Tensor]:
               torch.randn(7, generator=g), torch.tensor([0.0, -0.0, 1.0, -1.0]),
               torch.tensor([1.0, math.inf, -2.0, 0.0]), torch.tensor([1.0, -math.inf, 3.0]),
               torch.tensor([1.0, math.nan, -2.0, 0.0]), torch.tensor([5e-45, -1e-45, 0.0]),
+              # special blocks (Note [8-bit states]): every kind at once, nothing finite but zeros, nothing
+              # finite at all, a tiny largest finite value (k overflows), the largest float beside inf
+              torch.tensor([math.inf, -math.inf, math.nan, -math.nan, 0.3, -0.02, 0.0, -0.0, 1e-30]),
+              torch.tensor([0.0, -0.0, math.inf]), torch.tensor([math.nan, math.inf, -math.inf]),
+              torch.tensor([1e-38, -3e-39, math.inf, 1e-45]), torch.tensor([3.4028235e38, -1.0, math.inf]),
+              # the largest float, above the largest scale (an ordinary block)
+              torch.tensor([3.4028235e38, -3.4028235e38, 1.0, 3.4028233e38]),
               # values on the codes' rounding boundaries: (k + 0.5)^2 / L^2 of the scale, and neighbours
               torch.tensor([1.0] + [((k + 0.5) / 127) ** 2 for k in range(127)]),
               torch.tensor([1.0] + [((k + 0.5) / 255) ** 2 for k in range(255)])]
@@ -349,7 +366,8 @@ def test_codes_match_the_reference_value_by_value(helpers, exact_sqrt, step):
 
 def test_decoding_matches_the_reference_for_every_code(helpers):
     codes = torch.arange(256, dtype=torch.int64).to(torch.uint8)
-    for scale in (1.0, 0.3, 7.7e-30, 3.3e37, 0.0, math.inf, math.nan):
+    # negative: special blocks; the positive inf and nan scales of blocks written before special blocks
+    for scale in (1.0, 0.3, 7.7e-30, 3.3e37, 0.0, math.inf, math.nan, -1.0, -0.3, -7.7e-30, -3.3e37, -0.0, -math.nan):
         s = torch.full((1, 1), scale)
         for fn, ref in ((helpers.t_decode_signed, lambda c: _8bit.decode_signed(c.view(torch.int8), s)),
                         (helpers.t_decode_root, lambda c: _8bit.decode_root(c, s))):

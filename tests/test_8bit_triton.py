@@ -191,9 +191,9 @@ def test_8bit_kernel_matches_the_reference_bit_for_bit_every_step(case, ieee_sqr
 
 
 def test_8bit_nan_inf_and_zero_blocks_as_the_reference(ieee_sqrt):
-    """A NaN in a block makes its scales NaN and its codes 0 (and so its values NaN from then on);
-    an infinity makes its scale inf and its codes 0 (inf / inf is NaN), so that it decodes to NaN
-    at the next step; a block of zeros has scale 0 and codes 0."""
+    """A NaN or an infinity stays in its value (Note [8-bit states]): its block is special (its
+    scale the largest finite magnitude, negated) and keeps its other values finite, as the
+    reference does; a block of zeros has scale 0 and codes 0."""
     for algo in ("adamw", "lion"):
         hyper = hyper_of(algo)
         ref_params = make_params([(4, 300)], torch.float32, seed=3, device="cpu")
@@ -204,6 +204,7 @@ def test_8bit_nan_inf_and_zero_blocks_as_the_reference(ieee_sqrt):
             g[0, 5] = math.nan      # row 0, first block
             g[1, 290] = math.inf    # row 1, second (partial) block
             g[2] = 0.0              # row 2: zeros (at the first step, zero states too)
+            g[3, 10] = 1e30         # row 3, first block: g^2 overflows (AdamW's r is inf there, m finite)
             one_step(algo, False, ref_params, [g], ref_states, hyper, None)
             one_step(algo, True, params, [g.to(DEVICE)], states, hyper, None)
             assert_bits_equal(params[0], ref_params[0], f"{algo} step {step}: params")
@@ -212,10 +213,47 @@ def test_8bit_nan_inf_and_zero_blocks_as_the_reference(ieee_sqrt):
         n = 2 if algo == "adamw" else 1
         for k, (codes, scale) in enumerate(zip(states[:n], states[n:2 * n])):
             scale, codes = scale[0].cpu(), codes[0].cpu()
-            low = 1 if k == 1 else 0  # a positive r keeps a code of at least 1 (AdamW's exp_avg_sq)
-            assert scale[0, 0].isnan() and (codes[0, :256] <= low).all()
-            assert not scale[1, 1].isfinite() and (codes[1, 256:] <= low).all()
+            values = _8bit.decode_root(codes, scale) if k == 1 else _8bit.decode_signed(codes.view(torch.int8), scale)
+            overflow = [[3, 0]] if k == 1 else []
+            assert (~values.isfinite()).nonzero().tolist() == [[0, 5], [1, 290], *([[3, 10]] if overflow else [])]
+            assert torch.signbit(scale).nonzero().tolist() == [[0, 0], [1, 1], *overflow] and scale.isfinite().all()
             assert (scale[2] == 0).all() and (codes[2] == 0).all()
+
+
+@pytest.mark.parametrize("algo,betas", [("adamw", (0.9, 0.999)), ("adamw", (0.0, 0.999)), ("lion", (0.9, 0.99))],
+                         ids=["adamw", "adamw-beta1=0", "lion"])
+def test_8bit_overflow_stays_in_its_value_as_in_float32(algo, betas, ieee_sqrt):
+    """Issue 27's examples through the optimizers' fused (Triton) path: AdamW's g^2 overflowing in
+    every other value (1e-20 / 1e30 alternating; and the largest float, as nan_to_num makes of an
+    infinity, in one value a row: with beta1 = 0 the momentum is that float, the largest a scale
+    may not be), Lion's momentum overflowing in one value a block (+-3.4e38 alternating). As the
+    reference does, bit for bit, and as float32 states: nothing non-finite where float32 keeps it
+    finite (the blocks' scales became inf and their values NaN)."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(64, 256, generator=gen)
+    params = {k: torch.nn.Parameter(start.clone().to(DEVICE if k == "fused" else "cpu"))
+              for k in ("fused", "ref", "fp32")}
+    float_cls = AdamW if algo == "adamw" else Lion
+    kw = dict(lr=1e-3, betas=betas)
+    opts = {"fused": CLASSES[algo]([params["fused"]], **kw, min_8bit_size=1, fused=True),
+            "ref": CLASSES[algo]([params["ref"]], **kw, min_8bit_size=1, foreach=False, fused=False),
+            "fp32": float_cls([params["fp32"]], **kw, foreach=False, fused=False)}
+    g = torch.randn(64, 256, generator=gen)
+    for step in range(4):
+        if algo == "adamw":
+            g = torch.randn(64, 256, generator=gen) * torch.tensor([1e-20, 1e30]).repeat(64, 128)
+            g[:, 1] = torch.finfo(torch.float32).max
+        else:
+            g[:, 0] = 3.4e38 * (-1) ** step
+        for k, p in params.items():
+            p.grad = g.to(p.device)
+            opts[k].step()
+        assert_bits_equal(params["fused"], params["ref"], f"step {step}")
+        for key, v in opts["ref"].state[params["ref"]].items():
+            assert_bits_equal(opts["fused"].state[params["fused"]][key], v, f"step {step}: {key}")
+        assert torch.equal(params["fused"].detach().cpu().isfinite(), params["fp32"].isfinite())
+    if algo == "lion":
+        assert torch.equal(params["fused"].detach().cpu(), params["fp32"].detach())
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5], CASES[6]], ids=case_id)

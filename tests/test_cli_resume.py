@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -202,3 +204,172 @@ def test_fsdp2_with_8bit_states_checkpoints_and_resumes_bit_identically(tmp_path
     assert histories(parts) == histories(whole)
     groups = torch.load(parts / "adamw.ckpt", weights_only=True)["optimizer"]["param_groups"]
     assert {g["state_dtype"] for g in groups} == {"torch.uint8"}
+
+
+# ----- one run per --out, a folder that cannot be written, checkpoints that do not fit ----------------
+
+LONG = ["--steps", "60", "--checkpoint-every", "4", *TINY]  # long enough for other runs to try its folder
+
+
+def summary_steps(out) -> dict:
+    results = json.loads((out / "summary.json").read_text())["results"]
+    return {name: len(r["history"]["loss"]) for name, r in results.items()}
+
+
+def test_two_runs_into_one_out_one_trains_the_other_is_refused_up_front(tmp_path, capsys):
+    """Issue 27: two runs started together into one --out both passed the "already holds files" check
+    and wrote the same fixed adamw.ckpt.tmp; both could die. Now the second is refused at once (exit 2,
+    naming the run that holds the folder), and while the first trains, nothing another run does
+    (again, --resume, --overwrite) removes or replaces its files: it ends with complete results."""
+    out = tmp_path / "run"
+    procs = [subprocess.Popen([*DEMO, *LONG, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    deadline = time.monotonic() + 120
+    while all(p.poll() is None for p in procs):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    loser = next(p for p in procs if p.poll() is not None)
+    winner = next(p for p in procs if p is not loser)
+    _, err = loser.communicate()
+    holds = f"{str(out)!r} is in use by another run (pid {winner.pid} on {socket.gethostname()})"
+    assert loser.returncode == 2 and err.strip().splitlines() == [
+        f"python -m optimizer demo: error: Invalid --out: {holds}; wait for it to end, or choose another --out"], err
+    while not (out / "adamw.ckpt").exists():  # the winner has files to lose
+        assert winner.poll() is None and time.monotonic() < deadline, winner.communicate()
+        time.sleep(0.01)
+    for again in ([], ["--resume"], ["--overwrite"]):
+        assert cli.main(["demo", *LONG, *again, "--out", str(out)]) == 2, again
+        err = capsys.readouterr().err
+        assert holds in err and len(err.strip().splitlines()) == 1, err
+    assert winner.poll() is None  # (all of them while it trained)
+    _, err = winner.communicate(timeout=120)
+    assert winner.returncode == 0, err
+    assert summary_steps(out) == {"adamw": 60, "lion": 60}
+    assert all(torch.load(out / f"{n}.ckpt", weights_only=True)["step"] == 60 for n in ("adamw", "lion"))
+    assert sorted(p.name for p in out.iterdir()) == ["adamw.ckpt", "lion.ckpt", "loss.png", "lr.png", "summary.json"]
+
+
+def test_a_run_killed_with_sigkill_leaves_no_lock_that_blocks_the_next(tmp_path, capsys):
+    """The lock is the kernel's (flock): it goes with the process, however it ends. The next run
+    takes the folder, and removes temporary files a killed writer left (its own are unique)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*DEMO, *LONG, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / "lion.ckpt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.kill()
+    proc.communicate()
+    assert (out / ".demo.lock").exists()  # its file is left behind, its lock is not
+    (out / f"adamw.ckpt.{proc.pid}.0badcafe.tmp").write_bytes(b"cut short")
+    assert cli.main(["demo", "--resume", "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    assert summary_steps(out) == {"adamw": 60, "lion": 60}
+    assert sorted(p.name for p in out.iterdir()) == ["adamw.ckpt", "lion.ckpt", "loss.png", "lr.png", "summary.json"]
+
+
+def test_a_checkpoint_write_leaves_other_writers_temporary_files_alone(tmp_path):
+    """save_atomic wrote every checkpoint through the one name NAME.ckpt.tmp: a second writer truncated the
+    first's file and renamed it away under it. Each writer now has its own."""
+    from optimizer.demo.train import save_atomic
+
+    theirs = [tmp_path / "adamw.ckpt.tmp", tmp_path / "adamw.ckpt.1.01234567.tmp"]
+    for path in theirs:
+        path.write_bytes(b"another writer's")
+    save_atomic({"step": 3}, tmp_path / "adamw.ckpt")
+    assert torch.load(tmp_path / "adamw.ckpt", weights_only=True) == {"step": 3}
+    assert all(p.read_bytes() == b"another writer's" for p in theirs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adamw.ckpt", *(p.name for p in theirs)])
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A function that makes a folder unwritable for this process, even as root (chattr +i), or skips."""
+    made = []
+
+    def make(folder):
+        folder.mkdir(exist_ok=True)
+        folder.chmod(0o555)
+        made.append(folder)
+        try:
+            (folder / "probe").touch()
+        except PermissionError:
+            return folder
+        (folder / "probe").unlink()  # root: permissions do not stop it
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)]).returncode != 0:
+            pytest.skip("cannot make a folder unwritable here")
+        return folder
+
+    yield make
+    for folder in made:
+        if shutil.which("chattr"):
+            subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        folder.chmod(0o755)
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_anything_runs(tmp_path, capsys, unwritable):
+    """An existing (empty) --out that cannot be written was found at the first checkpoint, after
+    training, with exit 1 and no flag named; now before anything (a new run, a resume; a new folder
+    that cannot be created in it), exit 2 naming --out."""
+    empty = unwritable(tmp_path / "empty")
+    small = tmp_path / "small"
+    assert cli.main(["demo", "--steps", "12", *TINY, "--stop-after", "3", "--out", str(small)]) == 0
+    before = files(small)
+    unwritable(small)
+    capsys.readouterr()
+    for argv, words in ((["--steps", "12", *TINY, "--out", str(empty)],
+                         f"Invalid --out: cannot write in {str(empty)!r}"),
+                        (["--resume", "--out", str(small)], f"Invalid --out: cannot write in {str(small)!r}"),
+                        (["--steps", "12", *TINY, "--out", str(empty / "new")],
+                         f"Invalid --out: cannot create {str(empty / 'new')!r}")):
+        assert cli.main(["demo", *argv]) == 2, argv
+        captured = capsys.readouterr()
+        assert len(captured.err.strip().splitlines()) == 1 and words in captured.err, captured.err
+        assert "you can write to" in captured.err and captured.out == ""  # nothing ran
+    assert list(empty.iterdir()) == [] and files(small) == before
+
+
+def _set(key, value):
+    return lambda ckpt: ckpt.update({key: value})
+
+
+def _set_in(part, key, value):
+    return lambda ckpt: ckpt[part].update({key: value})
+
+
+NOT_FITTING = {
+    "model emptied": (_set("model", {}), "its model lacks 'embed.weight'"),
+    "a model tensor of another shape": (_set_in("model", "embed.weight", torch.zeros(3, 3)),
+                                        "its model's embed.weight is (3, 3), where its settings make"),
+    "step not a number": (_set("step", "x"), "its step is 'x' (expected a whole number in [0, its steps 12])"),
+    "step past its history": (_set("step", 5), "its history holds 3 steps, its step is 5"),
+    "config steps as text": (_set_in("config", "steps", "12"), "its config's steps is '12' (expected a whole number"),
+    "config dim a float": (_set_in("config", "dim", 32.5), "its config's dim is 32.5"),
+    "config not a dict": (_set("config", [1]), "its config is list, not a dict of settings"),
+    "optimizer of no groups": (_set_in("optimizer", "param_groups", []), "its model and optimizer states do not load"),
+    "scheduler at a negative step": (_set_in("scheduler", "last_epoch", -5),
+                                     "its scheduler state does not load (ValueError: Invalid state_dict for "
+                                     "ScheduleLR: 'last_epoch' is -5"),
+    "a random state that is not one": (_set("data_rng", torch.zeros(3)), "its data_rng is not a random generator's"),
+}
+
+
+@pytest.mark.parametrize("damage", list(NOT_FITTING))
+def test_a_checkpoint_that_loads_but_does_not_fit_is_one_line_before_training(small_run, capsys, damage):
+    """A checkpoint that torch.load reads but whose contents do not fit (issue 27: its model emptied, its
+    step not a number) gave a 20-line traceback, exit 1, after the other optimizer had trained. Each
+    checkpoint's contents are now checked before any run starts: one line naming the file and what is
+    wrong, exit 2, nothing written."""
+    change, words = NOT_FITTING[damage]
+    path = small_run / "lion.ckpt"  # the second optimizer's: adamw would have trained first
+    ckpt = torch.load(path, weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, path)
+    before = files(small_run)
+    capsys.readouterr()
+    assert cli.main(["demo", "--resume", "--out", str(small_run)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"Invalid --resume: the checkpoint {path} cannot be resumed: {words}" in err, err
+    assert "delete it to run lion again from step 0, or start over with --overwrite" in err
+    assert files(small_run) == before and "resuming" not in captured.out

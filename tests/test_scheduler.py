@@ -315,6 +315,62 @@ def test_bad_state_dict_is_refused_and_nothing_changes():
     assert sched.state_dict() == before
 
 
+SCHEDULERS = {
+    "ours": lambda opt: get_scheduler("cosine", opt, warmup_steps=3, total_steps=20),
+    "hf": lambda opt: get_scheduler("cosine", opt, num_warmup_steps=3, num_training_steps=20),
+    "timm": lambda opt: get_scheduler("cosine", opt, t_initial=20, warmup_t=3),
+    "WarmupCosineScheduler": lambda opt: WarmupCosineScheduler(opt, 3, 20),
+}
+BAD_STATES = [
+    ({"schedule": "no-such-schedule"}, "schedule name: 'no-such-schedule'"),
+    ({"last_epoch": "x"}, "'last_epoch' is 'x'"),
+    ({"last_epoch": -5}, "'last_epoch' is -5"),
+    ({"last_epoch": math.nan}, "'last_epoch' is nan"),
+    ({"base_lrs": [math.inf]}, "'base_lrs' is \\[inf\\]"),
+    ({"base_lrs": [1e-3, 1e-3]}, "'base_lrs' has 2 learning rates"),
+    ({"_step_count": 1.5}, "'_step_count' is 1.5"),
+    ({"options": {"no_such_option": 1}}, "'no_such_option'"),
+    ({"options": None}, "'options' is None"),
+    ({"step": 3}, "unknown key 'step'"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_STATES, ids=[str(b) for b, _ in BAD_STATES])
+@pytest.mark.parametrize("kind", list(SCHEDULERS))
+def test_a_bad_state_dict_is_refused_in_one_line_before_anything_changes(kind, bad, message):
+    """Every key is checked, and the curves rebuilt, before the scheduler changes: an unknown
+    schedule raised KeyError from WarmupCosineScheduler with its schedule already replaced, and a
+    last_epoch of 'x', -5 or NaN loaded and broke the next step()."""
+    opt, twin_opt = opt_with(), opt_with()
+    sched, twin = SCHEDULERS[kind](opt), SCHEDULERS[kind](twin_opt)
+    for s in (sched, twin):
+        s.step()
+        s.step()
+    before = sched.state_dict()
+    with pytest.raises(ValueError, match=message) as err:
+        sched.load_state_dict({**before, **bad})
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"Invalid state_dict for {type(sched).__name__}")
+    assert sched.state_dict() == before and "step" not in vars(sched)
+    for _ in range(5):  # and it goes on as its twin, which saw no bad state_dict
+        sched.step()
+        twin.step()
+        assert sched.get_last_lr() == twin.get_last_lr() and opt.param_groups[0]["lr"] == twin_opt.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("name,kwargs,key", [
+    ("step", dict(decay_t=0), "decay_t"),                        # timm's t // decay_t
+    ("step", dict(decay_t=0.0), "decay_t"),
+    ("cosine", dict(t_initial=10, cycle_mul=0), "cycle_mul"),     # timm's log base cycle_mul
+    ("cosine", dict(t_initial="10"), "t_initial"),
+    ("inverse_sqrt", dict(num_warmup_steps=2, timescale=0), "timescale"),  # Hugging Face's quotient by it
+    ("polynomial", dict(num_warmup_steps=2, num_training_steps=10, power=-1), "power"),  # 0 ** power at the end
+])
+def test_a_schedule_that_would_fail_at_a_later_step_is_refused_at_construction(name, kwargs, key):
+    with pytest.raises(ValueError, match=f"Invalid {key}: ") as err:
+        get_scheduler(name, opt_with(), **kwargs)
+    assert "\n" not in str(err.value)
+
+
 def test_composes_with_torch_sequential_lr():
     opt = opt_with(lr=1.0)
     warm = ScheduleLR(opt, "constant", warmup_steps=4)

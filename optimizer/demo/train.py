@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import pathlib
+import secrets
 import signal
 import statistics
 import sys
@@ -101,10 +103,11 @@ def resolve_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_atomic(obj: Any, path: pathlib.Path) -> None:
-    """Write ``obj`` with torch.save so that ``path`` is either the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write ``obj`` with torch.save so that ``path`` is either the old file or the whole new one. The
+    temporary file is this writer's own (``NAME.PID.RANDOM.tmp``): no other writer can rename or remove it."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -113,8 +116,15 @@ def save_atomic(obj: Any, path: pathlib.Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def temporary_files(out: pathlib.Path) -> list[pathlib.Path]:
+    """Temporary checkpoint files in ``out``, left by a run killed while it wrote one (the old fixed name
+    ``NAME.ckpt.tmp`` too): removed by a run that holds the folder, since no other writer can be there."""
+    return [p for n in OPTIMIZERS for p in (*out.glob(f"{n}.ckpt.*.tmp"), out / f"{n}.ckpt.tmp") if p.is_file()]
+
+
 def read_checkpoints(out: pathlib.Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """The checkpoints ``out/NAME.ckpt`` that exist, loaded on the CPU; a damaged one is a one-line error."""
+    """The checkpoints ``out/NAME.ckpt`` that exist, loaded on the CPU and checked (:func:`check_checkpoint`):
+    a damaged one, or one whose contents do not fit together, is a one-line error naming the file."""
     found = {}
     for name in names:
         path = out / f"{name}.ckpt"
@@ -125,11 +135,115 @@ def read_checkpoints(out: pathlib.Path, names: Iterable[str]) -> dict[str, dict[
             if not isinstance(ckpt, dict) or not _CHECKPOINT_KEYS <= set(ckpt):
                 raise ValueError("not a checkpoint of the demo")
         except Exception as err:  # noqa: BLE001 - empty, cut short or foreign: torch raises many kinds
-            reason = (str(err).splitlines() or [""])[0][:120]
-            raise ValueError(f"Invalid --resume: the checkpoint {path} is damaged ({type(err).__name__}: {reason}); "
+            raise ValueError(f"Invalid --resume: the checkpoint {path} is damaged ({_first_line(err)}); "
                              f"delete it to run {name} again from step 0, or start over with --overwrite") from None
+        try:
+            check_checkpoint(name, ckpt)
+        except ValueError as err:
+            raise ValueError(f"Invalid --resume: the checkpoint {path} cannot be resumed: {err}; delete it to run "
+                             f"{name} again from step 0, or start over with --overwrite") from None
         found[name] = ckpt
     return found
+
+
+def _first_line(err: BaseException, width: int = 160) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:width]}"
+
+
+def _is_int(value: Any, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+# What each setting of a checkpoint's "config" must be to build its run (the flags' own checks,
+# which name the flags, come after: cli._check_settings)
+_SETTINGS: dict[str, tuple[Any, str]] = {
+    "optimizers": (lambda v: isinstance(v, list) and v and all(n in OPTIMIZERS for n in v),
+                   f"a list of names from {sorted(OPTIMIZERS)}"),
+    "schedule": (lambda v: v in SCHEDULES, f"one of {sorted(SCHEDULES)}"),
+    "warmup_steps": (_is_int, "a whole number >= 0"),
+    "min_lr_ratio": (_is_number, "a number >= 0"),
+    "steps": (lambda v: _is_int(v, 1), "a whole number >= 1"),
+    "batch_size": (lambda v: _is_int(v, 1), "a whole number >= 1"),
+    "seq_len": (lambda v: _is_int(v, 1), "a whole number >= 1"),
+    "dim": (lambda v: _is_int(v, 1), "a whole number >= 1"),
+    "layers": (lambda v: _is_int(v, 1), "a whole number >= 1"),
+    "heads": (lambda v: _is_int(v, 1), "a whole number >= 1"),
+    "clip_grad_norm": (_is_number, "a number >= 0"),
+    "state_dtype": (lambda v: v in ("fp32", "bf16", "uint8"), "fp32, bf16 or uint8"),
+    "param_dtype": (lambda v: v in PARAM_DTYPES, f"one of {sorted(PARAM_DTYPES)}"),
+    "stochastic_rounding": (lambda v: isinstance(v, bool), "true or false"),
+    "eval_every": (lambda v: _is_int(v, 1), "a whole number >= 1"),
+    "checkpoint_every": (lambda v: _is_int(v, 1), "a whole number >= 1"),
+    "device": (lambda v: isinstance(v, str), "text"),
+    "distributed": (lambda v: v in ("none", "ddp", "fsdp2"), "none, ddp or fsdp2"),
+    "seed": (_is_int, "a whole number >= 0"),
+    "out": (lambda v: isinstance(v, str), "text"),
+    "optimizer_args": (lambda v: isinstance(v, dict) and all(isinstance(a, dict) for a in v.values()),
+                       "{name: {keyword: value}}"),
+}
+_HISTORY = ("loss", "lr", "held_out", "step_ms", "wall_s")  # one entry per step, but held_out
+
+
+def check_checkpoint(name: str, ckpt: dict[str, Any]) -> None:
+    """Everything a resume reads from the checkpoint of optimizer ``name``, checked before any run
+    starts (a ValueError saying what does not fit): its settings' types, its step and history, the
+    random states, the model's tensors (names and shapes) against the model its settings make, and
+    the model, optimizer and scheduler states loaded into a copy of the run built on the CPU."""
+    saved = ckpt["config"]
+    if not isinstance(saved, dict):
+        raise ValueError(f"its config is {type(saved).__name__}, not a dict of settings")
+    for key, (ok, rule) in _SETTINGS.items():
+        if key in saved and not ok(saved[key]):
+            raise ValueError(f"its config's {key} is {saved[key]!r} (expected {rule})")
+    cfg = resolve_defaults({**DEFAULTS, **{k: v for k, v in saved.items() if k in DEFAULTS}})
+    step, hist = ckpt["step"], ckpt["history"]
+    if not _is_int(step) or step > cfg["steps"]:
+        raise ValueError(f"its step is {step!r} (expected a whole number in [0, its steps {cfg['steps']}])")
+    if not isinstance(hist, dict) or any(not isinstance(hist.get(k), list) for k in _HISTORY):
+        raise ValueError(f"its history is not a dict of the lists {list(_HISTORY)}")
+    if any(len(hist[k]) != step for k in _HISTORY if k != "held_out"):
+        raise ValueError(f"its history holds {len(hist['loss'])} steps, its step is {step}")
+    numbers = [x for k in _HISTORY if k != "held_out" for x in hist[k]]
+    numbers += [x for point in hist["held_out"] for x in (point if isinstance(point, list) and len(point) == 2
+                                                          else [None])]
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
+        raise ValueError("its history holds something other than numbers (and [step, loss] pairs)")
+    for key, want in (("data_rng", torch.Generator().get_state()), ("torch_rng", torch.get_rng_state())):
+        got = ckpt[key]
+        if not isinstance(got, torch.Tensor) or got.dtype != want.dtype or got.shape != want.shape:
+            raise ValueError(f"its {key} is not a random generator's state")
+    try:
+        with torch.random.fork_rng(devices=[]):  # building the copy draws numbers: the run's are its own
+            model = _model(cfg, torch.device("cpu"))
+            world = parallel.World() if ckpt.get("format", "index") == "index" else parallel.World(mode="ddp")
+            opt, sched = _optimizer(name, model, cfg, world)  # ("full": loaded by parameter name, no process group)
+    except Exception as err:  # noqa: BLE001 - the model's, the optimizer's and the scheduler's own checks
+        raise ValueError(f"its settings do not build its run ({_first_line(err)})") from None
+    expected, got = model.state_dict(), ckpt["model"]
+    if not isinstance(got, dict):
+        raise ValueError(f"its model is {type(got).__name__}, not a state dict")
+    missing, unexpected = [k for k in expected if k not in got], [k for k in got if k not in expected]
+    if missing or unexpected:
+        which = f"lacks {missing[0]!r}" if missing else f"has {unexpected[0]!r}"
+        raise ValueError(f"its model {which} ({len(missing)} of the {len(expected)} tensors its settings make "
+                         f"missing, {len(unexpected)} unknown)")
+    for key, want in expected.items():
+        if not isinstance(got[key], torch.Tensor) or got[key].shape != want.shape or not got[key].is_floating_point():
+            has = tuple(got[key].shape) if isinstance(got[key], torch.Tensor) else type(got[key]).__name__
+            raise ValueError(f"its model's {key} is {has}, where its settings make a float tensor of shape "
+                             f"{tuple(want.shape)}")
+    loads = (("model and optimizer states do", lambda: parallel.load_full_state(model, opt, got, ckpt["optimizer"],
+                                                                               world)),
+             ("scheduler state does", lambda: sched.load_state_dict(ckpt["scheduler"])))
+    for what, load in loads:
+        try:
+            load()
+        except Exception as err:  # noqa: BLE001 - whatever torch's and our load_state_dict raise
+            raise ValueError(f"its {what} not load ({_first_line(err)})") from None
 
 
 class Interrupt:
@@ -172,20 +286,31 @@ def evaluate(model: Llama, held_out: torch.Tensor, seq_len: int, device: torch.d
     return loss.item()
 
 
+def _model(cfg: dict[str, Any], device: torch.device) -> Llama:
+    """The run's model at its seeded initialisation (as train_one and check_checkpoint build it)."""
+    torch.manual_seed(cfg["seed"])
+    model = Llama(dim=cfg["dim"], layers=cfg["layers"], heads=cfg["heads"], max_seq=cfg["seq_len"]).to(device)
+    return model.store_parameters(PARAM_DTYPES[cfg.get("param_dtype", "fp32")])  # initialised in fp32
+
+
+def _optimizer(name: str, model: torch.nn.Module, cfg: dict[str, Any], world: parallel.World):
+    """Optimizer ``name`` for ``model`` (wrapped for ``world``) and its scheduler."""
+    opt = parallel.prepare_optimizer(create_optimizer(model, name, **optimizer_options(cfg, name)), world)
+    sched = get_scheduler(cfg["schedule"], opt, warmup_steps=cfg["warmup_steps"], total_steps=cfg["steps"],
+                          min_lr_ratio=cfg["min_lr_ratio"])
+    return opt, sched
+
+
 def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib.Path, *, ckpt: dict | None,
               stop_after: int | None, progress: bool, interrupt: Interrupt, world: parallel.World,
               device: torch.device) -> dict[str, Any]:
     """One optimizer's run, from ``ckpt`` if given; returns its results, or ``{"finished": False,
     "step": N, "interrupted": ...}`` when stopped early (``stop_after`` steps done, or a signal on any rank)."""
-    torch.manual_seed(cfg["seed"])
-    model = Llama(dim=cfg["dim"], layers=cfg["layers"], heads=cfg["heads"], max_seq=cfg["seq_len"]).to(device)
-    model.store_parameters(PARAM_DTYPES[cfg.get("param_dtype", "fp32")])  # initialised in fp32, computes in fp32
+    model = _model(cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
     model = parallel.wrap(model, world)
-    opt = parallel.prepare_optimizer(create_optimizer(model, name, **optimizer_options(cfg, name)), world)
+    opt, sched = _optimizer(name, model, cfg, world)
     ckpt_format = "index" if world.mode == "none" else "full"  # opt.state_dict() / unsharded, by parameter name
-    sched = get_scheduler(cfg["schedule"], opt, warmup_steps=cfg["warmup_steps"], total_steps=cfg["steps"],
-                          min_lr_ratio=cfg["min_lr_ratio"])
     batches = Batches(train_data, cfg["batch_size"], cfg["seq_len"], cfg["seed"])
     hist: dict[str, list] = {"loss": [], "lr": [], "held_out": [], "step_ms": [], "wall_s": []}
     start, ckpt_path = 0, out / f"{name}.ckpt"
@@ -385,10 +510,12 @@ def run(cfg: dict[str, Any], *, checkpoints: dict[str, dict[str, Any]] | None = 
 def _run(cfg: dict[str, Any], checkpoints: dict[str, dict[str, Any]], *, overwrite: bool, stop_after: int | None,
          progress: bool, interrupt: Interrupt, world: parallel.World, device: torch.device) -> int:
     out = pathlib.Path(cfg["out"])
-    if world.main:
+    if world.main:  # the writer, which holds the folder (Note [one run per folder] in folder.py)
         out.mkdir(parents=True, exist_ok=True)
+        for file in temporary_files(out):
+            file.unlink(missing_ok=True)
         if overwrite:
-            for file in (*RESULT_FILES, *(f"{n}.ckpt" for n in OPTIMIZERS), *(f"{n}.ckpt.tmp" for n in OPTIMIZERS)):
+            for file in (*RESULT_FILES, *(f"{n}.ckpt" for n in OPTIMIZERS)):
                 (out / file).unlink(missing_ok=True)
     parallel.barrier(world)
     say = print if world.main else (lambda *a, **k: None)
