@@ -1,7 +1,9 @@
-"""optimizer: AdamW, Lion and learning-rate schedules for PyTorch.
+"""optimizer: AdamW, Lion, Muon and learning-rate schedules for PyTorch.
 
 - ``optimizer.adamw``: :class:`AdamW` and the functional :func:`adamw`
 - ``optimizer.lion``: :class:`Lion` and the functional :func:`lion`
+- ``optimizer.muon``: :class:`Muon` (Muon for matrices, AdamW for the rest, in one
+  optimizer) and the functional :func:`muon`
 - ``optimizer.adamw8bit``, ``optimizer.lion8bit``: :class:`AdamW8bit`, :class:`Lion8bit`
   (8-bit states, Note [8-bit states] in ``optimizer._8bit``)
 - ``optimizer.scheduler``: schedules as pure functions of the step, the
@@ -16,6 +18,7 @@ from .adamw import AdamW
 from .adamw8bit import AdamW8bit
 from .lion import Lion
 from .lion8bit import Lion8bit
+from .muon import Muon
 from .scheduler import SCHEDULES, ScheduleLR, WarmupCosineScheduler, get_scheduler, make_schedule
 from .sparse_adamw import SparseAdamW
 
@@ -25,6 +28,7 @@ __all__ = [
     "AdamW8bit",
     "Lion",
     "Lion8bit",
+    "Muon",
     "ScheduleLR",
     "SparseAdamW",
     "WarmupCosineScheduler",

@@ -39,6 +39,19 @@ with a group that is fused (``fused=True``, or the default, which is fused on CP
 and CUDA) runs outside the graph, whole, exactly as in eager mode: one graph
 break, as torch keeps its own fused kernels out of tracing. In a traced step the
 checks of Note [two-phase step] run when Dynamo traces, not at every call.
+
+Note [several algorithms]
+~~~~~~~~~~~~~~~~~~~~~~~~~
+An optimizer may update its groups with different algorithms (Muon: its matrices with
+Muon, the rest with AdamW), keeping one ``state``, one ``param_groups`` and so one
+``state_dict`` and one scheduler. What an algorithm says (its state and counter keys, its
+backends, its checks, new state, the backends' keyword arguments and the numbers to check)
+is an :class:`Algorithm`; the optimizer asks ``_algorithm(group)`` for the one of each
+group, and ``_group_defaults(group)`` for the options a group's missing keys take. A
+one-algorithm optimizer (AdamW, Lion) is its own algorithm and its ``defaults``; each group
+of a several-algorithm one holds its own algorithm's options only. Everything else (the
+two-phase step across all groups, checkpoints checked group by group, ``torch.compile``)
+is the same code for both.
 """
 
 from __future__ import annotations
@@ -57,7 +70,7 @@ from . import _8bit, _dispatch, _rounding
 from ._checks import check_fits
 from ._tensors import LOW_PRECISION, Meta, is_dtensor, state_dtype, step_device
 
-__all__ = ["Optimizer"]
+__all__ = ["Algorithm", "Optimizer"]
 
 
 _GRAD, _LAYOUT, _SHAPE = operator.attrgetter("grad"), operator.attrgetter("layout"), operator.attrgetter("shape")
@@ -93,39 +106,24 @@ class Prepared:
         return self.parts[0].lists
 
 
-class Optimizer(torch.optim.Optimizer):
-    """Base of this package's optimizers (a real ``torch.optim.Optimizer``).
+class Algorithm:
+    """What one algorithm says (Note [several algorithms]).
 
-    Subclasses set ``state_keys`` (the state shaped like the parameter, in the order of
-    the backends' arguments), ``counter_keys`` (scalar state such as AdamW's ``step``)
-    and ``backends`` (Note [backends]), and implement ``_check_group(group)``,
-    ``_new_state(param, group)``, ``_hyper(group)`` (the backends' keyword arguments)
-    and ``_scalars(group)`` (the numbers the update multiplies by, for ``check_fits``).
+    ``state_keys`` (the state shaped like the parameter, in the order of the backends'
+    arguments), ``counter_keys`` (scalar state such as AdamW's ``step``), ``backends`` and
+    ``backends_8bit`` (Note [backends]), ``checkpoint_keys``, and the methods
+    ``_check_group(group)``, ``_new_state(param, group)``, ``_hyper(group)`` (the backends'
+    keyword arguments) and ``_scalars(group)`` (the numbers the update multiplies by, for
+    ``check_fits``).
     """
 
     state_keys: tuple[str, ...] = ()
     counter_keys: tuple[str, ...] = ()
     backends: _dispatch.Backends
-    _step_supports_amp_scaling = True  # Note [GradScaler]
+    backends_8bit: _dispatch.Backends
     # group keys a checkpoint of this algorithm always has; others may be missing (then the
     # defaults fill them), so a torch.optim.AdamW checkpoint loads into our AdamW
     checkpoint_keys: tuple[str, ...] = ("lr", "betas", "weight_decay")
-
-    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
-        self._check_group(dict(defaults))  # hyper-parameters first, as torch.optim checks them
-        if isinstance(params, Tensor):
-            raise TypeError(
-                "Invalid params: expected an iterable of Tensors or of dicts (parameter groups), "
-                f"got a single Tensor of shape {tuple(params.shape)}; pass [tensor] or model.parameters()"
-            )
-        if not isinstance(params, Iterable):
-            raise TypeError(f"Invalid params: expected an iterable of Tensors or dicts, got {params!r}")
-        params = list(params)
-        if len(params) == 0:
-            raise ValueError("Invalid params: the parameter list is empty (did the model define any parameters?)")
-        super().__init__(params, defaults)
-
-    # ----- what an algorithm says ----------------------------------------------
 
     def _check_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -138,6 +136,68 @@ class Optimizer(torch.optim.Optimizer):
 
     def _scalars(self, group: dict[str, Any]) -> dict[str, float | None]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _8bit_indices(self, params: list[Tensor], group: dict[str, Any]) -> list[int]:
+        """Which of a step's parameters keep 8-bit states (Note [8-bit states])."""
+        if group.get("state_dtype") != torch.uint8:
+            return []
+        size = group.get("min_8bit_size", _8bit.MIN_8BIT_SIZE)
+        return [i for i, p in enumerate(params) if _8bit.quantized(p, size)]
+
+    def _zero_states(self, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """Zero states for ``state_keys``: 8-bit codes and their scales where Note [8-bit states]
+        says, else tensors in ``state_dtype`` (Note [state precision])."""
+        if self._8bit_indices([param], group):
+            codes = {key: torch.zeros_like(param, dtype=torch.uint8, memory_format=torch.contiguous_format)
+                     for key in self.state_keys}
+            return {**codes, **{f"{key}_scale": _8bit.new_scales(param) for key in self.state_keys}}
+        dtype = state_dtype(param, group.get("state_dtype"))
+        return {key: torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+                for key in self.state_keys}
+
+    def _state_keys(self, eight: bool) -> tuple[str, ...]:
+        """The state keys in the backends' order; with 8-bit states, each state's scales follow."""
+        scales = tuple(f"{key}_scale" for key in self.state_keys) if eight else ()
+        return (*self.state_keys, *scales, *self.counter_keys)
+
+
+class Optimizer(Algorithm, torch.optim.Optimizer):
+    """Base of this package's optimizers (a real ``torch.optim.Optimizer``).
+
+    A subclass with one algorithm is that :class:`Algorithm`: it sets its class attributes
+    and implements its methods. One with several (Note [several algorithms]) also overrides
+    ``_algorithm(group)`` and ``_group_defaults(group)``.
+    """
+
+    _step_supports_amp_scaling = True  # Note [GradScaler]
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        self._check_defaults(defaults)  # hyper-parameters first, as torch.optim checks them
+        if isinstance(params, Tensor):
+            raise TypeError(
+                "Invalid params: expected an iterable of Tensors or of dicts (parameter groups), "
+                f"got a single Tensor of shape {tuple(params.shape)}; pass [tensor] or model.parameters()"
+            )
+        if not isinstance(params, Iterable):
+            raise TypeError(f"Invalid params: expected an iterable of Tensors or dicts, got {params!r}")
+        params = list(params)
+        if len(params) == 0:
+            raise ValueError("Invalid params: the parameter list is empty (did the model define any parameters?)")
+        super().__init__(params, defaults)
+
+    # ----- which algorithm, Note [several algorithms] ------------------------------
+
+    def _algorithm(self, group: dict[str, Any]) -> Algorithm:
+        """The algorithm that updates ``group``: this optimizer's own."""
+        return self
+
+    def _group_defaults(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The options that ``group``'s missing keys take: this optimizer's defaults."""
+        return self.defaults
+
+    def _check_defaults(self, defaults: dict[str, Any]) -> None:
+        """The constructor's hyper-parameters, checked before its parameters."""
+        self._check_group(dict(defaults))
 
     # ----- parameter groups ---------------------------------------------------
 
@@ -165,18 +225,23 @@ class Optimizer(torch.optim.Optimizer):
                     "a parameter may appear once only (it would be updated twice)"
                 )
             seen[id(p)] = "the same group"
-        self._check_group({**self.defaults, **param_group})
-        super().add_param_group({**param_group, "params": params})
+        filled = {**self._group_defaults(param_group), **param_group, "params": tensors}
+        self._algorithm(filled)._check_group(filled)
+        super().add_param_group({**filled, "params": params})
+        group = self.param_groups[-1]
+        for key in set(group) - set(filled) - {"param_names"}:  # another algorithm's options, added by torch
+            del group[key]
 
     # ----- the step, Note [two-phase step] ------------------------------------
 
     def _prepare(self, gi: int, group: dict[str, Any]) -> Prepared:
         """Phase 1 for one group: check everything, plan the update; changes nothing."""
-        self._check_group(group)
+        alg = self._algorithm(group)
+        alg._check_group(group)
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
-            empty = [[] for _ in range(2 + len(self.state_keys) + len(self.counter_keys))]
-            return Prepared(group, [Part(self.backends, empty, {}, {})])
+            empty = [[] for _ in range(2 + len(alg.state_keys) + len(alg.counter_keys))]
+            return Prepared(group, [Part(alg.backends, empty, {}, {})])
         grads = list(map(_GRAD, params))
         # the common case checked with C-level maps (this runs every step), the culprit found after
         meta = Meta(params)
@@ -195,14 +260,14 @@ class Optimizer(torch.optim.Optimizer):
         for p in params:
             state = self.state.get(p)
             if not state:
-                state = new[p] = self._new_state(p, group)
+                state = new[p] = alg._new_state(p, group)
             states.append(state)
-        check_fits(self._scalars(group), params)
-        hyper = self._hyper(group)
+        check_fits(alg._scalars(group), params)
+        hyper = alg._hyper(group)
         if group.get("stochastic_rounding"):  # Note [stochastic rounding]
             hyper["rounding_seeds"] = _rounding.rounding_seeds(group.get("seed", 0), group.get("rounding_step", 0),
                                                             len(params))
-        eight = self._8bit_indices(params, group)
+        eight = alg._8bit_indices(params, group)
         if not eight:
             parts = [self._part(gi, group, params, grads, states, meta, hyper, new, eight=False)]
         else:  # Note [8-bit states]: the quantised tensors, and the others
@@ -218,38 +283,16 @@ class Optimizer(torch.optim.Optimizer):
                                             Meta(sub), sub_hyper, new, eight=is_8bit))
         return Prepared(group, parts, new)
 
-    def _8bit_indices(self, params: list[Tensor], group: dict[str, Any]) -> list[int]:
-        """Which of a step's parameters keep 8-bit states (Note [8-bit states])."""
-        if group.get("state_dtype") != torch.uint8:
-            return []
-        size = group.get("min_8bit_size", _8bit.MIN_8BIT_SIZE)
-        return [i for i, p in enumerate(params) if _8bit.quantized(p, size)]
-
-    def _zero_states(self, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        """Zero states for ``state_keys``: 8-bit codes and their scales where Note [8-bit states]
-        says, else tensors in ``state_dtype`` (Note [state precision])."""
-        if self._8bit_indices([param], group):
-            codes = {key: torch.zeros_like(param, dtype=torch.uint8, memory_format=torch.contiguous_format)
-                     for key in self.state_keys}
-            return {**codes, **{f"{key}_scale": _8bit.new_scales(param) for key in self.state_keys}}
-        dtype = state_dtype(param, group.get("state_dtype"))
-        return {key: torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-                for key in self.state_keys}
-
-    def _state_keys(self, eight: bool) -> tuple[str, ...]:
-        """The state keys in the backends' order; with 8-bit states, each state's scales follow."""
-        scales = tuple(f"{key}_scale" for key in self.state_keys) if eight else ()
-        return (*self.state_keys, *scales, *self.counter_keys)
-
     def _part(self, gi: int, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
               states: list[dict[str, Any]], meta: Meta, hyper: dict[str, Any], new: dict[Tensor, Any], *,
               eight: bool) -> Part:
         """Gather, check and route the tensors that one set of backends updates."""
-        lists = self._gather(gi, group, params, grads, states, self._state_keys(eight))
+        alg = self._algorithm(group)
+        lists = self._gather(gi, group, params, grads, states, alg._state_keys(eight))
         check = ((lambda: self._check_8bit_states(gi, group, params, lists)) if eight
                  else (lambda: self._check_states(gi, group, params, lists, meta)))
         self._check_once((gi, eight), params, lists, meta, new, check)
-        backends = self.backends_8bit if eight else self.backends
+        backends = alg.backends_8bit if eight else alg.backends
         routes = _dispatch.route(backends, lists, hyper, foreach=group["foreach"], fused=group["fused"])
         return Part(backends, lists, routes, hyper)
 
@@ -279,8 +322,9 @@ class Optimizer(torch.optim.Optimizer):
                            lists: list[list[Any]]) -> None:
         """8-bit states must be what this optimizer would create: uint8 codes shaped like the
         parameter, float32 scales of ``_8bit.scale_shape``, on the parameter's device."""
-        n = len(self.state_keys)
-        keys = self._state_keys(True)
+        alg = self._algorithm(group)
+        n = len(alg.state_keys)
+        keys = alg._state_keys(True)
         for j, key in enumerate(keys[:2 * n]):
             for p, v in zip(params, lists[2 + j]):
                 shape, dtype = (p.shape, torch.uint8) if j < n else (_8bit.scale_shape(p.shape), torch.float32)
@@ -313,8 +357,9 @@ class Optimizer(torch.optim.Optimizer):
         expected_of = {d: requested if requested is not None and not d.is_complex else LOW_PRECISION.get(d, d)
                        for d in set(meta.dtypes)}
         expected = list(map(expected_of.__getitem__, meta.dtypes))
-        n = len(self.state_keys)
-        for key, values in zip(self.state_keys, lists[2:2 + n]):
+        state_keys = self._algorithm(group).state_keys
+        n = len(state_keys)
+        for key, values in zip(state_keys, lists[2:2 + n]):
             try:
                 ok = meta.same(values, dtypes=expected)
             except AttributeError:  # not a tensor
@@ -330,7 +375,7 @@ class Optimizer(torch.optim.Optimizer):
     def _check_counters(self, gi: int, group: dict[str, Any], params: list[Tensor], counters: list[list[Any]],
                         meta: Meta) -> None:
         cpu = torch.device("cpu")
-        for key, values in zip(self.counter_keys, counters):
+        for key, values in zip(self._algorithm(group).counter_keys, counters):
             try:  # one-element float tensors, on the CPU or on the parameter's device
                 ok = (set(map(Tensor.numel, values)) == {1} and all(map(Tensor.is_floating_point, values))
                       and (all(map(_IS_CPU, values)) or meta.same_devices(values)))
@@ -382,8 +427,7 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         if not torch.compiler.is_compiling():
             self._step()
-        elif (any(g["fused"] or (g["fused"] is None and g["foreach"] is None) or g.get("stochastic_rounding")
-                  or g.get("state_dtype") == torch.uint8 for g in self.param_groups)
+        elif (any(map(self._outside_graph, self.param_groups))
               or getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None):
             # fused, or the default (fused on CPU and CUDA), or 8-bit states, or GradScaler's flag to
             # read: Note [torch.compile]
@@ -391,6 +435,14 @@ class Optimizer(torch.optim.Optimizer):
         else:
             self._compiled_step()
         return loss
+
+    def _outside_graph(self, group: dict[str, Any]) -> bool:
+        """Whether a compiled step runs this group outside the graph (Note [torch.compile]): its fused
+        kernels (``fused=True``, or the default where the algorithm has them), stochastic rounding
+        or 8-bit states."""
+        fused = group["fused"] or (group["fused"] is None and group["foreach"] is None)
+        return ((fused and self._algorithm(group).backends.fused_kernels) or bool(group.get("stochastic_rounding"))
+                or group.get("state_dtype") == torch.uint8)
 
     def _step(self) -> None:
         """The step in eager mode, Note [two-phase step]."""
@@ -424,34 +476,37 @@ class Optimizer(torch.optim.Optimizer):
     def _compiled_step(self) -> None:
         """The step as ``torch.compile`` traces it (Note [torch.compile])."""
         for group in self.param_groups:
-            lists: list[list[Any]] = [[] for _ in range(2 + len(self.state_keys) + len(self.counter_keys))]
+            alg = self._algorithm(group)
+            lists: list[list[Any]] = [[] for _ in range(2 + len(alg.state_keys) + len(alg.counter_keys))]
             self._init_group(group, *lists)
             if lists[0]:
-                part = Part(self.backends, lists, None, self._hyper(group))
+                part = Part(alg.backends, lists, None, alg._hyper(group))
                 self._run(group, part, {"grad_scale": None, "found_inf": None})
 
     # ----- checkpoints ---------------------------------------------------------
 
-    def _check_saved_state(self, p: Tensor, state: dict[str, Any], where: str) -> None:
+    def _check_saved_state(self, p: Tensor, state: dict[str, Any], where: str, alg: Algorithm | None = None) -> None:
+        """A saved state fits ``p`` as ``alg`` (by default this optimizer's algorithm) keeps it."""
+        alg = self if alg is None else alg
         keys = set(state)
-        expected = {*self.state_keys, *self.counter_keys}
-        if keys != expected and keys != set(self._state_keys(True)):  # float states, or 8-bit ones
+        expected = {*alg.state_keys, *alg.counter_keys}
+        if keys != expected and keys != set(alg._state_keys(True)):  # float states, or 8-bit ones
             raise ValueError(
-                f"Invalid state for {where}: {type(self).__name__} keeps {sorted(expected)}, "
+                f"Invalid state for {where}: {_name(alg)} keeps {sorted(expected)}, "
                 f"found {sorted(map(str, keys))} (is it another optimizer's checkpoint?)"
             )
         if keys != expected:
-            for key in self.state_keys:
+            for key in alg.state_keys:
                 codes, scale = state[key], state[f"{key}_scale"]
                 if not (isinstance(codes, Tensor) and codes.dtype == torch.uint8 and isinstance(scale, Tensor)
                         and tuple(scale.shape) == _8bit.scale_shape(p.shape)):
                     raise ValueError(f"Invalid 8-bit state[{key!r}] for {where}: uint8 codes of shape "
                                      f"{tuple(p.shape)} and scales of shape {_8bit.scale_shape(p.shape)} expected")
-        for key in self.counter_keys:
+        for key in alg.counter_keys:
             v = state[key]
             if not (isinstance(v, (int, float)) or (isinstance(v, Tensor) and v.numel() == 1)):
                 raise ValueError(f"Invalid state[{key!r}] for {where}: {v!r}")
-        for key in self.state_keys:
+        for key in alg.state_keys:
             v = state[key]
             if not isinstance(v, Tensor) or v.shape != p.shape:
                 shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
@@ -462,12 +517,25 @@ class Optimizer(torch.optim.Optimizer):
         name = type(self).__name__
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                f"Invalid state_dict for {name}: it has {len(saved_groups)} parameter groups, "
-                f"this optimizer has {len(self.param_groups)}"
+                f"Invalid state_dict for {name}: it has {len(saved_groups)} parameter groups, this optimizer has "
+                f"{len(self.param_groups)} (is it another optimizer's checkpoint, or another model's?)"
             )
         index_to_param: dict[Any, Tensor] = {}
+        algorithm_of: dict[Any, Algorithm] = {}
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            missing = sorted(k for k in self.checkpoint_keys if k not in saved)
+            if saved.get("decoupled_weight_decay") is False and saved.get("weight_decay"):
+                raise ValueError(
+                    f"Invalid state_dict for {name}: param_groups[{gi}] has decoupled_weight_decay=False "
+                    "(torch.optim.Adam's L2 penalty, not decoupled weight decay): it is another optimizer's checkpoint"
+                )
+            alg = self._algorithm(group)
+            saved_alg = self._algorithm({**self._group_defaults(saved), **saved})
+            if saved_alg is not alg:
+                raise ValueError(
+                    f"Invalid state_dict for {name}: param_groups[{gi}] is updated by {_name(saved_alg)}, this "
+                    f"optimizer's group {gi} by {_name(alg)}"
+                )
+            missing = sorted(k for k in alg.checkpoint_keys if k not in saved)
             if missing:
                 raise ValueError(
                     f"Invalid state_dict for {name}: param_groups[{gi}] lacks {missing} "
@@ -478,16 +546,12 @@ class Optimizer(torch.optim.Optimizer):
                     f"Invalid state_dict for {name}: param_groups[{gi}] has {len(saved['params'])} "
                     f"parameters, this optimizer's group {gi} has {len(group['params'])}"
                 )
-            if saved.get("decoupled_weight_decay") is False and saved.get("weight_decay"):
-                raise ValueError(
-                    f"Invalid state_dict for {name}: param_groups[{gi}] has decoupled_weight_decay=False "
-                    "(torch.optim.Adam's L2 penalty, not decoupled weight decay): it is another optimizer's checkpoint"
-                )
-            self._check_group({**self.defaults, **saved})
+            alg._check_group({**self._group_defaults(saved), **saved, "params": group["params"]})
             index_to_param.update(zip(saved["params"], group["params"]))
+            algorithm_of.update(dict.fromkeys(saved["params"], alg))
         for index, state in saved_state.items():
             if index in index_to_param:
-                self._check_saved_state(index_to_param[index], state, f"saved parameter {index}")
+                self._check_saved_state(index_to_param[index], state, f"saved parameter {index}", algorithm_of[index])
         return index_to_param
 
     def _restore_state(self, p: Tensor, saved: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
@@ -495,14 +559,15 @@ class Optimizer(torch.optim.Optimizer):
         where ``step_device`` says, tensors in ``state_dtype`` (Note [state precision]) and in
         the parameter's layout (so that the fused kernels take them), always copies."""
         state: dict[str, Any] = {}
-        eight = bool(self._8bit_indices([p], group))
-        if eight or f"{self.state_keys[0]}_scale" in saved:  # 8-bit states saved or wanted: convert
-            saved = _8bit.convert_states(p, saved, self.state_keys, eight)
+        alg = self._algorithm(group)
+        eight = bool(alg._8bit_indices([p], group))
+        if eight or f"{alg.state_keys[0]}_scale" in saved:  # 8-bit states saved or wanted: convert
+            saved = _8bit.convert_states(p, saved, alg.state_keys, eight)
         for key, value in saved.items():
-            if eight and key not in self.counter_keys:  # already this optimizer's own copies
+            if eight and key not in alg.counter_keys:  # already this optimizer's own copies
                 state[key] = value
                 continue
-            if key in self.counter_keys:
+            if key in alg.counter_keys:
                 state[key] = torch.as_tensor(value, dtype=torch.float32).detach().to(
                     step_device(p), copy=True).reshape(())
                 continue
@@ -534,7 +599,8 @@ class Optimizer(torch.optim.Optimizer):
             for key in _PRECISION_KEYS:  # this optimizer's choice: the saved states are converted to it
                 if key in group:
                     saved[key] = group[key]
-        group_of = {index: {**self.defaults, **saved} for saved in saved_groups for index in saved["params"]}
+        group_of = {index: {**self._group_defaults(saved), **saved} for saved in saved_groups
+                    for index in saved["params"]}
         state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
         for index, saved in state_dict["state"].items():
             p = index_to_param.get(index)
@@ -554,5 +620,10 @@ class Optimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.defaults.pop("differentiable", None)  # torch.optim adds this option; ours have none
         for group in self.param_groups:  # an older or torch.optim checkpoint may lack some options
-            for key, value in self.defaults.items():
+            for key, value in self._group_defaults(group).items():
                 group.setdefault(key, value)
+
+
+def _name(alg: Algorithm) -> str:
+    """An algorithm as an error message names it: its ``name``, else its class's."""
+    return getattr(alg, "name", type(alg).__name__)

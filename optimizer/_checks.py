@@ -23,6 +23,7 @@ __all__ = [
     "check_lr",
     "check_nonnegative",
     "check_state_dtype",
+    "check_unit_interval",
     "plain",
 ]
 
@@ -71,6 +72,15 @@ def check_betas(betas: Any) -> None:
         b = _as_float(f"beta parameter at index {i}", beta)
         if b is not None and not (0.0 <= b < 1.0):
             raise ValueError(f"Invalid beta parameter at index {i}: {b} (must be in [0, 1))")
+
+
+def check_unit_interval(name: str, value: Any) -> None:
+    """A number in [0, 1), such as a momentum (not a tensor: the backends take it as a Python number)."""
+    if isinstance(value, Tensor):
+        raise ValueError(f"Invalid {name}: {value!r}; a tensor {name} is not supported, pass a float")
+    v = _as_float(name, value)
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"Invalid {name}: {v} (must be in [0, 1))")
 
 
 def check_flag(name: str, value: Any, allow_none: bool = False) -> None:

@@ -21,10 +21,12 @@ signature (``_single_tensor_adamw``, ``_multi_tensor_adamw``, ...):
 ``foreach`` and ``fused`` (each True, False or None) choose for a whole group
 (:func:`group_backend`): ``fused`` sends each tensor to the first fused kernel that
 takes it (``triton`` on CUDA; ``torch``, then ``c`` on the CPU) and the rest to
-``foreach``. :func:`route` does this for a step, and is phase 1 of the step (Note
-[two-phase step]): everything that can fail does so here, before anything changed
-(compiling the C loop, importing Triton, a ``fused=True`` that cannot be met). Then
-:func:`run` calls each backend on its tensors.
+``foreach``; an algorithm without fused kernels (Muon, whose work is matrix products:
+``Backends.fused_kernels``) runs ``foreach`` there, its fastest path. :func:`route`
+does this for a step, and is phase 1 of the step (Note [two-phase step]): everything
+that can fail does so here, before anything changed (compiling the C loop, importing
+Triton, a ``fused=True`` that cannot be met). Then :func:`run` calls each backend on its
+tensors.
 
 Under ``torch.compile`` (:func:`step`), ``foreach`` and ``reference`` are traced into
 the graph; the fused kernels run outside it, as torch keeps its own fused step out
@@ -105,10 +107,12 @@ class Backends:
     names: tuple[str, ...]  # of the parallel lists, as the functional entry calls them
     reference: Callable[..., None]
     foreach: Callable[..., None]
-    c: Callable[..., None]  # runs c_kernel through _fused_cpu.run
-    c_kernel: _fused_cpu.Kernel
     n_states: int  # state lists after params and grads; counters (AdamW's steps) follow
-    triton: str  # the name of the algorithm's function in _fused_triton
+    # the fused kernels; None for an algorithm without them (Muon: matrix products, which no
+    # element-wise loop fuses), whose fused=True and default run ``foreach`` (Note [backends])
+    c: Callable[..., None] | None = None  # runs c_kernel through _fused_cpu.run
+    c_kernel: _fused_cpu.Kernel | None = None
+    triton: str | None = None  # the name of the algorithm's function in _fused_triton
     torch: Callable[..., None] | None = None  # torch's own fused kernel, where it computes our update
     torch_applies: Callable[[dict[str, Any]], bool] = lambda hyper: False
     # 8-bit states (Note [8-bit states]): codes and their block scales, routed whole (:func:`_8bit_kernel`)
@@ -116,6 +120,11 @@ class Backends:
     # the backends that round bf16/fp16 parameters stochastically (Note [stochastic rounding]);
     # such parameters go to the reference elsewhere when ``rounding_seeds`` is given
     rounding: frozenset[str] = frozenset({"reference"})
+
+    @property
+    def fused_kernels(self) -> bool:
+        """Whether the algorithm has fused kernels; without them ``fused`` means ``foreach``."""
+        return self.c is not None or self.triton is not None
 
 
 # device types whose tensors the fused backends send to the Triton kernels; the tests add
@@ -218,6 +227,8 @@ def _route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any],
     n = len(params)
     everything = list(range(n))
     backend = group_backend(device_types(params), foreach, fused)
+    if backend == "fused" and not backends.fused_kernels:
+        backend = "foreach"
     if backend != "fused" or not n:
         return {backend: everything}
     if backends.eight_bit:
@@ -427,6 +438,8 @@ def _traced_step(backends: Backends, lists: list[list[Tensor]], hyper: dict[str,
     """What ``torch.compile`` traces: the foreach or reference backend in the graph, the fused
     kernels outside it (one graph break, as torch's ``fused=True``)."""
     backend = group_backend({p.device.type for p in lists[0]}, foreach, fused)
+    if backend == "fused" and not backends.fused_kernels:
+        backend = "foreach"
     if backend == "fused":
         _step_outside_graph(backends, lists, hyper, foreach=foreach, fused=fused, grad_scale=grad_scale,
                             found_inf=found_inf)

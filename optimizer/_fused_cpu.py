@@ -668,11 +668,12 @@ def _plan(
     return plan
 
 
-def count(kernel: Kernel, steps: list[Tensor]) -> bool:
+def count(kernel: Kernel | None, steps: list[Tensor]) -> bool:
     """Add one to every step counter in one C call, where they are CPU float32 or float64
     tensors and ``kernel``'s library is loaded (``torch._foreach_add_`` on CPU scalars costs
-    a few microseconds each). False, having changed nothing, where it does not apply."""
-    fns = _libraries.get(kernel.name)
+    a few microseconds each). False, having changed nothing, where it does not apply (also
+    for an algorithm without a C kernel)."""
+    fns = None if kernel is None else _libraries.get(kernel.name)
     if not steps or is_dtensor(steps[0]):
         return False
     dtypes = set(map(_DTYPE, steps))

@@ -2,7 +2,9 @@
 with and without weight decay, and config files (YAML or JSON, loaded safely).
 
 The registry :data:`OPTIMIZERS` is the one list of algorithms: it feeds
-:func:`create_optimizer`, the command line's choices and the tests. :data:`VARIANTS`
+:func:`create_optimizer`, the command line's choices and the tests.
+``create_optimizer(model, "muon")`` splits a model between Muon and AdamW by the rule of
+:func:`muon_labels`, which a caller may replace (``labels=``). :data:`VARIANTS`
 adds names for an algorithm with other defaults (``adamw8bit``, ``lion8bit``: 8-bit
 states, as bitsandbytes names them), which :func:`create_optimizer` takes too.
 Options that are a ``torch.dtype`` (``state_dtype``) may be given as text, as a config
@@ -16,8 +18,8 @@ import json
 import logging
 import math
 import pathlib
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +28,7 @@ from .adamw import AdamW
 from .adamw8bit import AdamW8bit
 from .lion import Lion
 from .lion8bit import Lion8bit
+from .muon import Muon
 from .sparse_adamw import SparseAdamW
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "create_optimizer",
     "keyword_defaults",
     "load_config",
+    "muon_labels",
     "param_groups",
     "state_dtype_of",
 ]
@@ -53,12 +57,18 @@ class OptimizerSpec:
     lr: float
     weight_decay: float
     summary: str
+    # the class's other keyword arguments that differ from its defaults here
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec(AdamW, lr=3e-3, weight_decay=0.1, summary="Adam with decoupled weight decay"),
     # Lion: lr 3-10x smaller and weight decay 3-10x larger than AdamW's (Chen et al. 2023)
     "lion": OptimizerSpec(Lion, lr=3e-4, weight_decay=1.0, summary="EvoLved Sign Momentum, one state tensor"),
+    # Muon at Jordan et al.'s lr with the "original" scale, the rest at AdamW's lr: the pair that
+    # trained the demo's model best
+    "muon": OptimizerSpec(Muon, lr=0.02, weight_decay=0.1, options={"adamw_lr": 3e-3},
+                          summary="Muon (orthogonalised momentum) for matrices, AdamW for the rest"),
 }
 # an algorithm of OPTIMIZERS under another name, with other defaults (the demo takes
 # --state-dtype uint8 instead; these are for create_optimizer and configs)
@@ -154,6 +164,77 @@ def param_groups(
     return groups
 
 
+def muon_labels(model: torch.nn.Module) -> dict[str, str]:
+    """Which algorithm updates each trainable parameter of ``model``, by its name in
+    ``model.named_parameters()``: the rule of ``create_optimizer(model, "muon")``.
+
+    * ``"muon"``: the weight of every ``nn.Linear`` but the output layer;
+    * ``"muon_conv"``: the kernel of every ``nn.Conv1d/2d/3d``, one matrix ``out x in * k``;
+    * ``"adamw"``: everything else: embeddings, the output layer, norms, biases, every tensor of
+      fewer than 2 dimensions, and parameters of other modules (whose layout this rule cannot
+      know: a custom stack of experts is a caller's ``"muon"``).
+
+    The output layer is a Linear whose weight is shared with an embedding (tied); without one,
+    the last Linear registered, if the model has no embedding or the Linear's outputs are an
+    embedding's rows (an untied LM head; a model whose hidden width equals its vocabulary is
+    still told apart, by order). Write another rule as a function of the model returning such a
+    dict, and pass it as ``create_optimizer(model, "muon", labels=rule)``.
+    """
+    embeddings = [m for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    tied = {id(m.weight) for m in embeddings}
+    outputs = [m for m in linears if id(m.weight) in tied]
+    if not outputs and linears:
+        last = linears[-1]
+        if not embeddings or last.out_features in {m.num_embeddings for m in embeddings}:
+            outputs = [last]
+    muon = {id(m.weight) for m in linears if m not in outputs}
+    conv = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))}
+    return {name: "muon" if id(p) in muon else "muon_conv" if id(p) in conv else "adamw"
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _muon_groups(model_or_params: torch.nn.Module | Iterable[Any], no_decay: tuple[str, ...], decay_embeddings: bool,
+                 labels: Callable[[torch.nn.Module], dict[str, str]] | None) -> list[dict[str, Any]]:
+    """A model's parameters in Muon's and AdamW's groups (:func:`muon_labels`); for a list of
+    tensors, those of at least 2 dimensions to Muon. Decay as :func:`param_groups` says, each
+    group's own: the Muon groups take ``weight_decay``, AdamW's ``adamw_weight_decay``."""
+    if isinstance(model_or_params, torch.nn.Module):
+        named = [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
+        label_of = (labels or muon_labels)(model_or_params)
+        embeddings = {id(m.weight) for m in model_or_params.modules() if isinstance(m, torch.nn.Embedding)}
+    else:
+        items = list(model_or_params)
+        named = [it if isinstance(it, tuple) else (f"param{i}", it) for i, it in enumerate(items)]
+        named = [(n, p) for n, p in named if p.requires_grad]
+        label_of = {n: "muon" if p.dim() >= 2 else "adamw" for n, p in named}
+        embeddings = set()
+    allowed = {"muon", "muon_conv", "adamw"}
+    bad = next((f"{n!r}: {label_of.get(n)!r}" for n, _ in named if label_of.get(n) not in allowed), None)
+    if bad is not None:
+        raise ConfigError(f"Invalid labels: {bad}; every trainable parameter needs one of {sorted(allowed)}")
+    options = {"muon": {"use_muon": True}, "muon_conv": {"use_muon": True, "flatten": True},
+               "adamw": {"use_muon": False}}
+    groups: dict[str, dict[str, Any]] = {}
+    for n, p in named:
+        label = label_of[n]
+        exempt = (p.dim() < 2 or any(s in n for s in no_decay)
+                  or (label == "adamw" and not decay_embeddings and id(p) in embeddings))
+        key = f"{label}_no_decay" if exempt else label if label != "adamw" else "adamw_decay"
+        group = groups.setdefault(key, {"params": [], **options[label], "group": key})
+        if exempt:
+            group["weight_decay"] = 0.0
+        group["params"].append(p)
+    if not groups:
+        raise ValueError("Invalid model_or_params: no trainable parameters (all have requires_grad=False)")
+    matrices = [n for n, p in named if label_of[n] == "adamw" and p.dim() >= 2]
+    log.info("muon split: %d tensors to Muon, %d to AdamW, of which matrices (embeddings, output layer): %s",
+             sum(label_of[n] != "adamw" for n, _ in named), sum(label_of[n] == "adamw" for n, _ in named),
+             ", ".join(matrices) or "none")
+    order = ["muon", "muon_no_decay", "muon_conv", "muon_conv_no_decay", "adamw_decay", "adamw_no_decay"]
+    return [groups[k] for k in order if k in groups]
+
+
 def create_optimizer(
     model_or_params: torch.nn.Module | Iterable[Any],
     name: str = "adamw",
@@ -162,6 +243,7 @@ def create_optimizer(
     no_decay: Iterable[str] = (),
     *,
     decay_embeddings: bool = True,
+    labels: Callable[[torch.nn.Module], dict[str, str]] | None = None,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Build a registered optimizer with decay / no-decay parameter groups (see :func:`param_groups`).
@@ -175,6 +257,10 @@ def create_optimizer(
     ``stochastic_rounding``, ``seed``, ``min_8bit_size``, ...) go to the class, with
     ``state_dtype`` also as text (``"fp32"``, ``"bf16"``, ``"uint8"``), as
     :func:`load_config` reads it from a file.
+    ``"muon"`` builds :class:`~optimizer.Muon` with groups for Muon (``use_muon=True``) and
+    for AdamW (``use_muon=False``): ``labels`` (default :func:`muon_labels`) says which
+    parameter goes where; ``lr`` and ``weight_decay`` are Muon's, ``adamw_lr`` (default 3e-3)
+    and ``adamw_weight_decay`` (default ``weight_decay``) AdamW's.
     The counts are logged on the ``optimizer`` logger and kept in each group's
     ``"group"`` key.
     """
@@ -186,7 +272,13 @@ def create_optimizer(
         cls = SparseAdamW
     lr = spec.lr if lr is None else lr
     weight_decay = spec.weight_decay if weight_decay is None else weight_decay
-    groups = param_groups(model_or_params, weight_decay, no_decay, decay_embeddings=decay_embeddings)
+    if labels is not None and cls is not Muon:
+        raise ConfigError(f"Invalid argument for optimizer {name!r}: 'labels' (it splits a model for 'muon')")
+    if cls is Muon:
+        groups = _muon_groups(model_or_params, tuple(no_decay), decay_embeddings, labels)
+    else:
+        groups = param_groups(model_or_params, weight_decay, no_decay, decay_embeddings=decay_embeddings)
+    kwargs = {**spec.options, **kwargs}
     allowed = list(keyword_defaults(cls))
     unknown = [k for k in kwargs if k not in allowed]
     if unknown:
@@ -194,6 +286,8 @@ def create_optimizer(
         raise ConfigError(f"Invalid argument for optimizer {name!r}{why}: {unknown[0]!r}; it takes {allowed}")
     if "state_dtype" in kwargs:
         kwargs["state_dtype"] = state_dtype_of(kwargs["state_dtype"])
+    if cls is Muon:  # (the Muon groups take weight_decay from the optimizer; AdamW's from adamw_weight_decay)
+        kwargs["weight_decay"] = weight_decay
     try:
         opt = cls(groups, lr=lr, **kwargs)
     except TypeError as err:  # a value of the wrong type

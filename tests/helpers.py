@@ -54,8 +54,11 @@ def draw_config(data, info):
         if key.startswith("beta"):
             continue
         cfg[key] = data.draw(st.floats(lo, hi), label=key)
-    cfg["betas"] = (data.draw(st.floats(*info.ranges["beta1"]), label="beta1"),
-                    data.draw(st.floats(*info.ranges["beta2"]), label="beta2"))
+    if "beta1" in info.ranges:
+        cfg["betas"] = (data.draw(st.floats(*info.ranges["beta1"]), label="beta1"),
+                        data.draw(st.floats(*info.ranges["beta2"]), label="beta2"))
+    for key, values in info.choices.items():
+        cfg[key] = data.draw(st.sampled_from(values), label=key)
     cfg["maximize"] = data.draw(st.booleans(), label="maximize")
     if "correct_bias" in hyper({}, info):
         cfg["correct_bias"] = data.draw(st.booleans(), label="correct_bias")

@@ -80,7 +80,8 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
     for out in (tmp_path / "empty", tmp_path / "missing"):
         assert cli.main(["demo", "--resume", "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "Invalid --resume: no checkpoint (adamw.ckpt, lion.ckpt)" in err, err
+        assert len(err.splitlines()) == 1, err
+        assert "Invalid --resume: no checkpoint (adamw.ckpt, lion.ckpt, muon.ckpt)" in err, err
     assert list((tmp_path / "empty").iterdir()) == [] and not (tmp_path / "missing").exists()
 
 

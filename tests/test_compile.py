@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import BACKENDS
-from optim_table import OPTIMIZERS, ids
+from optim_table import TABLE, ids
 from torch._dynamo.utils import counters
 
 TRACED = ("reference", "foreach")
@@ -60,10 +60,11 @@ def torch_breaks():
 @pytest.mark.filterwarnings("ignore:Detected call of")
 @pytest.mark.parametrize("mode", ["step", "train"])
 @pytest.mark.parametrize("backend", list(BACKENDS))
-@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+@pytest.mark.parametrize("info", TABLE, ids=ids(TABLE))
 def test_compiled_steps_equal_eager_ones(info, backend, mode, torch_breaks):
-    eager, _, _ = run(info.cls, BACKENDS[backend], "eager")
-    compiled, frames, breaks = run(info.cls, BACKENDS[backend], mode)
+    kwargs = {**BACKENDS[backend], **info.exact_kwargs}
+    eager, _, _ = run(info.cls, kwargs, "eager")
+    compiled, frames, breaks = run(info.cls, kwargs, mode)
     for step, (a, b) in enumerate(zip(eager, compiled)):
         for x, y in zip(a, b):
             if backend in TRACED or mode == "train":  # Inductor's kernels may round differently
@@ -78,7 +79,7 @@ def test_compiled_steps_equal_eager_ones(info, backend, mode, torch_breaks):
 
 
 @pytest.mark.parametrize("backend", ["fused", "default"])
-@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+@pytest.mark.parametrize("info", TABLE, ids=ids(TABLE))
 def test_fused_steps_stay_out_of_the_graph(info, backend):
     run(info.cls, BACKENDS[backend], "step")
     assert counters["stats"]["calls_captured"] == 0  # no operation of the step was traced
@@ -102,22 +103,22 @@ def test_compiled_lion_follows_a_changing_lr():
     assert seen == pytest.approx([-0.1, -0.595, -0.830125, -0.9447484], rel=1e-6)
 
 
-@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+@pytest.mark.parametrize("info", TABLE, ids=ids(TABLE))
 def test_a_compiled_step_that_fails_creates_no_state(info):
     """Dynamo runs the checks when it traces: every group is checked before the first one
     creates state."""
     torch._dynamo.reset()
-    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    a, b = torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.ones(2, 2))  # (every row takes matrices)
     opt = info.cls([{"params": [a]}, {"params": [b]}], foreach=True)
-    a.grad, b.grad = torch.ones(3), torch.ones(2)
-    opt.state[b] = {k: torch.zeros(5) for k in info.cls.state_keys}  # the last group's state, set by hand, wrong
+    a.grad, b.grad = torch.ones(3, 2), torch.ones(2, 2)
+    opt.state[b] = {k: torch.zeros(5) for k in info.keys_of(b)}  # the last group's state, set by hand, wrong
     opt.state[b].update({k: torch.zeros(()) for k in info.cls.counter_keys})
-    with pytest.raises(Exception, match=r"state\['exp_avg'\] of shape \(5,\)"):
+    with pytest.raises(Exception, match=rf"state\['{info.keys_of(b)[0]}'\] of shape \(5,\)"):
         torch.compile(opt.step)()
-    assert not opt.state[a] and torch.equal(a.detach(), torch.ones(3))
+    assert not opt.state[a] and torch.equal(a.detach(), torch.ones(3, 2))
 
 
-@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+@pytest.mark.parametrize("info", TABLE, ids=ids(TABLE))
 def test_compiled_steps_under_gradscaler_run_outside_the_graph(info):
     """GradScaler's flag must be read to skip a step: such a step runs whole outside the
     graph, as in eager mode, rather than in fragments; the skipped step changes nothing."""

@@ -8,9 +8,9 @@ import io
 import pytest
 import torch
 from helpers import BACKENDS, assert_same_nested, assert_unchanged, snapshot, tiny_model, train
-from optim_table import OPTIMIZERS, ids
+from optim_table import TABLE, ids
 
-pytestmark = pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+pytestmark = pytest.mark.parametrize("info", TABLE, ids=ids(TABLE))
 
 
 def test_is_a_torch_optimizer(info):
@@ -57,17 +57,18 @@ def test_closure_is_called_and_its_loss_returned(info):
 
 
 def test_groups_keep_their_own_settings_and_add_param_group(info):
-    frozen = torch.nn.Parameter(torch.ones(3))
-    moving = torch.nn.Parameter(torch.ones(3))
-    late = torch.nn.Parameter(torch.ones(2))
+    frozen = torch.nn.Parameter(torch.ones(3, 2))  # (matrices: every row's algorithm takes them)
+    moving = torch.nn.Parameter(torch.ones(3, 2))
+    late = torch.nn.Parameter(torch.ones(2, 2))
     opt = info.cls([{"params": [frozen], "lr": 0.0}, {"params": [moving]}], weight_decay=0.5)
     opt.add_param_group({"params": [late], "lr": 0.1, "weight_decay": 0.0})
-    assert opt.param_groups[2]["betas"] == opt.defaults["betas"]
+    key = info.checked_key[0]
+    assert opt.param_groups[2][key] == opt.defaults[key]
     for p in (frozen, moving, late):
         p.grad = torch.ones_like(p)
     opt.step()
-    assert torch.equal(frozen.detach(), torch.ones(3))
-    assert not torch.equal(moving.detach(), torch.ones(3))
+    assert torch.equal(frozen.detach(), torch.ones(3, 2))
+    assert not torch.equal(moving.detach(), torch.ones(3, 2))
     assert torch.all(late.detach() < 1)
 
 
@@ -157,7 +158,7 @@ def test_state_dict_resume_is_bit_identical(info, dtype):
     opt = info.cls(model.parameters(), weight_decay=0.1)
     train(model, opt, 5)
     saved_model, saved_opt = roundtrip(model.state_dict()), roundtrip(opt.state_dict())
-    assert set(saved_opt["state"][0]) == set(opt.state[next(model.parameters())])
+    assert set(saved_opt["state"][0]) == set(opt.state[opt.param_groups[0]["params"][0]])
     train(model, opt, 5, seed=7)
 
     resumed = tiny_model(seed=3).to(dtype)
@@ -165,7 +166,7 @@ def test_state_dict_resume_is_bit_identical(info, dtype):
     opt2 = info.cls(resumed.parameters(), weight_decay=0.1)
     opt2.load_state_dict(saved_opt)
     for p in resumed.parameters():
-        for k in info.state_tensor_keys:
+        for k in info.keys_of(p):
             assert opt2.state[p][k].dtype == torch.float32  # Note [state precision] survives the load
     train(resumed, opt2, 5, seed=7)
     for a, b in zip(model.parameters(), resumed.parameters()):
@@ -182,7 +183,7 @@ def test_checkpoint_follows_the_parameters_device(info):
     opt2 = info.cls(meta_model.parameters())
     opt2.load_state_dict(opt.state_dict())
     for p in meta_model.parameters():
-        for k in info.state_tensor_keys:
+        for k in info.keys_of(p):
             assert opt2.state[p][k].device.type == "meta"
 
 
@@ -197,7 +198,7 @@ def test_a_foreign_or_misshapen_checkpoint_is_refused_and_nothing_changes(info):
     train(m2, sgd, 2)
     with pytest.raises(ValueError, match="another optimizer"):
         opt.load_state_dict(sgd.state_dict())
-    other = next(o for o in OPTIMIZERS if o is not info)
+    other = next(o for o in TABLE if o is not info)
     m3 = tiny_model()
     foreign = other.cls(m3.parameters())
     train(m3, foreign, 2)
@@ -205,20 +206,24 @@ def test_a_foreign_or_misshapen_checkpoint_is_refused_and_nothing_changes(info):
         opt.load_state_dict(foreign.state_dict())
 
     bad = copy.deepcopy(opt.state_dict())
-    bad["state"][1][info.state_tensor_keys[0]] = torch.zeros(5, 5)
-    with pytest.raises(
-        ValueError, match=rf"Invalid state\['{info.state_tensor_keys[0]}'\] .*shape \(5, 5\), expected \(16, 8\)"
-    ):
+    weight = model[1].weight  # (16, 8): its index in the checkpoint, and its state's first key
+    index = next(i for i, p in enumerate(p for g in opt.param_groups for p in g["params"]) if p is weight)
+    key = info.keys_of(weight)[0]
+    bad["state"][index][key] = torch.zeros(5, 5)
+    with pytest.raises(ValueError, match=rf"Invalid state\['{key}'\] .*shape \(5, 5\), expected \(16, 8\)"):
         opt.load_state_dict(bad)
 
     fewer = copy.deepcopy(opt.state_dict())
+    n = len(fewer["param_groups"][0]["params"])
     fewer["param_groups"][0]["params"] = fewer["param_groups"][0]["params"][:-1]
-    with pytest.raises(ValueError, match=r"param_groups\[0\] has 6 parameters, this optimizer.s group 0 has 7"):
+    expected = rf"param_groups\[0\] has {n - 1} parameters, this optimizer.s group 0 has {n}"
+    with pytest.raises(ValueError, match=expected):
         opt.load_state_dict(fewer)
 
     worse = copy.deepcopy(opt.state_dict())
-    worse["param_groups"][0]["betas"] = (2.0, 0.9)
-    with pytest.raises(ValueError, match="beta parameter at index 0: 2.0"):
+    key, _, value, words = info.checked_key
+    worse["param_groups"][-1][key] = value
+    with pytest.raises(ValueError, match=words):
         opt.load_state_dict(worse)
     assert_unchanged(opt, snap)
 
@@ -262,7 +267,10 @@ def test_sparse_gradient_is_refused_before_any_change(info):
     dense.grad = torch.ones(3)
     emb(torch.tensor([1, 2])).sum().backward()
     snap = snapshot(opt)
-    with pytest.raises(RuntimeError, match=r"does not support sparse gradients .*parameter 1 of group 0.*SparseAdam"):
+    gi, i = next((gi, i) for gi, g in enumerate(opt.param_groups) for i, p in enumerate(g["params"])
+                 if p is emb.weight)  # (1 and 0 where the parameters stay in one group)
+    with pytest.raises(RuntimeError,
+                       match=rf"does not support sparse gradients .*parameter {i} of group {gi}.*SparseAdam"):
         opt.step()
     assert_unchanged(opt, snap)
 
@@ -288,8 +296,8 @@ def test_gradscaler_unscales_and_skips_inf_steps(info, backend):
     whether one element (step 2) or the whole loss (step 3) overflowed; such a step changes
     nothing and halves the scale."""
     scaled, plain = tiny_model(), tiny_model()
-    opt = info.cls(scaled.parameters(), lr=info.train_lr, **BACKENDS[backend])
-    ref = info.cls(plain.parameters(), lr=info.train_lr, foreach=False, fused=False)
+    opt = info.cls(scaled.parameters(), lr=info.train_lr, **BACKENDS[backend], **info.exact_kwargs)
+    ref = info.cls(plain.parameters(), lr=info.train_lr, foreach=False, fused=False, **info.exact_kwargs)
     assert info.cls._step_supports_amp_scaling  # so GradScaler leaves unscaling and skipping to us
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
     gen = torch.Generator().manual_seed(0)
@@ -331,8 +339,9 @@ BACKEND_KWARGS, BACKEND_IDS = list(BACKENDS.values()), list(BACKENDS)
 
 def test_hyperparameters_are_checked_before_params(info):
     """As torch.optim: a bad hyper-parameter is named even when params are bad too."""
-    with pytest.raises(ValueError, match="beta parameter at index 0: 1.0"):
-        info.cls(None, betas=(1.0, 0.5))
+    key, _, value, words = info.checked_key
+    with pytest.raises(ValueError, match=words):
+        info.cls(None, **{key: value})
 
 
 @pytest.mark.parametrize("kwargs", BACKEND_KWARGS, ids=BACKEND_IDS)
@@ -406,10 +415,14 @@ def test_named_parameters_load_both_ways(info, named):
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     train(model, opt2, 1)
     names = [n for n, _ in model.named_parameters()]
+    groups = opt2.state_dict()["param_groups"]
     if any(named):
-        assert opt2.state_dict()["param_groups"][0]["param_names"] == names
+        saved = [n for g in groups for n in g["param_names"]]  # (in the groups' order)
+        params = dict(model.named_parameters())
+        assert sorted(saved) == sorted(names)
+        assert all(params[n] is p for n, p in zip(saved, (p for g in opt2.param_groups for p in g["params"])))
     else:
-        assert "param_names" not in opt2.state_dict()["param_groups"][0]
+        assert all("param_names" not in g for g in groups)
 
 
 def test_named_and_unnamed_parameters_do_not_mix(info):
@@ -463,12 +476,13 @@ def test_load_checks_the_dict_its_pre_hooks_made(info):
     opt = info.cls(model.parameters())
     train(model, opt, 2)
     sd = copy.deepcopy(opt.state_dict())
-    del sd["param_groups"][0]["betas"]
-    with pytest.raises(ValueError, match=r"lacks \['betas'\]"):
+    key, good, _, _ = info.checked_key
+    del sd["param_groups"][-1][key]
+    with pytest.raises(ValueError, match=rf"lacks \['{key}'\]"):
         opt.load_state_dict(sd)
-    handle = opt.register_load_state_dict_pre_hook(lambda o, d: d["param_groups"][0].update(betas=(0.5, 0.6)))
+    handle = opt.register_load_state_dict_pre_hook(lambda o, d: d["param_groups"][-1].update({key: good}))
     opt.load_state_dict(sd)
-    assert opt.param_groups[0]["betas"] == (0.5, 0.6)
+    assert opt.param_groups[-1][key] == good
     handle.remove()
     snap = snapshot(opt)
     opt.register_load_state_dict_pre_hook(lambda o, d: d["param_groups"][0].__setitem__("lr", -1.0))

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from helpers import BACKENDS, tiny_model, train
-from optim_table import OPTIMIZERS, ids
+from optim_table import OPTIMIZERS, TABLE, ids
 
 from optimizer import AdamW, _dispatch
 
@@ -35,7 +35,7 @@ LAYOUTS = {
     "transposed param, grad a strided view": (transposed, lambda t: torch.stack([t, t], -1)[..., 0], (6, 5)),
 }
 # each row with its defaults, and with the settings that take the C loop where the defaults do not
-CASES = [(info, backend, layout, cfg) for info in OPTIMIZERS for backend in BACKENDS for layout in LAYOUTS
+CASES = [(info, backend, layout, cfg) for info in TABLE for backend in BACKENDS for layout in LAYOUTS
          for cfg in ([dict(), info.c_loop_kwargs] if info.c_loop_kwargs else [dict()])]
 
 
@@ -49,8 +49,8 @@ def test_every_backend_with_any_layout_equals_the_reference(info, backend, layou
     ref_p = torch.nn.Parameter(w.clone())
     new_p = torch.nn.Parameter(as_param(w.clone()))
     assert torch.equal(new_p, ref_p)
-    ref = info.cls([ref_p], lr=1e-2, weight_decay=0.1, foreach=False, fused=False, **cfg)
-    new = info.cls([new_p], lr=1e-2, weight_decay=0.1, **BACKENDS[backend], **cfg)
+    ref = info.cls([ref_p], lr=1e-2, weight_decay=0.1, foreach=False, fused=False, **cfg, **info.exact_kwargs)
+    new = info.cls([new_p], lr=1e-2, weight_decay=0.1, **BACKENDS[backend], **cfg, **info.exact_kwargs)
     for g in grads:
         ref_p.grad, new_p.grad = g.clone(), as_grad(g.clone())
         ref.step()
@@ -60,7 +60,7 @@ def test_every_backend_with_any_layout_equals_the_reference(info, backend, layou
             torch.testing.assert_close(new.state[new_p][k], v, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))  # (the rows with fused kernels)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_the_fused_kernels_take_a_shared_dense_layout_and_nothing_else(info, layout):
     as_param, as_grad, shape = LAYOUTS[layout]
@@ -91,7 +91,7 @@ def test_adamw_default_with_channels_last_equals_torch():
     torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids(OPTIMIZERS))
+@pytest.mark.parametrize("info", TABLE, ids=ids(TABLE))
 def test_resuming_a_channels_last_run_in_the_default_layout(info):
     """Train a conv model in channels_last, resume it in the default layout: the loaded state
     takes the parameters' layout, and the run ends where the uninterrupted one ends."""
@@ -119,7 +119,7 @@ def test_resuming_a_channels_last_run_in_the_default_layout(info):
     opt2 = info.cls(resumed.parameters(), lr=1e-2, weight_decay=0.1)
     opt2.load_state_dict(saved_opt)
     for p in resumed.parameters():
-        for k in info.state_tensor_keys:
+        for k in info.keys_of(p):
             assert opt2.state[p][k].stride() == p.stride()
     run(resumed, opt2, batches[4:], torch.contiguous_format)
     for a, b in zip(whole.parameters(), resumed.parameters()):
