@@ -13,17 +13,22 @@ tensors of every size. Here:
   table in device memory gives, for each tensor, the addresses of its parameter,
   gradient and states (and AdamW's step counter) and its size, and for each block
   its tensor and first element. A 4-element bias and a 65 M-element embedding
-  cost the same one launch.
+  cost the same one launch (one more for each other pattern of 16-byte alignment
+  among its tensors' streams: Note [alignment]).
 * The tables depend only on those addresses and sizes. They are built on the
   host, copied with a non-blocking copy from pinned memory (no host sync), and
-  kept in a small cache keyed by the addresses, sizes, dtypes and layouts (read
-  with C-level maps, so a lookup costs little per tensor): in a training loop the caching
+  kept with their group (Note [launch plans]): in a training loop the caching
   allocator hands the gradients the same memory each step, so after the first
   step nothing is rebuilt or copied; and a step captured in a CUDA graph
   replays the same tables.
 * The learning rate may be a tensor on the device and AdamW's step counts live
   on the device (``state["step"]``), so bias corrections are computed in the
-  kernel: nothing in ``step()`` reads a value back to the host.
+  kernel: nothing in ``step()`` reads a value back to the host. A learning rate
+  that is a CPU tensor (``torch.compile``'s recipe, ``lr=torch.tensor(1e-3)``) is
+  read on the host, where no device waits for it, and passed as a float lr is: the
+  same argument, so the same bits (copying it to the device would be a blocking
+  copy from pageable memory at every launch). Under CUDA graph capture it is
+  refused with one line: the graph would replay the value it had when captured.
 * ``torch.amp.GradScaler``: with ``grad_scale`` the kernel divides the gradient
   by it; with ``found_inf`` (a device flag) every block returns before writing
   anything, and the step counters are put back: the step is skipped with
@@ -45,12 +50,48 @@ The element-wise math is the same as the references' (docstrings of AdamW and
 Lion) and is tested against them at every step, in CI through Triton's
 interpreter (``TRITON_INTERPRET=1``, CPU tensors) and on a GPU for real.
 
+Note [launch plans]
+~~~~~~~~~~~~~~~~~~~
+A group's launches and their tables (its *plan*) are kept with the group: under the
+identity of its first state tensor (``exp_avg``, or the 8-bit codes), which is ours
+and lives as long as the group's state, and dropped with it (``weakref.finalize``).
+Each step compares the signature of the step's tensors (every address, size, dtype
+and device, read with C-level maps) with the plan's, and rebuilds the plan only
+where it differs: one group whose gradients moved rebuilds its own tables, none
+other. (A cache of recent plans keyed by the signature alone would hold a fixed
+number of groups: one more group than it holds, as layer-wise learning rates make,
+and every group would be rebuilt every step.) Where only addresses changed
+(gradients that the allocator places elsewhere from one step to the next) the
+rebuild makes the tensor table, a row a tensor, and keeps the block table, which
+depends on the sizes alone and is the large one: a row per 2048 elements, tens of
+MiB for a 7B model. A CUDA graph captured over a step reads the tables it was
+captured with at every replay, so tables launched under capture are not freed
+when their group's plan is rebuilt: the new plan keeps them (``_Plan.kept``), and
+the pinned host copies of tables built during capture, from which each replay
+copies, as long as the group's state lives.
+
+Note [alignment]
+~~~~~~~~~~~~~~~~
+A 16-byte vector load needs a 16-byte aligned address, which the kernel must know
+when it is compiled. The host checks every tensor's addresses and each launch takes
+tensors of one pattern: ``ALIGNED``, a compile-time mask with a bit per stream (bit k:
+the k-th of parameter, gradient, states), so that each aligned stream loads and
+stores vectors whatever the others do. What puts a tensor off a boundary is nearly
+always its gradient alone, a view into a flat buffer at an odd offset (DDP's
+``gradient_as_bucket_view``); the parameter and our states keep their vectors and
+only the gradient's loads are scalar. (A scalar head up to the next boundary and a
+vector body would align one stream at the cost of the others, which start aligned:
+each address has its own offset from a boundary.) The 8-bit kernels keep one launch
+per dtype and choose on the device, per tensor, from three compiled variants: every
+stream aligned, all but the gradient, none (also where its rows do not start at
+multiples of 16 elements).
+
 Note [8-bit kernels]
 ~~~~~~~~~~~~~~~~~~~~
 ``adamw8bit`` and ``lion8bit`` update tensors with 8-bit states (Note [8-bit states]
 in _8bit.py), as the launches above: one per group and parameter dtype, a table row
-per tensor (its addresses, its rows x cols, blocks per row, and whether its rows
-start at multiples of 16 elements, for vector accesses), a program per
+per tensor (its addresses, its rows x cols, blocks per row, and which of its
+streams may be read as vectors, Note [alignment]), a program per
 ``PER_PROGRAM`` = 4 consecutive blocks of 256 values of one tensor. Block q of a
 tensor is row ``q // per_row``, values ``256 (q % per_row) ..`` of it (the last
 block of a row masked), and its scales sit at offset q; the program holds its
@@ -90,8 +131,8 @@ import itertools
 import math
 import operator
 import struct
-from collections import OrderedDict
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -196,8 +237,9 @@ def _seed(seeds_ptr, t, ROUND: tl.constexpr):
 
 @triton.jit
 def _address(entry, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """The tensor address stored at ``entry`` of the table, as a pointer to DTYPE. ALIGNED: the
-    host checked it is a multiple of 16 bytes, so loads and stores can be 16-byte vectors."""
+    """The tensor address stored at ``entry`` of the table, as a pointer to DTYPE. ALIGNED (true or
+    false, or a bit of a launch's mask, Note [alignment]): the host checked it is a multiple of 16
+    bytes, so loads and stores can be 16-byte vectors."""
     ptr = tl.load(entry).to(tl.pointer_type(DTYPE))
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
@@ -251,10 +293,10 @@ def _adamw_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr
     start = tl.multiple_of(tl.load(blocks + 2 * block + 1), BLOCK)
     offs = start + tl.arange(0, BLOCK)
     row = table + 6 * t                   # p, g, m, v, step, numel
-    p_ptr = _address(row, P, ALIGNED)
-    g_ptr = _address(row + 1, P, ALIGNED)
-    m_ptr = _address(row + 2, S, ALIGNED)
-    v_ptr = _address(row + 3, S, ALIGNED)
+    p_ptr = _address(row, P, ALIGNED & 1)  # ALIGNED: a bit per stream (Note [alignment])
+    g_ptr = _address(row + 1, P, ALIGNED & 2)
+    m_ptr = _address(row + 2, S, ALIGNED & 4)
+    v_ptr = _address(row + 3, S, ALIGNED & 8)
     step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))  # already counted
     numel = tl.load(row + 5)
     lr = tl.load(lr_ptr).to(tl.float32) if LR_TENSOR else lr_value
@@ -306,9 +348,9 @@ def _lion_kernel(table, blocks, lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr,
     start = tl.multiple_of(tl.load(blocks + 2 * block + 1), BLOCK)
     offs = start + tl.arange(0, BLOCK)
     row = table + 4 * t                   # p, g, m, numel
-    p_ptr = _address(row, P, ALIGNED)
-    g_ptr = _address(row + 1, P, ALIGNED)
-    m_ptr = _address(row + 2, S, ALIGNED)
+    p_ptr = _address(row, P, ALIGNED & 1)  # ALIGNED: a bit per stream (Note [alignment])
+    g_ptr = _address(row + 1, P, ALIGNED & 2)
+    m_ptr = _address(row + 2, S, ALIGNED & 4)
     numel = tl.load(row + 3)
     lr = tl.load(lr_ptr).to(tl.float32) if LR_TENSOR else lr_value
     seed = _seed(seeds_ptr, t, ROUND)
@@ -424,7 +466,7 @@ def _blocks_of(entry, first, QBLOCK: tl.constexpr, PER_PROGRAM: tl.constexpr, AL
     cols = tl.load(entry)
     per_row = tl.load(entry + 1)   # ceil(cols / QBLOCK)
     n = tl.load(entry + 2)         # rows * per_row
-    if ALIGNED:  # every row starts at a multiple of 16 elements: vector accesses
+    if ALIGNED != 0:  # every row starts at a multiple of 16 elements: vector accesses
         cols = tl.multiple_of(cols, 16)
     q = first + tl.arange(0, PER_PROGRAM)
     real = q < n
@@ -439,11 +481,12 @@ def _blocks_of(entry, first, QBLOCK: tl.constexpr, PER_PROGRAM: tl.constexpr, AL
 def _adamw8bit_blocks(entry, first, seed, root_seed, decay, step_size, bc2_sqrt, grad_scale_ptr, beta2, w1, w2, eps,
                       P: tl.constexpr, QBLOCK: tl.constexpr, PER_PROGRAM: tl.constexpr, SCALED: tl.constexpr,
                       MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, ROUND: tl.constexpr):
-    """AdamW on PER_PROGRAM blocks of one tensor: _single_tensor_adamw8bit's operations in its order."""
-    p_ptr = _address(entry, P, ALIGNED)
-    g_ptr = _address(entry + 1, P, ALIGNED)
-    m_ptr = _address(entry + 2, tl.int8, ALIGNED)
-    v_ptr = _address(entry + 3, tl.uint8, ALIGNED)
+    """AdamW on PER_PROGRAM blocks of one tensor: _single_tensor_adamw8bit's operations in its order.
+    ALIGNED: a bit per stream (p, g, m, v), or 0 (Note [alignment])."""
+    p_ptr = _address(entry, P, ALIGNED & 1)
+    g_ptr = _address(entry + 1, P, ALIGNED & 2)
+    m_ptr = _address(entry + 2, tl.int8, ALIGNED & 4)
+    v_ptr = _address(entry + 3, tl.uint8, ALIGNED & 8)
     m_scales = tl.load(entry + 4).to(tl.pointer_type(tl.float32))
     v_scales = tl.load(entry + 5).to(tl.pointer_type(tl.float32))
     q, real, offs, mask = _blocks_of(entry + 7, first, QBLOCK, PER_PROGRAM, ALIGNED)
@@ -498,22 +541,27 @@ def _adamw8bit_kernel(table, blocks, lr_ptr, lr_value: tl.float64, weight_decay:
         bc2_sqrt = 1.0
     decay = tl.cast(1.0 - lr * weight_decay, tl.float32)
     step_size = tl.cast(-lr / bc1, tl.float32)
-    if tl.load(entry + 10) != 0:  # the tensor's rows start at multiples of 16 elements: vector accesses
+    aligned = tl.load(entry + 10)  # Note [alignment]: the variants of _aligned_8bit
+    if aligned == 15:    # every stream: vector accesses
         _adamw8bit_blocks(entry, first, seed, root_seed, decay, step_size, bc2_sqrt, grad_scale_ptr, beta2, w1, w2, eps,
-                          P, QBLOCK, PER_PROGRAM, SCALED, MAXIMIZE, True, ROUND)
+                          P, QBLOCK, PER_PROGRAM, SCALED, MAXIMIZE, 15, ROUND)
+    elif aligned == 13:  # all but the gradient (a view at an odd offset, as DDP's buckets make)
+        _adamw8bit_blocks(entry, first, seed, root_seed, decay, step_size, bc2_sqrt, grad_scale_ptr, beta2, w1, w2, eps,
+                          P, QBLOCK, PER_PROGRAM, SCALED, MAXIMIZE, 13, ROUND)
     else:
         _adamw8bit_blocks(entry, first, seed, root_seed, decay, step_size, bc2_sqrt, grad_scale_ptr, beta2, w1, w2, eps,
-                          P, QBLOCK, PER_PROGRAM, SCALED, MAXIMIZE, False, ROUND)
+                          P, QBLOCK, PER_PROGRAM, SCALED, MAXIMIZE, 0, ROUND)
 
 
 @triton.jit
 def _lion8bit_blocks(entry, first, seed, decay, lr, grad_scale_ptr, w1, w2,
                      P: tl.constexpr, QBLOCK: tl.constexpr, PER_PROGRAM: tl.constexpr, SCALED: tl.constexpr,
                      MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, ROUND: tl.constexpr):
-    """Lion on PER_PROGRAM blocks of one tensor: _single_tensor_lion8bit's operations in its order."""
-    p_ptr = _address(entry, P, ALIGNED)
-    g_ptr = _address(entry + 1, P, ALIGNED)
-    m_ptr = _address(entry + 2, tl.int8, ALIGNED)
+    """Lion on PER_PROGRAM blocks of one tensor: _single_tensor_lion8bit's operations in its order.
+    ALIGNED: a bit per stream (p, g, m), or 0 (Note [alignment])."""
+    p_ptr = _address(entry, P, ALIGNED & 1)
+    g_ptr = _address(entry + 1, P, ALIGNED & 2)
+    m_ptr = _address(entry + 2, tl.int8, ALIGNED & 4)
     m_scales = tl.load(entry + 3).to(tl.pointer_type(tl.float32))
     q, real, offs, mask = _blocks_of(entry + 4, first, QBLOCK, PER_PROGRAM, ALIGNED)
 
@@ -549,80 +597,173 @@ def _lion8bit_kernel(table, blocks, lr_ptr, lr_value: tl.float64, weight_decay: 
     lr = _lr64(lr_ptr, lr_value, LR_TENSOR)
     decay = tl.cast(1.0 - lr * weight_decay, tl.float32)
     lr32 = lr.to(tl.float32)
-    if tl.load(entry + 7) != 0:  # the tensor's rows start at multiples of 16 elements: vector accesses
+    aligned = tl.load(entry + 7)  # Note [alignment]: the variants of _aligned_8bit
+    if aligned == 7:    # every stream: vector accesses
         _lion8bit_blocks(entry, first, seed, decay, lr32, grad_scale_ptr, w1, w2,
-                         P, QBLOCK, PER_PROGRAM, SCALED, MAXIMIZE, True, ROUND)
+                         P, QBLOCK, PER_PROGRAM, SCALED, MAXIMIZE, 7, ROUND)
+    elif aligned == 5:  # all but the gradient (a view at an odd offset, as DDP's buckets make)
+        _lion8bit_blocks(entry, first, seed, decay, lr32, grad_scale_ptr, w1, w2,
+                         P, QBLOCK, PER_PROGRAM, SCALED, MAXIMIZE, 5, ROUND)
     else:
         _lion8bit_blocks(entry, first, seed, decay, lr32, grad_scale_ptr, w1, w2,
-                         P, QBLOCK, PER_PROGRAM, SCALED, MAXIMIZE, False, ROUND)
+                         P, QBLOCK, PER_PROGRAM, SCALED, MAXIMIZE, 0, ROUND)
 
 
-# ----- the launch plan: which tensors, in which tables -----------------------------------
+# ----- the launch plans: which tensors, in which tables (Note [launch plans]) -------------
 
-Launch = tuple[torch.dtype, torch.dtype, bool, list[int], Tensor, Tensor, int]  # dtypes, aligned, indices, tables
-_PLANS: OrderedDict[tuple, list[Launch]] = OrderedDict()
-_PLANS_KEPT = 32
+# a launch of the float kernels: parameter and state dtypes, aligned streams (Note [alignment]), the
+# indices of its tensors in the step's lists, its tensor table, block table and number of blocks
+Launch = tuple[torch.dtype, torch.dtype, int, list[int], Tensor, Tensor, int]
 _DTYPE = operator.attrgetter("dtype")
+# a launch's tensors (their indices in the step's lists) and tables: tensor table, block table, blocks
+Built = dict[tuple, tuple[list[int], Tensor, Tensor, int]]
 
 
-def _tables(rows: list[list[int]], device: torch.device, per_program: int = BLOCK, size: int = -1
-            ) -> tuple[Tensor, Tensor, int]:
+class _Plan:
+    """One group's launches and the signature of the tensors they were built for (Note [launch plans])."""
+
+    __slots__ = ("built", "captured", "kept", "launches", "signature")
+
+    def __init__(self, signature: tuple, launches: list, built: Built, kept: list) -> None:
+        self.signature = signature  # (addresses, the rest: sizes, dtypes, devices)
+        self.launches = launches
+        self.built = built     # the launches' tables by launch key
+        self.captured = False  # launched while a CUDA graph was captured: the graph reads these tables
+        self.kept = kept       # what graphs captured before may still read: older tables, host copies
+
+
+# (kind, id of the group's first state tensor) -> the group's plan; an entry goes with that tensor
+_PLANS: dict[tuple[str, int], _Plan] = {}
+
+
+def _cached(kind: str, owner: Tensor, signature: tuple[tuple, tuple],
+            build: Callable[[list[Tensor], Built], tuple[list, Built]]) -> _Plan:
+    """The plan of the group whose first state tensor is ``owner``: the one it has while the
+    signature repeats, else ``build(kept, reusable)``'s: it adds to ``kept`` what a graph being
+    captured will read, and takes block tables from ``reusable`` (the old plan's, where only
+    addresses changed)."""
+    key = (kind, id(owner))
+    plan = _PLANS.get(key)
+    if plan is not None and plan.signature == signature:
+        return plan
+    kept = [] if plan is None else plan.kept + ([plan.launches] if plan.captured else [])
+    reusable = plan.built if plan is not None and plan.signature[1] == signature[1] else {}
+    launches, built = build(kept, reusable)
+    if plan is None:  # when the group's state goes, so does its plan (its id may next be another tensor's)
+        weakref.finalize(owner, _PLANS.pop, key, None).atexit = False
+    plan = _PLANS[key] = _Plan(signature, launches, built, kept)
+    return plan
+
+
+def _build(groups: dict[tuple, tuple[list[int], list[list[int]]]], kept: list[Tensor], reusable: Built,
+           per_program: int = BLOCK, size: int = -1) -> Built:
+    """The tables of each launch of ``groups`` (launch key, its device first -> the indices of its
+    tensors and their table rows): a launch of the same tensors as one of ``reusable`` (whose
+    sizes were these) keeps that block table, the larger one (Note [launch plans])."""
+    built = {}
+    for key, (idx, rows) in groups.items():
+        old = reusable.get(key)
+        same = old[2:] if old is not None and old[0] == idx else None
+        built[key] = (idx, *_tables(rows, key[0], kept, per_program, size, same))
+    return built
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether launches on ``device`` are being captured into a CUDA graph (which replays the
+    tables and the scalars they get now)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _tables(rows: list[list[int]], device: torch.device, kept: list[Tensor], per_program: int = BLOCK,
+            size: int = -1, same: tuple[Tensor, int] | None = None) -> tuple[Tensor, Tensor, int]:
     """(the tensor table, the block table, the number of blocks) for these rows of addresses
-    and sizes (size last, or at ``size``), copied to ``device`` without a host sync. A program
-    takes ``per_program`` of a tensor's units (elements; for 8-bit states, blocks of 256 values)."""
-    table = torch.tensor(rows, dtype=torch.int64)
+    and sizes (size last, or at ``size``), copied to ``device`` without a host sync; ``same``:
+    the block table and its blocks, where they are known. A program takes ``per_program`` of a
+    tensor's units (elements; for 8-bit states, blocks of 256 values)."""
+    table = _to_device(torch.tensor(rows, dtype=torch.int64), device, kept)
+    if same is not None:
+        return table, *same
     counts = torch.tensor([-(-row[size] // per_program) for row in rows], dtype=torch.int64)
     n_blocks = int(counts.sum())
     owner = torch.repeat_interleave(torch.arange(len(rows)), counts)
     first = torch.cumsum(counts, 0) - counts
     start = (torch.arange(n_blocks) - first[owner]) * per_program
     blocks = torch.stack([owner, start], 1).contiguous()
-    if device.type != "cpu":  # pinned, so that the copy is asynchronous
-        table = table.pin_memory().to(device, non_blocking=True)
-        blocks = blocks.pin_memory().to(device, non_blocking=True)
-    return table, blocks, n_blocks
+    return table, _to_device(blocks, device, kept), n_blocks
+
+
+def _to_device(t: Tensor, device: torch.device, kept: list[Tensor]) -> Tensor:
+    """``t`` copied to ``device`` from pinned memory, asynchronously (no host sync)."""
+    if device.type == "cpu":
+        return t
+    host = t.pin_memory()
+    with on(device):
+        if _capturing(device):  # the graph copies from it at every replay: it lives with the plan
+            kept.append(host)
+    return host.to(device, non_blocking=True)
+
+
+def _aligned(addresses: list[int]) -> int:
+    """The streams (bit k: ``addresses[k]``) that start at a multiple of 16 bytes (Note [alignment])."""
+    return sum(1 << k for k, a in enumerate(addresses) if a % 16 == 0)
 
 
 def _plan(params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]], counters: list[Tensor] | None
-          ) -> list[Launch]:
-    """The launches of a step: one per device, parameter dtype, state dtype and alignment, with
-    its tables. The dispatcher (``_dispatch.route``) sends only tensors the kernels take.
+          ) -> _Plan:
+    """The launches of a step: one per device, parameter dtype, state dtype and aligned streams,
+    with its tables. The dispatcher (``_dispatch.route``) sends only tensors the kernels take.
 
-    This runs every step, so it is cached under a signature that is cheap to compute (C-level
-    maps over the lists): every address, size and the dtypes. In a training loop the signature
-    repeats from the second step on and nothing is rebuilt or copied."""
+    This runs every step, so the group's plan is kept (Note [launch plans]) with a signature that
+    is cheap to compute (C-level maps over the lists): every address, size and the dtypes. In a
+    training loop the signature repeats from the second step on and nothing is rebuilt or copied."""
+    if not params:
+        return _Plan(((), ()), [], {}, [])
     lists = [params, grads, *states, *([counters] if counters is not None else [])]
-    if params and is_dtensor(params[0]):  # FSDP2: the local shards
+    if is_dtensor(params[0]):  # FSDP2: the local shards
         lists = [list(map(local, lst)) for lst in lists]
-    signature = tuple(itertools.chain(  # states and counters are ours: new ones have new addresses
-        *[map(Tensor.data_ptr, lst) for lst in lists],
-        map(Tensor.numel, lists[0]),
-        map(_DTYPE, lists[0]), map(_DTYPE, lists[2]), map(operator.attrgetter("device"), lists[0]),
-    ))
-    plan = _PLANS.get(signature)
-    if plan is not None:
-        _PLANS.move_to_end(signature)
-        return plan
-    groups: dict[tuple[torch.device, torch.dtype, torch.dtype, bool], tuple[list[int], list[list[int]]]] = {}
-    n_ts = 2 + len(states)  # parameter, gradient, states; then the step counter, if any
-    for i, ts in enumerate(zip(*lists)):
-        row = [t.data_ptr() for t in ts]
-        aligned = all(a % 16 == 0 for a in row[:n_ts])  # views at odd offsets: scalar loads
-        idx, rows = groups.setdefault((ts[0].device, ts[0].dtype, ts[2].dtype, aligned), ([], []))
-        idx.append(i)
-        rows.append(row + [ts[0].numel()])
-    launches = [(pdt, sdt, aligned, idx, *_tables(rows, device))
-                for (device, pdt, sdt, aligned), (idx, rows) in groups.items()]
-    _PLANS[signature] = launches
-    if len(_PLANS) > _PLANS_KEPT:
-        _PLANS.popitem(last=False)
-    return launches
+    signature = (  # states and counters are ours: new ones have new addresses
+        tuple(itertools.chain(*[map(Tensor.data_ptr, lst) for lst in lists])),
+        tuple(itertools.chain(map(Tensor.numel, lists[0]), map(_DTYPE, lists[0]), map(_DTYPE, lists[2]),
+                              map(operator.attrgetter("device"), lists[0]))),
+    )
+
+    def build(kept: list[Tensor], reusable: Built) -> tuple[list[Launch], Built]:
+        groups: dict[tuple[torch.device, torch.dtype, torch.dtype, int], tuple[list[int], list[list[int]]]] = {}
+        n_ts = 2 + len(states)  # parameter, gradient, states; then the step counter, if any
+        for i, ts in enumerate(zip(*lists)):
+            row = [t.data_ptr() for t in ts]
+            key = (ts[0].device, ts[0].dtype, ts[2].dtype, _aligned(row[:n_ts]))
+            idx, rows = groups.setdefault(key, ([], []))
+            idx.append(i)
+            rows.append(row + [ts[0].numel()])
+        built = _build(groups, kept, reusable)
+        return [(pdt, sdt, aligned, *tables) for (_, pdt, sdt, aligned), tables in built.items()], built
+
+    return _cached("float", states[0][0], signature, build)
+
+
+def _host_lr(lr: float | Tensor, device: torch.device) -> float | None:
+    """The learning rate as a Python float where the launch should take it so: a number, or a CPU
+    tensor for a GPU launch (read on the host, where no device waits; copying it would be a blocking
+    copy from pageable memory every launch); None for a tensor the kernel loads on its device."""
+    if not isinstance(lr, Tensor):
+        return float(lr)
+    if lr.device.type != "cpu" or device.type == "cpu":
+        return None
+    if _capturing(device):
+        raise RuntimeError("lr is a CPU tensor, and a CUDA graph would replay the value it has now whatever a "
+                           "scheduler writes there later: give lr as a tensor on the GPU, e.g. "
+                           f"torch.tensor({float(lr)!r}, device={str(device)!r})")
+    return float(lr)
 
 
 def _lr_args(lr: float | Tensor, device: torch.device) -> tuple[Tensor | None, float, bool]:
-    if isinstance(lr, Tensor):
+    """(the tensor the kernel loads, else the float it takes; which) for the float kernels: a float
+    is a float32 argument, as a float32 tensor is loaded (Note [fused GPU])."""
+    value = _host_lr(lr, device)
+    if value is None:
         return lr.to(device=device, dtype=torch.float32), 0.0, True
-    return None, float(lr), False
+    return None, value, False
 
 
 def _amp_args(grad_scale: Tensor | None, found_inf: Tensor | None, device: torch.device
@@ -679,42 +820,46 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
           grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
     """One fused AdamW step (the signature of adamw's backends). ``rounding_seeds``: one 32-bit
     seed per tensor; bf16/fp16 parameters are then rounded stochastically (Note [stochastic rounding])."""
-    launches = _plan(params, grads, [exp_avgs, exp_avg_sqs], state_steps)
-    for pdt, sdt, aligned, idx, table, blocks, n_blocks in launches:
+    plan = _plan(params, grads, [exp_avgs, exp_avg_sqs], state_steps)
+    for pdt, sdt, aligned, idx, table, blocks, n_blocks in plan.launches:
         device = params[idx[0]].device
-        lr_t, lr_value, lr_tensor = _lr_args(lr, device)
-        scale, inf = _amp_args(grad_scale, found_inf, device)
-        seeds, rounds = _seeds(rounding_seeds, pdt, idx, device)
-        if n_blocks:
-            with on(device):
-                _adamw_kernel[(n_blocks,)](
-                    table, blocks, lr_t, lr_value, scale, inf, _log_betas(beta1, beta2, device), seeds,
-                    weight_decay, beta2, 1 - beta1, 1 - beta2, eps,
-                    P=TL[pdt], S=TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
-                    SKIPPABLE=found_inf is not None, CORRECT_BIAS=correct_bias, MAXIMIZE=maximize, ALIGNED=aligned,
-                    ROUND=rounds,
-                    num_warps=NUM_WARPS, enable_fp_fusion=True,  # fused multiply-adds, as nvcc compiles torch's
-                )
+        if not n_blocks:
+            continue
+        with on(device):
+            lr_t, lr_value, lr_tensor = _lr_args(lr, device)
+            scale, inf = _amp_args(grad_scale, found_inf, device)
+            seeds, rounds = _seeds(rounding_seeds, pdt, idx, device)
+            plan.captured = plan.captured or _capturing(device)
+            _adamw_kernel[(n_blocks,)](
+                table, blocks, lr_t, lr_value, scale, inf, _log_betas(beta1, beta2, device), seeds,
+                weight_decay, beta2, 1 - beta1, 1 - beta2, eps,
+                P=TL[pdt], S=TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
+                SKIPPABLE=found_inf is not None, CORRECT_BIAS=correct_bias, MAXIMIZE=maximize, ALIGNED=aligned,
+                ROUND=rounds,
+                num_warps=NUM_WARPS, enable_fp_fusion=True,  # fused multiply-adds, as nvcc compiles torch's
+            )
 
 
 def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float | Tensor,
          beta1: float, beta2: float, weight_decay: float, maximize: bool, rounding_seeds: Sequence[int] | None = None,
          grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
     """One fused Lion step (the signature of lion's backends); ``rounding_seeds`` as :func:`adamw`'s."""
-    launches = _plan(params, grads, [exp_avgs], None)
-    for pdt, sdt, aligned, idx, table, blocks, n_blocks in launches:
+    plan = _plan(params, grads, [exp_avgs], None)
+    for pdt, sdt, aligned, idx, table, blocks, n_blocks in plan.launches:
         device = params[idx[0]].device
-        lr_t, lr_value, lr_tensor = _lr_args(lr, device)
-        scale, inf = _amp_args(grad_scale, found_inf, device)
-        seeds, rounds = _seeds(rounding_seeds, pdt, idx, device)
-        if n_blocks:
-            with on(device):
-                _lion_kernel[(n_blocks,)](
-                    table, blocks, lr_t, lr_value, scale, inf, seeds, weight_decay, 1 - beta1, 1 - beta2,
-                    P=TL[pdt], S=TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
-                    SKIPPABLE=found_inf is not None, MAXIMIZE=maximize, ALIGNED=aligned, ROUND=rounds,
-                    num_warps=NUM_WARPS, enable_fp_fusion=True,  # fused multiply-adds, as nvcc compiles torch's
-                )
+        if not n_blocks:
+            continue
+        with on(device):
+            lr_t, lr_value, lr_tensor = _lr_args(lr, device)
+            scale, inf = _amp_args(grad_scale, found_inf, device)
+            seeds, rounds = _seeds(rounding_seeds, pdt, idx, device)
+            plan.captured = plan.captured or _capturing(device)
+            _lion_kernel[(n_blocks,)](
+                table, blocks, lr_t, lr_value, scale, inf, seeds, weight_decay, 1 - beta1, 1 - beta2,
+                P=TL[pdt], S=TL[sdt], BLOCK=BLOCK, LR_TENSOR=lr_tensor, SCALED=grad_scale is not None,
+                SKIPPABLE=found_inf is not None, MAXIMIZE=maximize, ALIGNED=aligned, ROUND=rounds,
+                num_warps=NUM_WARPS, enable_fp_fusion=True,  # fused multiply-adds, as nvcc compiles torch's
+            )
 
 
 # ----- 8-bit states: the launch plan and the backends (Note [8-bit kernels]) ---------------
@@ -724,49 +869,57 @@ NUM_WARPS_8BIT = 4
 EIGHT_BIT = tuple(TL)  # parameter dtypes the 8-bit kernels take
 
 
+def _aligned_8bit(cols: int, addresses: list[int]) -> int:
+    """A tensor's alignment in an 8-bit table: its aligned streams (as :func:`_aligned`) where that is
+    one of the kernels' variants, every stream or all but the gradient, and its rows start at
+    multiples of 16 elements; else 0 (Note [alignment])."""
+    every = (1 << len(addresses)) - 1
+    mask = _aligned(addresses) if cols % 16 == 0 else 0
+    return mask if mask in (every, every & ~2) else 0
+
+
 def _plan_8bit(params: list[Tensor], grads: list[Tensor], codes: list[list[Tensor]], scales: list[list[Tensor]],
-               counters: list[Tensor] | None) -> list[tuple[torch.dtype, list[int], Tensor, Tensor, int]]:
-    """The launches of an 8-bit step: one per device and parameter dtype, with its tables (cached
+               counters: list[Tensor] | None) -> _Plan:
+    """The launches of an 8-bit step: one per device and parameter dtype, with its tables (kept
     as :func:`_plan`'s). A table row: the addresses of the parameter, gradient, codes, scales (and
-    step counter), then the parameter's cols, blocks per row, blocks, and whether its rows start
-    at multiples of 16 elements (and its addresses at multiples of 16 bytes)."""
+    step counter), then the parameter's cols, blocks per row, blocks, and its alignment
+    (:func:`_aligned_8bit`)."""
+    if not params:
+        return _Plan(((), ()), [], {}, [])
     lists = [params, grads, *codes, *scales, *([counters] if counters is not None else [])]
-    if params and is_dtensor(params[0]):  # FSDP2: the local shards (rows of the parameter)
+    if is_dtensor(params[0]):  # FSDP2: the local shards (rows of the parameter)
         lists = [list(map(local, lst)) for lst in lists]
-    signature = tuple(itertools.chain(
-        ("8-bit", len(lists)), *[map(Tensor.data_ptr, lst) for lst in lists],
-        map(operator.attrgetter("shape"), lists[0]), map(_DTYPE, lists[0]),
-        map(operator.attrgetter("device"), lists[0]),
-    ))
-    plan = _PLANS.get(signature)
-    if plan is not None:
-        _PLANS.move_to_end(signature)
-        return plan
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[list[int]]]] = {}
-    n_values = 2 + len(codes)  # parameter, gradient, codes: the element-wise streams
-    for i, ts in enumerate(zip(*lists)):
-        row = [t.data_ptr() for t in ts]
-        rows, cols = _8bit.rows_cols(ts[0].shape)
-        per_row = -(-cols // _8bit.BLOCK)
-        aligned = cols % 16 == 0 and all(a % 16 == 0 for a in row[:n_values])
-        idx, table = groups.setdefault((ts[0].device, ts[0].dtype), ([], []))
-        idx.append(i)
-        table.append(row + [cols, per_row, rows * per_row, int(aligned)])
-    launches = [(pdt, idx, *_tables(table, device, PER_PROGRAM, size=-2))
-                for (device, pdt), (idx, table) in groups.items()]
-    _PLANS[signature] = launches
-    if len(_PLANS) > _PLANS_KEPT:
-        _PLANS.popitem(last=False)
-    return launches
+    signature = (
+        tuple(itertools.chain(*[map(Tensor.data_ptr, lst) for lst in lists])),
+        tuple(itertools.chain(map(operator.attrgetter("shape"), lists[0]), map(_DTYPE, lists[0]),
+                              map(operator.attrgetter("device"), lists[0]))),
+    )
+
+    def build(kept: list[Tensor], reusable: Built) -> tuple[list[tuple[torch.dtype, list[int], Tensor, Tensor, int]],
+                                                            Built]:
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[list[int]]]] = {}
+        n_values = 2 + len(codes)  # parameter, gradient, codes: the element-wise streams
+        for i, ts in enumerate(zip(*lists)):
+            row = [t.data_ptr() for t in ts]
+            rows, cols = _8bit.rows_cols(ts[0].shape)
+            per_row = -(-cols // _8bit.BLOCK)
+            idx, table = groups.setdefault((ts[0].device, ts[0].dtype), ([], []))
+            idx.append(i)
+            table.append(row + [cols, per_row, rows * per_row, _aligned_8bit(cols, row[:n_values])])
+        built = _build(groups, kept, reusable, PER_PROGRAM, size=-2)
+        return [(pdt, *tables) for (_, pdt), tables in built.items()], built
+
+    return _cached("8-bit", codes[0][0], signature, build)
 
 
 def _lr_args_8bit(lr: float | Tensor, device: torch.device) -> tuple[Tensor | None, float, bool]:
     """The learning rate at the reference's precision: a tensor's own value (float64 in the
-    kernel), or the Python float itself (a float64 argument)."""
-    if isinstance(lr, Tensor):
+    kernel), or the Python float itself (a float64 argument; a CPU tensor's value exactly)."""
+    value = _host_lr(lr, device)
+    if value is None:
         dtype = lr.dtype if lr.dtype in (torch.float32, torch.float64) else torch.float32
         return lr.to(device=device, dtype=dtype), 0.0, True
-    return None, float(lr), False
+    return None, value, False
 
 
 def adamw8bit(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -776,22 +929,24 @@ def adamw8bit(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
               found_inf: Tensor | None = None) -> None:
     """One fused AdamW step on 8-bit states (the signature of adamw8bit's backends): contiguous
     tensors; codes uint8 shaped like the parameter, float32 scales (rows, ceil(cols / 256))."""
-    launches = _plan_8bit(params, grads, [exp_avgs, exp_avg_sqs], [exp_avg_scales, exp_avg_sq_scales], state_steps)
-    for pdt, idx, table, blocks, n_programs in launches:
+    plan = _plan_8bit(params, grads, [exp_avgs, exp_avg_sqs], [exp_avg_scales, exp_avg_sq_scales], state_steps)
+    for pdt, idx, table, blocks, n_programs in plan.launches:
         device = params[idx[0]].device
-        lr_t, lr_value, lr_tensor = _lr_args_8bit(lr, device)
-        scale, inf = _amp_args(grad_scale, found_inf, device)
-        seeds, rounds = _seeds(rounding_seeds, pdt, idx, device)
-        if n_programs:
-            with on(device):
-                _adamw8bit_kernel[(n_programs,)](
-                    table, blocks, lr_t, lr_value, float(weight_decay), scale, inf, _log_betas(beta1, beta2, device),
-                    seeds, f32(beta2), f32(1 - beta1), f32(1 - beta2), f32(eps),
-                    P=TL[pdt], QBLOCK=_8bit.BLOCK, PER_PROGRAM=PER_PROGRAM, LR_TENSOR=lr_tensor,
-                    SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None, CORRECT_BIAS=correct_bias,
-                    MAXIMIZE=maximize, ROUND=rounds,
-                    num_warps=NUM_WARPS_8BIT, enable_fp_fusion=False,  # only the reference's fused multiply-adds
-                )
+        if not n_programs:
+            continue
+        with on(device):
+            lr_t, lr_value, lr_tensor = _lr_args_8bit(lr, device)
+            scale, inf = _amp_args(grad_scale, found_inf, device)
+            seeds, rounds = _seeds(rounding_seeds, pdt, idx, device)
+            plan.captured = plan.captured or _capturing(device)
+            _adamw8bit_kernel[(n_programs,)](
+                table, blocks, lr_t, lr_value, float(weight_decay), scale, inf, _log_betas(beta1, beta2, device),
+                seeds, f32(beta2), f32(1 - beta1), f32(1 - beta2), f32(eps),
+                P=TL[pdt], QBLOCK=_8bit.BLOCK, PER_PROGRAM=PER_PROGRAM, LR_TENSOR=lr_tensor,
+                SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None, CORRECT_BIAS=correct_bias,
+                MAXIMIZE=maximize, ROUND=rounds,
+                num_warps=NUM_WARPS_8BIT, enable_fp_fusion=False,  # only the reference's fused multiply-adds
+            )
 
 
 def lion8bit(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_scales: list[Tensor], *,
@@ -799,19 +954,21 @@ def lion8bit(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], 
              rounding_seeds: Sequence[int] | None = None, grad_scale: Tensor | None = None,
              found_inf: Tensor | None = None) -> None:
     """One fused Lion step on an 8-bit momentum (the signature of lion8bit's backends)."""
-    launches = _plan_8bit(params, grads, [exp_avgs], [exp_avg_scales], None)
-    for pdt, idx, table, blocks, n_programs in launches:
+    plan = _plan_8bit(params, grads, [exp_avgs], [exp_avg_scales], None)
+    for pdt, idx, table, blocks, n_programs in plan.launches:
         device = params[idx[0]].device
-        lr_t, lr_value, lr_tensor = _lr_args_8bit(lr, device)
-        scale, inf = _amp_args(grad_scale, found_inf, device)
-        seeds, rounds = _seeds(rounding_seeds, pdt, idx, device)
-        if n_programs:
-            with on(device):
-                _lion8bit_kernel[(n_programs,)](
-                    table, blocks, lr_t, lr_value, float(weight_decay), scale, inf, seeds,
-                    f32(1 - beta1), f32(1 - beta2),
-                    P=TL[pdt], QBLOCK=_8bit.BLOCK, PER_PROGRAM=PER_PROGRAM, LR_TENSOR=lr_tensor,
-                    SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None, MAXIMIZE=maximize,
-                    ROUND=rounds,
-                    num_warps=NUM_WARPS_8BIT, enable_fp_fusion=False,  # only the reference's fused multiply-adds
-                )
+        if not n_programs:
+            continue
+        with on(device):
+            lr_t, lr_value, lr_tensor = _lr_args_8bit(lr, device)
+            scale, inf = _amp_args(grad_scale, found_inf, device)
+            seeds, rounds = _seeds(rounding_seeds, pdt, idx, device)
+            plan.captured = plan.captured or _capturing(device)
+            _lion8bit_kernel[(n_programs,)](
+                table, blocks, lr_t, lr_value, float(weight_decay), scale, inf, seeds,
+                f32(1 - beta1), f32(1 - beta2),
+                P=TL[pdt], QBLOCK=_8bit.BLOCK, PER_PROGRAM=PER_PROGRAM, LR_TENSOR=lr_tensor,
+                SCALED=grad_scale is not None, SKIPPABLE=found_inf is not None, MAXIMIZE=maximize,
+                ROUND=rounds,
+                num_warps=NUM_WARPS_8BIT, enable_fp_fusion=False,  # only the reference's fused multiply-adds
+            )

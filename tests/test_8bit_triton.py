@@ -520,11 +520,12 @@ for name in ("_adamw8bit_kernel", "_lion8bit_kernel"):
             ptx = build(kernel, c, types, FT.NUM_WARPS_8BIT, fusion=False).asm["ptx"]  # as launched
             out[f"{name} {P} {on}"] = [len(re.findall(r"ld\.global(\.\w+)*\.v4\.b32", ptx)),
                                        len(re.findall(r"fma\.rn\.f32", ptx))]
-for name, P in (("_adamw_kernel", tl.bfloat16), ("_lion_kernel", tl.float16)):
+for name, P, streams in (("_adamw_kernel", tl.bfloat16, 4), ("_lion_kernel", tl.float16, 3)):
     kernel = getattr(FT, name)
     if True:
         c = dict(lr_ptr=None, grad_scale_ptr=None, found_inf_ptr=None, P=P, S=tl.float32, BLOCK=FT.BLOCK,
-                 LR_TENSOR=False, SCALED=False, SKIPPABLE=False, MAXIMIZE=False, ALIGNED=True, ROUND=True)
+                 LR_TENSOR=False, SCALED=False, SKIPPABLE=False, MAXIMIZE=False, ALIGNED=(1 << streams) - 1,
+                 ROUND=True)
         if "CORRECT_BIAS" in inspect.signature(kernel.fn).parameters:
             c["CORRECT_BIAS"] = True
         ptx = build(kernel, c, {k: v for k, v in types.items() if v != "fp64"}, FT.NUM_WARPS).asm["ptx"]
@@ -536,10 +537,12 @@ print(json.dumps(out))
 def test_kernels_compile_for_a_gpu(tmp_path):
     """Compiled for an H100 (sm_90; Triton's own compiler in a process without the interpreter,
     no GPU needed): every variant of the 8-bit kernels and the rounding float kernels compiles;
-    the aligned tensors' fp32 blocks load the parameter and gradient as 16-byte vectors; the only
-    fused multiply-adds are the reference's (AdamW: lerp and addcmul, Lion: two lerps; each lerp
-    in its two branches, each update in its aligned and unaligned forms); the rounding float
-    kernels still store 16-byte vectors."""
+    the aligned tensors' blocks load the parameter and gradient as 16-byte vectors, and those whose
+    gradient alone is off a 16-byte boundary (a DDP bucket view) the parameter (Note [alignment]);
+    the only fused multiply-adds are the reference's (AdamW: lerp and addcmul, Lion: two lerps;
+    each lerp in its two branches; the compiler keeps two copies of the math that the three forms
+    of an update share); the rounding float kernels store the rounded parameter and the float32
+    states as 16-byte vectors."""
     import json
     import os
     import subprocess
@@ -555,15 +558,17 @@ def test_kernels_compile_for_a_gpu(tmp_path):
         pytest.skip(done.stdout.strip())
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     per_thread = FT.PER_PROGRAM * _8bit.BLOCK // (32 * FT.NUM_WARPS_8BIT)  # values a thread
-    assert counts["_adamw8bit_kernel fp32 False"][0] >= 2 * per_thread // 4  # p and g: 16-byte vectors
-    assert counts["_lion8bit_kernel fp32 False"][0] >= 2 * per_thread // 4
     for key, value in counts.items():
+        vectors = per_thread * (4 if "fp32" in key else 2) // 16  # 16-byte vectors a thread, a stream of p's dtype
         if key.startswith("_adamw8bit"):
-            assert value[1] == 2 * 3 * per_thread, (key, value)   # 2 forms x (lerp (2 branches) + addcmul)
+            assert value[0] == 3 * vectors, (key, value)  # p and g (all aligned), p (all but the gradient)
+            assert value[1] == 2 * 3 * per_thread, (key, value)   # 2 copies x (lerp (2 branches) + addcmul)
         elif key.startswith("_lion8bit"):
-            assert value[1] == 2 * 4 * per_thread, (key, value)   # 2 forms x two lerps (2 branches each)
-        else:
-            assert value[0] > 0, (key, value)
+            assert value[0] == 3 * vectors, (key, value)
+            assert value[1] == 2 * 4 * per_thread, (key, value)   # 2 copies x two lerps (2 branches each)
+        else:  # a bf16/fp16 parameter's vectors, then the float32 states' (AdamW 2, Lion 1)
+            n_states = 2 if key.startswith("_adamw") else 1
+            assert value[0] == FT.BLOCK // (32 * FT.NUM_WARPS) * (2 + 4 * n_states) // 16, (key, value)
 
 
 # ----- on a GPU --------------------------------------------------------------------------
