@@ -23,8 +23,8 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GUIDES = ["docs/algorithms.md", "docs/zh/algorithms.md"]
-QUOTED = ["optimizer/adamw.py", "optimizer/lion.py", "optimizer/schedules.py", "optimizer/scheduler.py",
-          "optimizer/_dispatch.py", "optimizer/_8bit.py", "optimizer/_rounding.py"]
+QUOTED = ["optimizer/adamw.py", "optimizer/lion.py", "optimizer/muon.py", "optimizer/schedules.py",
+          "optimizer/scheduler.py", "optimizer/_dispatch.py", "optimizer/_8bit.py", "optimizer/_rounding.py"]
 INLINE = re.compile(r"`((?:return |gamma = |start = |if step < |args\[)[^`]*)`")
 
 
