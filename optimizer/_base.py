@@ -12,11 +12,20 @@ Note [two-phase step]
 A step that raises must leave parameters, gradients and state exactly as they
 were. So ``step()`` first *checks and plans* every group without changing
 anything (``_prepare``): hyper-parameters, including that the numbers the update
-multiplies by fit its float precision; gradients (layout, shape, dtype, device);
-existing state (keys, shape, dtype, device); which backend takes which tensor,
-which compiles the C loop or imports Triton if needed (Note [backends]). Only
-then does it create missing state and update. Every error we can foresee is
-raised in the first phase, whatever the backend.
+multiplies by fit its float precision; parameters (dtype, and that none holds two
+elements in one place, as an expanded tensor does: torch refuses to write those);
+gradients (layout, shape, dtype, device); existing state (keys, shape, dtype, device,
+and the same for its memory); stochastic rounding outside a CUDA graph capture (Note
+[stochastic rounding]); which backend takes which tensor, which compiles the C loop or
+imports Triton if needed (Note [backends]). Only then does it create missing state
+and update. Every error we can foresee is raised in the first phase, whatever the
+backend. What no check can foresee is not covered: running out of memory midway, an
+interrupt (Ctrl-C) midway, an error that a GPU kernel reports after it ran.
+
+Existing state is checked when it is new to the step (loaded, or replaced by assigning
+``opt.state[p]`` or one of its tensors; ``_checked_before``), not every step; the
+values of a checkpoint (a step count of -1, a negative ``exp_avg_sq``) once, by
+``load_state_dict`` (``_check_saved_state``), never by a step.
 
 Note [GradScaler]
 ~~~~~~~~~~~~~~~~~
@@ -57,9 +66,10 @@ is the same code for both.
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,8 +77,8 @@ import torch
 from torch import Tensor
 
 from . import _8bit, _dispatch, _rounding
-from ._checks import check_fits
-from ._tensors import LOW_PRECISION, Meta, is_dtensor, state_dtype, step_device
+from ._checks import check_fits, count_error, lowest
+from ._tensors import LOW_PRECISION, Meta, first_sharing_memory, is_dtensor, local, state_dtype, step_device
 
 __all__ = ["Algorithm", "Optimizer"]
 
@@ -111,7 +121,7 @@ class Algorithm:
 
     ``state_keys`` (the state shaped like the parameter, in the order of the backends'
     arguments), ``counter_keys`` (scalar state such as AdamW's ``step``), ``backends`` and
-    ``backends_8bit`` (Note [backends]), ``checkpoint_keys``, and the methods
+    ``backends_8bit`` (Note [backends]), ``checkpoint_keys``, ``nonnegative_keys``, and the methods
     ``_check_group(group)``, ``_new_state(param, group)``, ``_hyper(group)`` (the backends'
     keyword arguments) and ``_scalars(group)`` (the numbers the update multiplies by, for
     ``check_fits``).
@@ -124,6 +134,9 @@ class Algorithm:
     # group keys a checkpoint of this algorithm always has; others may be missing (then the
     # defaults fill them), so a torch.optim.AdamW checkpoint loads into our AdamW
     checkpoint_keys: tuple[str, ...] = ("lr", "betas", "weight_decay")
+    # state keys that can never hold a value below 0 (means of squares): a checkpoint is refused if
+    # one does (``_check_saved_state``)
+    nonnegative_keys: tuple[str, ...] = ()
 
     def _check_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -255,6 +268,7 @@ class Optimizer(Algorithm, torch.optim.Optimizer):
             for p, g in zip(params, grads):
                 if g.layout != torch.strided or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                     self._bad_tensor(gi, group, p, "gradient", g, p.dtype, p.device)
+        self._check_own_memory(gi, group, params, params)  # (gradients are only read: they may share memory)
         new: dict[Tensor, dict[str, Any]] = {}
         states = []
         for p in params:
@@ -264,9 +278,11 @@ class Optimizer(Algorithm, torch.optim.Optimizer):
             states.append(state)
         check_fits(alg._scalars(group), params)
         hyper = alg._hyper(group)
-        if group.get("stochastic_rounding"):  # Note [stochastic rounding]
+        if group.get("stochastic_rounding"):  # Note [stochastic rounding]: each tensor's own stream
+            first = sum(len(g["params"]) for g in self.param_groups[:gi])
+            positions = [first + i for i, p in enumerate(group["params"]) if p.grad is not None]
             hyper["rounding_seeds"] = _rounding.rounding_seeds(group.get("seed", 0), group.get("rounding_step", 0),
-                                                            len(params))
+                                                            positions)
         eight = alg._8bit_indices(params, group)
         if not eight:
             parts = [self._part(gi, group, params, grads, states, meta, hyper, new, eight=False)]
@@ -332,6 +348,7 @@ class Optimizer(Algorithm, torch.optim.Optimizer):
                     raise RuntimeError(f"{self._where(gi, group, p)} has state[{key!r}] = {v!r}, not a tensor")
                 if tuple(v.shape) != tuple(shape) or v.dtype != dtype or v.device != p.device:
                     self._bad_tensor(gi, group, p, f"state[{key!r}]", v, dtype, p.device, shape)
+            self._check_own_memory(gi, group, params, lists[2 + j], key)
         self._check_counters(gi, group, params, lists[2 + 2 * n:], Meta(params))
 
     def _checked_before(self, gi: Any, lists: list[list[Any]], meta: Meta) -> bool:
@@ -370,6 +387,7 @@ class Optimizer(Algorithm, torch.optim.Optimizer):
                         raise RuntimeError(f"{self._where(gi, group, p)} has state[{key!r}] = {v!r}, not a tensor")
                     if v.shape != p.shape or v.dtype != dtype or v.device != p.device:
                         self._bad_tensor(gi, group, p, f"state[{key!r}]", v, dtype, p.device)
+            self._check_own_memory(gi, group, params, values, key)
         self._check_counters(gi, group, params, lists[2 + n:], meta)
 
     def _check_counters(self, gi: int, group: dict[str, Any], params: list[Tensor], counters: list[list[Any]],
@@ -387,6 +405,22 @@ class Optimizer(Algorithm, torch.optim.Optimizer):
                             and v.device in (cpu, p.device)):
                         raise RuntimeError(f"{self._where(gi, group, p)} has state[{key!r}] = {v!r}; expected a "
                                            f"one-element float tensor on the CPU or on {p.device}")
+
+    def _check_own_memory(self, gi: int, group: dict[str, Any], params: list[Tensor], tensors: list[Any],
+                          key: str | None = None) -> None:
+        """The tensors a step writes in place (parameters; their states, ``key``) must not hold two
+        elements in one place (an expanded tensor): torch refuses to write one, and would
+        raise midway through the step, after other tensors moved (Note [two-phase step])."""
+        bad = first_sharing_memory(tensors)
+        if bad is None:
+            return
+        where, strides = self._where(gi, group, params[bad]), tuple(local(tensors[bad]).stride())
+        if key is None:
+            raise RuntimeError(f"{where} shares memory between its elements (strides {strides}: an expanded "
+                               "tensor?), and a step writes each element in place: give it memory of its own, "
+                               "e.g. p.data = p.data.clone()")
+        raise RuntimeError(f"{where} has a state[{key!r}] whose elements share memory (strides {strides}), and a "
+                           "step writes each element in place: replace it with a tensor of its own")
 
     def _where(self, gi: int, group: dict[str, Any], p: Tensor) -> str:
         i = next(i for i, q in enumerate(group["params"]) if q is p)
@@ -486,8 +520,14 @@ class Optimizer(Algorithm, torch.optim.Optimizer):
     # ----- checkpoints ---------------------------------------------------------
 
     def _check_saved_state(self, p: Tensor, state: dict[str, Any], where: str, alg: Algorithm | None = None) -> None:
-        """A saved state fits ``p`` as ``alg`` (by default this optimizer's algorithm) keeps it."""
+        """A saved state fits ``p`` as ``alg`` (by default this optimizer's algorithm) keeps it: its
+        keys, shapes and kinds, and values that a run can reach (a step count is a whole number
+        >= 0; a second moment is >= 0, +inf and NaN included, as float32 AdamW holds them after an
+        overflow; the values of a parameter are real, or complex for a complex one). Read once, at
+        load (one reduction per tensor), so that the step never needs to."""
         alg = self if alg is None else alg
+        if not state:  # none yet: torch.optim's state (a defaultdict) makes an empty one where read
+            return
         keys = set(state)
         expected = {*alg.state_keys, *alg.counter_keys}
         if keys != expected and keys != set(alg._state_keys(True)):  # float states, or 8-bit ones
@@ -495,22 +535,73 @@ class Optimizer(Algorithm, torch.optim.Optimizer):
                 f"Invalid state for {where}: {_name(alg)} keeps {sorted(expected)}, "
                 f"found {sorted(map(str, keys))} (is it another optimizer's checkpoint?)"
             )
-        if keys != expected:
+        eight = keys != expected
+        if eight:
+            if p.is_complex():
+                raise ValueError(f"Invalid 8-bit state for {where}: 8-bit states are kept for real parameters, this "
+                                 f"one is {p.dtype}")
             for key in alg.state_keys:
                 codes, scale = state[key], state[f"{key}_scale"]
                 if not (isinstance(codes, Tensor) and codes.dtype == torch.uint8 and isinstance(scale, Tensor)
-                        and tuple(scale.shape) == _8bit.scale_shape(p.shape)):
+                        and scale.is_floating_point() and tuple(scale.shape) == _8bit.scale_shape(p.shape)):
                     raise ValueError(f"Invalid 8-bit state[{key!r}] for {where}: uint8 codes of shape "
-                                     f"{tuple(p.shape)} and scales of shape {_8bit.scale_shape(p.shape)} expected")
+                                     f"{tuple(p.shape)} and float scales of shape {_8bit.scale_shape(p.shape)} "
+                                     "expected")
+                _check_readable(p, scale, f"state[{key + '_scale'!r}] for {where}")
+                # a negative scale marks a block holding an infinity or a NaN (its largest finite
+                # magnitude, negated), and scales written before that could be +inf or NaN: -inf never
+                if lowest(scale) == -math.inf:
+                    raise ValueError(f"Invalid state[{key + '_scale'!r}] for {where}: a scale of -inf (a block's "
+                                     "scale is its largest finite magnitude, negated where the block holds an "
+                                     "infinity or a NaN)")
         for key in alg.counter_keys:
-            v = state[key]
-            if not (isinstance(v, (int, float)) or (isinstance(v, Tensor) and v.numel() == 1)):
-                raise ValueError(f"Invalid state[{key!r}] for {where}: {v!r}")
+            why = count_error(state[key])
+            if why is not None:
+                raise ValueError(f"Invalid state[{key!r}] for {where}: {why}")
         for key in alg.state_keys:
             v = state[key]
             if not isinstance(v, Tensor) or v.shape != p.shape:
                 shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
                 raise ValueError(f"Invalid state[{key!r}] for {where}: shape {shape}, expected {tuple(p.shape)}")
+            _check_readable(p, v, f"state[{key!r}] for {where}")
+            if eight:
+                continue
+            if not (v.is_floating_point() or v.is_complex()) or v.is_complex() != p.is_complex():
+                kind = "complex" if p.is_complex() else "real floating point"
+                raise ValueError(f"Invalid state[{key!r}] for {where}: {v.dtype} values for a {p.dtype} parameter "
+                                 f"(expected {kind} ones)")
+            if key in alg.nonnegative_keys and lowest(v) < 0:
+                raise ValueError(f"Invalid state[{key!r}] for {where}: it holds negative values (a mean of squares, "
+                                 "never below 0: is the checkpoint damaged?)")
+
+    def _check_containers(self, state_dict: Any) -> None:
+        """The containers of a checkpoint are torch.optim's: ``param_groups`` a list of dicts, each
+        with a list of parameter indices, no index twice; ``state`` a dict of index -> a dict."""
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(f"Invalid state_dict for {name}: expected a dict with 'state' and 'param_groups'")
+        groups, state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(groups, (list, tuple)):
+            raise ValueError(f"Invalid state_dict for {name}: 'param_groups' is a {type(groups).__name__}, expected "
+                             "a list of dicts (one per parameter group)")
+        if not isinstance(state, dict):
+            raise ValueError(f"Invalid state_dict for {name}: 'state' is a {type(state).__name__}, expected a dict "
+                             "of parameter index -> that parameter's state (a dict)")
+        seen: set[Any] = set()
+        for gi, group in enumerate(groups):
+            if not isinstance(group, dict) or not isinstance(group.get("params"), (list, tuple)):
+                got = type(group.get("params")).__name__ if isinstance(group, dict) else type(group).__name__
+                raise ValueError(f"Invalid state_dict for {name}: param_groups[{gi}] is not a dict with a list "
+                                 f"'params' ({got})")
+            for index in group["params"]:
+                if not isinstance(index, Hashable) or index in seen:
+                    why = "appears twice" if isinstance(index, Hashable) else "is not a parameter index"
+                    raise ValueError(f"Invalid state_dict for {name}: param_groups[{gi}] lists parameter {index!r}, "
+                                     f"which {why} (a parameter belongs to one group, once)")
+                seen.add(index)
+                if not isinstance(state.get(index, {}), dict):
+                    raise ValueError(f"Invalid state_dict for {name}: state[{index!r}] is a "
+                                     f"{type(state[index]).__name__}, expected a dict (that parameter's state)")
 
     def _check_checkpoint(self, saved_groups: list[dict[str, Any]], saved_state: dict[Any, Any]) -> dict[Any, Tensor]:
         """Check that a checkpoint fits this optimizer; returns its parameter indices -> our parameters."""
@@ -522,6 +613,7 @@ class Optimizer(Algorithm, torch.optim.Optimizer):
             )
         index_to_param: dict[Any, Tensor] = {}
         algorithm_of: dict[Any, Algorithm] = {}
+        place_of: dict[Any, str] = {}  # (for error messages)
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if saved.get("decoupled_weight_decay") is False and saved.get("weight_decay"):
                 raise ValueError(
@@ -549,9 +641,12 @@ class Optimizer(Algorithm, torch.optim.Optimizer):
             alg._check_group({**self._group_defaults(saved), **saved, "params": group["params"]})
             index_to_param.update(zip(saved["params"], group["params"]))
             algorithm_of.update(dict.fromkeys(saved["params"], alg))
+            place_of.update((index, f"parameter {i} of group {gi}") for i, index in enumerate(saved["params"]))
         for index, state in saved_state.items():
             if index in index_to_param:
-                self._check_saved_state(index_to_param[index], state, f"saved parameter {index}", algorithm_of[index])
+                p = index_to_param[index]
+                where = f"saved parameter {index!r} ({place_of[index]}, shape {tuple(p.shape)})"
+                self._check_saved_state(p, state, where, algorithm_of[index])
         return index_to_param
 
     def _restore_state(self, p: Tensor, saved: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
@@ -584,7 +679,6 @@ class Optimizer(Algorithm, torch.optim.Optimizer):
         non-parameters kept as is), after checking that it fits this optimizer: if it does
         not, nothing changes. State is restored as Note [state precision] says, in this
         optimizer's ``state_dtype`` (8-bit states are decoded, float ones encoded, as needed)."""
-        self._checked = {}  # states are checked afresh (and the old ones not kept alive)
         name = type(self).__name__
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError(f"Invalid state_dict for {name}: expected a dict with 'state' and 'param_groups'")
@@ -593,6 +687,7 @@ class Optimizer(Algorithm, torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        self._check_containers(state_dict)
         saved_groups = copy.deepcopy(state_dict["param_groups"])
         index_to_param = self._check_checkpoint(saved_groups, state_dict["state"])
         for saved, group in zip(saved_groups, self.param_groups):
@@ -606,12 +701,13 @@ class Optimizer(Algorithm, torch.optim.Optimizer):
             p = index_to_param.get(index)
             if p is None:
                 state[index] = saved  # not a parameter's: kept as is, as torch.optim does
-            else:
-                state[p] = self._restore_state(p, saved, group_of[index])
+            else:  # (an empty state stays empty: save, load and save give the same dict)
+                state[p] = self._restore_state(p, saved, group_of[index]) if saved else {}
         for group, saved in zip(self.param_groups, saved_groups):
             saved["params"] = group["params"]
             if "param_names" in group and "param_names" not in saved:
                 saved["param_names"] = group["param_names"]
+        self._checked = {}  # states are checked afresh (and the old ones not kept alive)
         self.__setstate__({"state": state, "param_groups": saved_groups})
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -622,6 +718,12 @@ class Optimizer(Algorithm, torch.optim.Optimizer):
         for group in self.param_groups:  # an older or torch.optim checkpoint may lack some options
             for key, value in self._group_defaults(group).items():
                 group.setdefault(key, value)
+
+
+def _check_readable(p: Tensor, value: Tensor, what: str) -> None:
+    """A saved tensor holds values to load: not a meta tensor, unless the parameter is one."""
+    if value.device.type == "meta" and p.device.type != "meta":
+        raise ValueError(f"Invalid {what}: a meta tensor, which holds no values")
 
 
 def _name(alg: Algorithm) -> str:

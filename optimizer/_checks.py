@@ -1,6 +1,7 @@
 """Argument checks shared by the optimizers: each error names the argument and its value
 (``Invalid lr: ...``), and is raised before anything changes (Note [two-phase step] in
-``_base.py``). A leaf: it imports only torch and ``_tensors``."""
+``_base.py``); and the checks of a checkpoint's values. A leaf: it imports only torch,
+``_tensors`` and ``_8bit``'s constants."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ._8bit import MIN_8BIT_SIZE
-from ._tensors import STATE_DTYPES
+from ._tensors import STATE_DTYPES, local
 
 __all__ = [
     "check_backend",
@@ -24,6 +25,8 @@ __all__ = [
     "check_nonnegative",
     "check_state_dtype",
     "check_unit_interval",
+    "count_error",
+    "lowest",
     "plain",
 ]
 
@@ -106,6 +109,9 @@ def check_precision(group: dict[str, Any]) -> None:
     size = group.get("min_8bit_size", MIN_8BIT_SIZE)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"Invalid min_8bit_size: {size!r} (a positive int)")
+    count = group.get("rounding_step", 0)  # (a group's count of stochastic steps, saved with it)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"Invalid rounding_step: {count!r} (the group's count of stochastic steps, an int >= 0)")
 
 
 def check_backend(group: dict[str, Any]) -> None:
@@ -127,3 +133,37 @@ def check_fits(scalars: dict[str, float | None], params: list[Tensor]) -> None:
         if value is not None and not abs(value) <= limit:
             raise ValueError(f"Invalid {name} = {value:g}: it does not fit the {dtype} math of the update "
                              f"(at most {limit:.3g})")
+
+
+# ----- the values of a checkpoint (``Optimizer.load_state_dict``, once per load) -----------------
+
+
+def count_error(value: Any) -> str | None:
+    """Why ``value`` cannot be a saved step count, or None: a count is a whole number >= 0, saved as
+    a number (older torch.optim checkpoints) or a one-element real tensor. One read of a tensor."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            return f"a {value.dtype} tensor of shape {tuple(value.shape)} (expected one real number)"
+        if value.device.type == "meta":
+            return "a meta tensor, which holds no value"
+        value = local(value).item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return f"{value!r} (expected a number)"
+    if not (math.isfinite(value) and value >= 0 and value == math.floor(value)):
+        return f"{value!r} (a count of steps: a whole number >= 0)"
+    return None
+
+
+def lowest(t: Tensor) -> float:
+    """The smallest value of a real floating tensor (of a complex one's reals), its NaNs ignored;
+    +inf for no value (empty, all NaN, or a meta tensor, which holds none). One reduction; a
+    second pass only where the first met a NaN (a checkpoint of a run that met one)."""
+    t = local(t)
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.numel() == 0 or t.device.type == "meta":
+        return math.inf
+    low = float(t.amin())
+    if math.isnan(low):
+        low = float(torch.where(t.isnan(), math.inf, t).amin())
+    return low

@@ -37,8 +37,9 @@ Note [step counters]
 AdamW's per-parameter step counts move in one place, :func:`count`: +1 for every
 tensor of the step before any backend runs (so each backend reads ``t``, this
 step's number, as torch's fused kernels do; CPU counters in one C call, where
-``torch._foreach_add_`` would spend microseconds on each), and back by GradScaler's ``found_inf``
-where the Triton kernels skipped the step on the device. A step skipped on the host
+``torch._foreach_add_`` would spend microseconds on each), and back by 1 where the Triton
+kernels skipped the step on the device (GradScaler's ``found_inf`` not 0: it is the sum of
+one flag per device, so 2.0 when two GPUs overflowed). A step skipped on the host
 (``found_inf`` read there) counts nothing.
 
 Note [update formulas]
@@ -86,6 +87,7 @@ from ._tensors import (
     amp_grads,
     as_real,
     device_types,
+    first_sharing_memory,
     group_by_device_and_dtype,
     is_dtensor,
     local,
@@ -93,8 +95,8 @@ from ._tensors import (
     same_dense_layout,
 )
 
-__all__ = ["Backends", "TRITON_DEVICES", "check_lists", "count", "group_backend", "import_kernels", "load_triton",
-           "route", "run", "step"]
+__all__ = ["Backends", "TRITON_DEVICES", "check_lists", "check_own_memory", "count", "group_backend", "import_kernels",
+           "load_triton", "route", "run", "step"]
 
 Routes = dict[str, list[int]]  # backend name -> indices into the step's lists
 
@@ -200,9 +202,15 @@ _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 def route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], *,
           foreach: bool | None, fused: bool | None) -> Routes:
     """Phase 1 of a step (Note [backends]): which backend updates which of the tensors.
-    Raises, before anything has changed, where ``fused=True`` cannot be met."""
+    Raises, before anything has changed, where ``fused=True`` cannot be met, or where stochastic
+    rounding would be captured in a CUDA graph (Note [stochastic rounding])."""
+    rounding = hyper.get("rounding_seeds") is not None
+    if rounding and _rounding.capturing() and any(p.dtype in _rounding.ROUNDED for p in lists[0]):
+        raise RuntimeError("stochastic rounding cannot be captured in a CUDA graph: its seeds are made on the host "
+                           "at each step, so every replay would round with the same bits; capture the step without "
+                           "stochastic_rounding (or rounding_seeds), or run it outside the graph")
     routes = _route(backends, lists, hyper, foreach=foreach, fused=fused)
-    if hyper.get("rounding_seeds") is None:
+    if not rounding:
         return routes
     # stochastic rounding: bf16/fp16 parameters only to the backends that do it, and to the fused
     # ones only if contiguous (their random bits follow memory, the reference's the logical order)
@@ -361,15 +369,19 @@ def run(backends: Backends, routes: Routes, lists: list[list[Tensor]], hyper: di
 
 def count(backends: Backends, counters: list[list[Tensor]], skipped: Tensor | None = None) -> None:
     """The one place where step counters move (Note [step counters]): +1 before the backends
-    run (CPU counters in one C call where the C loop is built), or back by GradScaler's
-    ``found_inf`` (1 where the fused kernels skipped the step on the device; read there, no sync)."""
+    run (CPU counters in one C call where the C loop is built), or back by 1 where GradScaler's
+    ``found_inf`` is not 0 (the fused kernels skipped the step on the device; read there, no sync)."""
+    if skipped is not None:
+        # 1 or 0, not found_inf itself: GradScaler sums its flags over the devices that hold the
+        # parameters, so it is 2.0 when two GPUs overflowed (the kernels skip on != 0 too)
+        skipped = (skipped != 0).to(torch.float32)
     for steps in counters:
         if skipped is None:
             if torch.compiler.is_compiling() or not _fused_cpu.count(backends.c_kernel, steps):
                 torch._foreach_add_(steps, 1.0)
         else:
             for (device, _), (group,) in group_by_device_and_dtype(steps).items():
-                flag = skipped.to(device=device, dtype=torch.float32, non_blocking=True)
+                flag = skipped.to(device=device, non_blocking=True)
                 torch._foreach_sub_(group, [flag] * len(group))
 
 
@@ -391,7 +403,8 @@ def step(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], *
 def check_lists(backends: Backends, lists: list[list[Tensor]]) -> None:
     """Phase 1 of the functional entries (``adamw()``, ``lion()``): the lists fit each other
     (lengths; gradients and states of each parameter's shape and device; dtypes the kernels
-    can take), so that no backend fails midway or reads past a tensor. The optimizer classes
+    can take; parameters and states that can be written in place, :func:`check_own_memory`),
+    so that no backend fails midway or reads past a tensor. The optimizer classes
     check all this, and more, before they call a backend."""
     params = lists[0]
     for name, lst in zip(backends.names, lists):
@@ -431,6 +444,18 @@ def check_lists(backends: Backends, lists: list[list[Tensor]]) -> None:
         for i, t in enumerate(lst):
             if not (isinstance(t, Tensor) and t.numel() == 1 and t.is_floating_point()):
                 raise ValueError(f"Invalid {name}[{i}]: {t!r} (a one-element float tensor)")
+    check_own_memory([(backends.names[0], params), *zip(backends.names[2:n], lists[2:n])])
+
+
+def check_own_memory(named_lists: list[tuple[str, list[Tensor]]]) -> None:
+    """The lists a step writes in place (parameters, states) hold no tensor with two elements in one
+    place (an expanded tensor): torch refuses to write one, midway through the step."""
+    for name, lst in named_lists:
+        bad = first_sharing_memory(lst)
+        if bad is not None:
+            raise ValueError(f"Invalid {name}[{bad}]: its elements share memory (strides "
+                             f"{tuple(local(lst[bad]).stride())}: an expanded tensor?), and a step writes each "
+                             "element in place; give it memory of its own")
 
 
 def _traced_step(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], *, foreach: bool | None,

@@ -16,20 +16,33 @@ gap: a bf16 weight at 1.0 ignores any step under 2^-9, about 0.002, downwards an
 The random bits are a hash, not a generator: 16 bits per element,
 ``mix32(index ^ seed_t) >> 16`` with ``seed_t`` = :func:`rounding_seeds` of the group's
 ``seed``, the group's count of stochastic steps (``rounding_step``, saved with the group
-in ``state_dict``) and the tensor's position in the step. So a run is reproducible, a
-resumed run is bit-identical, and no generator state needs saving. The parameter rounds
-up iff ``bits < frac * 65536`` (``frac`` in [0, 1), exact in float32). Where the value
-above is infinite (beyond the largest finite value), it rounds to nearest.
+in ``state_dict``) and the tensor's position among all the optimizer's parameters (its
+group's offset plus its index in the group). So a run is reproducible, a resumed run is
+bit-identical, and no generator state needs saving. The position is the optimizer's, not
+the group's: groups left at the default seed would otherwise draw the same bits for their
+first tensors at every step (one group per layer: every layer rounding alike). The
+parameter rounds up iff ``bits < frac * 65536`` (``frac`` in [0, 1), exact in float32).
+Where the value above is infinite (beyond the largest finite value), it rounds to nearest.
+
+The seeds are made on the host, at each step, from a Python counter. A CUDA graph captures
+them once, and every replay would round with the same bits: a fixed, biased rounding. So
+a step with stochastic rounding of a bf16/fp16 tensor is refused while the current CUDA
+stream is capturing (:func:`capturing`), before anything changed. Advancing them on the
+device instead (as torch's capturable step counters do) would need the counter and the
+hash on the device for every backend, while the reference and the C loop take their
+seeds as host integers, and ``rounding_step`` is saved as a number: refusing keeps one
+definition of the bits, which every backend follows.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["M32", "ROUNDED", "mix32", "random16", "round_stochastic", "rounding_seeds", "store_param"]
+__all__ = ["M32", "ROUNDED", "capturing", "mix32", "random16", "round_stochastic", "rounding_seeds", "store_param"]
 
 M32 = 0xFFFFFFFF  # the hash works on 32-bit words held in Python ints or int64 tensors
 
@@ -44,10 +57,18 @@ def mix32(x: int | Tensor) -> int | Tensor:
     return x ^ (x >> 16)
 
 
-def rounding_seeds(seed: int, step: int, n: int) -> list[int]:
-    """The 32-bit seed of each of the n tensors of a stochastic step."""
+def rounding_seeds(seed: int, step: int, positions: int | Sequence[int]) -> list[int]:
+    """The 32-bit seed of each tensor of a stochastic step, from its position among the
+    optimizer's parameters (an int n: positions 0 to n - 1)."""
     base = mix32((seed & M32) ^ mix32(step & M32))
-    return [mix32(base ^ mix32(i)) for i in range(n)]
+    return [mix32(base ^ mix32(i & M32)) for i in (range(positions) if isinstance(positions, int) else positions)]
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph, where stochastic rounding is refused
+    (Note [stochastic rounding]). Without CUDA initialised nothing can be capturing (and a CPU
+    build of torch has no such query)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def random16(seed_t: int, n: int, device: torch.device | str = "cpu") -> Tensor:

@@ -147,6 +147,26 @@ def dense(t: Tensor) -> bool:
     return True
 
 
+def shares_memory(t: Tensor) -> bool:
+    """Whether some elements of ``t`` are one place in memory: a zero stride on a dimension of more
+    than one element (an expanded tensor), what torch's in-place operations refuse to write
+    (``torch._debug_has_internal_overlap`` says "yes" exactly there). Other overlapping layouts
+    (``as_strided``) torch writes without a word, and so does a step."""
+    t = local(t)
+    if t.layout != torch.strided:
+        return False
+    strides = t.stride()
+    return 0 in strides and any(stride == 0 and size > 1 for size, stride in zip(t.shape, strides))
+
+
+def first_sharing_memory(tensors: list[Tensor]) -> int | None:
+    """The index of the first tensor whose elements share memory (:func:`shares_memory`), or None;
+    a step asks every time, so the common case, all contiguous, is one C-level map."""
+    if all(map(Tensor.is_contiguous, tensors)):
+        return None
+    return next((i for i, t in enumerate(tensors) if not t.is_contiguous() and shares_memory(t)), None)
+
+
 def same_dense_layout(tensors: tuple[Tensor, ...]) -> bool:
     """The tensors share one dense layout: the i-th element in memory is the same element of each."""
     first = tensors[0]

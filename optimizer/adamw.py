@@ -103,6 +103,7 @@ class AdamW(Optimizer):
 
     state_keys = ("exp_avg", "exp_avg_sq")
     counter_keys = ("step",)
+    nonnegative_keys = ("exp_avg_sq",)
     checkpoint_keys = ("lr", "betas", "eps", "weight_decay")
     backends: _dispatch.Backends  # set at the end of this file, once the backends are defined
 

@@ -33,12 +33,12 @@ Decisions, and why
   matrix ``[out, in * kh * kw]``. ``split`` declares a fused weight (QKV, gate/up) as several
   matrices stacked along its rows, as ``torch.split(weight, split, dim=rows)`` cuts it: each
   is orthogonalised, and scaled, on its own.
-* **ns_dtype**, the precision of the iteration: None chooses bfloat16 on CUDA (as the field
-  does) and on CPUs with bf16 matrix instructions (AMX or AVX-512 BF16, where bf16 matmuls
-  run several times faster than float32 ones), float32 on other CPUs (where bf16 matmuls
-  are emulated, and far slower), float64 for float64 parameters. The iteration's output is
+* **ns_dtype**, the precision of the iteration: None chooses bfloat16 on GPUs (any device
+  but the CPU, as the field does) and on CPUs with bf16 matrix instructions (AMX or AVX-512
+  BF16, where bf16 matmuls run several times faster than float32 ones), float32 on other CPUs
+  (where bf16 matmuls are emulated, and far slower), float64 for float64 parameters. The iteration's output is
   not orthogonal anyway (its singular values land in about [0.68, 1.2], tens of percent from
-  ``U V^T``), and rounding it in bf16 moves it by about 2% (Frobenius): within that spread.
+  ``U V^T``), and rounding it in bf16 moves it by about 1-2% (Frobenius): within that spread.
 * **Precision** as everywhere here (Note [state precision]): bf16/fp16 parameters keep a
   float32 momentum and float32 element-wise math, rounded into the parameter once (to
   nearest, or stochastically: Note [stochastic rounding]); torch.optim.Muon keeps a bf16
@@ -135,7 +135,7 @@ class Muon(Optimizer):
     semi-orthogonal matrix): the odd polynomial ``a x + b x^3 + c x^5`` is applied to every
     singular value at once. Its coefficients make the slope at 0 large (a = 3.4445), so that 5
     steps lift even small singular values (those of the normalised input above about 2e-3 land
-    in [0.68, 1.2]; smaller ones are multiplied by up to a^5 = 490), at the price of leaving
+    in [0.68, 1.2]; smaller ones are multiplied by up to a^5 = 485), at the price of leaving
     them near 1 rather than at 1 (Jordan et al. 2024, "Muon: An optimizer for hidden layers in
     neural networks", kellerjordan.github.io/posts/muon). ``"match_rms_adamw"`` scales the
     update to the RMS of AdamW's, 0.2, so that Muon shares AdamW's learning rate and weight
@@ -337,11 +337,14 @@ class Muon(Optimizer):
 class _AuxAdamW(Algorithm):
     """The algorithm of a Muon optimizer's ``use_muon=False`` groups: :class:`~optimizer.AdamW`'s
     state, checks, hyper-parameters and backends, unchanged, so that these groups' results are
-    AdamW's bit for bit."""
+    AdamW's bit for bit (with stochastic rounding, those of an AdamW holding the tensors at the
+    same places: a tensor's random bits follow its place in the optimizer, Note [stochastic
+    rounding])."""
 
     name = "AdamW (use_muon=False)"
     state_keys = AdamW.state_keys
     counter_keys = AdamW.counter_keys
+    nonnegative_keys = AdamW.nonnegative_keys
     checkpoint_keys = AdamW.checkpoint_keys
     backends = AdamW.backends
     backends_8bit = AdamW.backends_8bit

@@ -163,6 +163,7 @@ class SparseAdamW(Optimizer):
 
     state_keys = ("exp_avg", "exp_avg_sq")
     counter_keys = ("step",)
+    nonnegative_keys = AdamW.nonnegative_keys
     # torch.optim.SparseAdam's checkpoints have no weight_decay: the default fills it
     checkpoint_keys = ("lr", "betas", "eps")
     backends = AdamW.backends  # dense gradients: AdamW's backends (Note [backends])
@@ -222,6 +223,7 @@ class SparseAdamW(Optimizer):
     def _sparse_part(self, gi: int, group: dict[str, Any], params: list[Tensor],
                      new: dict[Tensor, dict[str, Any]]) -> Part:
         grads = _coalesced(params, [p.grad for p in params], lambda i: self._where(gi, group, params[i]))
+        self._check_own_memory(gi, group, params, params)  # (rows are written in place)
         states = []
         for p in params:
             state = self.state.get(p)
@@ -399,6 +401,7 @@ def sparse_adamw(
         if not (isinstance(s, Tensor) and s.numel() == 1 and s.is_floating_point()):
             raise ValueError(f"Invalid state_steps[{i}]: {s!r} (a one-element float tensor)")
         _check_lazy(p, decay_logs[i], row_decay_logs[i], f"params[{i}]")
+    _dispatch.check_own_memory(list(zip(names[:1] + names[2:4], [params, exp_avgs, exp_avg_sqs])))
     _check_decay(float(lr), float(weight_decay))
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                  maximize=maximize)

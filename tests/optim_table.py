@@ -338,7 +338,7 @@ TABLE = [
         backend_tol=(1e-5, 1e-5),
         # the iteration in float32: bf16 matmuls of other kernels (bmm for small sizes, Inductor's)
         # round otherwise, and the iteration multiplies the direction's near-null singular values by
-        # up to a^5 = 490, so a bf16 rounding there moves O by up to tenths (measured on the compile
+        # up to a^5 = 485, so a bf16 rounding there moves O by up to tenths (measured on the compile
         # test's model); in float32 the two agree to about 1e-6 of O (tests/test_muon.py compares
         # the bf16 backends with each other and with torch.optim.Muon)
         exact_kwargs=dict(ns_dtype=torch.float32),
