@@ -16,6 +16,7 @@ Checked step by step against transformers' own ``GreedyLR`` (tests/test_schedule
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -30,8 +31,8 @@ class GreedyLR:
                  verbose: bool = False, smooth: bool = False, window_size: int = 50, reset_start: int = 500) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Invalid optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not factor < 1.0:
-            raise ValueError(f"Invalid factor: {factor} (must be < 1.0)")
+        if not 0.0 < factor < 1.0:
+            raise ValueError(f"Invalid factor: {factor} (must be in (0, 1): the lr is divided by it to raise it)")
         if mode not in ("min", "max"):
             raise ValueError(f"Invalid mode: {mode!r} (must be 'min' or 'max')")
         if threshold_mode not in ("rel", "abs"):
@@ -143,6 +144,66 @@ class GreedyLR:
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items() if k != "optimizer"}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.__dict__.update({k: v for k, v in state_dict.items() if k != "optimizer"})
+        """Load what :meth:`state_dict` gave, and set every group's lr to its saved one. Every key is
+        checked first: a bad state_dict raises a one-line ``ValueError`` naming its key and leaves
+        the scheduler and the optimizer as they were."""
+        values = self._checked_state(state_dict)
+        self.__dict__.update(values)
         for group, lr in zip(self.optimizer.param_groups, self._last_lr):
             group["lr"] = lr
+
+    def _checked_state(self, state_dict: Any) -> dict[str, Any]:
+        where = "Invalid state_dict for GreedyLR"
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"{where}: expected a dict, got {type(state_dict).__name__}")
+        values = {k: v for k, v in state_dict.items() if k != "optimizer"}
+        expected = set(self.state_dict())
+        missing, unknown = sorted(expected - set(values)), sorted(set(values) - expected)
+        if missing or unknown:
+            raise ValueError(f"{where}: " + "; ".join(
+                [f"missing {missing}"] * bool(missing) + [f"unknown keys {unknown}"] * bool(unknown)))
+        n = len(self.optimizer.param_groups)
+        for key, value in values.items():
+            ok, rule = _STATE_RULES.get(key, (_number, "a number"))
+            if key in _PER_GROUP:
+                ok = lambda v: isinstance(v, (list, tuple)) and len(v) == n and all(map(_finite, v))  # noqa: E731
+                rule = f"a list of {n} finite numbers, one per parameter group"
+            if not ok(value):
+                raise ValueError(f"{where}: {key!r} is {value!r} (must be {rule})")
+        if len(values["_window"]) > values["window_size"]:
+            raise ValueError(f"{where}: '_window' holds {len(values['_window'])} values, more than its window_size "
+                             f"{values['window_size']}")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(v: Any) -> bool:
+    return _number(v) and math.isfinite(v)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+_PER_GROUP = ("min_lrs", "max_lrs", "_init_lrs", "_last_lr")  # one value per parameter group
+# what each key of GreedyLR.state_dict() must be (the per-group lists: _PER_GROUP)
+_STATE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "mode": (lambda v: v in ("min", "max"), "'min' or 'max'"),
+    "threshold_mode": (lambda v: v in ("rel", "abs"), "'rel' or 'abs'"),
+    "factor": (lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
+    "best": (lambda v: _number(v) and not math.isnan(v), "a number, or +-inf before the first step"),
+    "threshold": (_finite, "a finite number"),
+    "eps": (_finite, "a finite number"),
+    "_window_sum": (_finite, "a finite number"),
+    "_window": (lambda v: isinstance(v, (list, tuple)) and all(map(_finite, v)), "a list of finite numbers"),
+    "verbose": (lambda v: isinstance(v, bool), "True or False"),
+    "smooth": (lambda v: isinstance(v, bool), "True or False"),
+    "window_size": (lambda v: _count(v) and v > 0, "an integer > 0"),
+    "last_epoch": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    **{k: (_count, "an integer >= 0") for k in (
+        "patience", "cooldown", "warmup", "reset_start", "reset_start_original", "num_bad_epochs",
+        "num_good_epochs", "cooldown_counter", "warmup_counter")},
+}

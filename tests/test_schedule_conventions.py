@@ -94,6 +94,35 @@ def test_greedy_resumes_from_its_state_dict():
     assert_curve(got, case["lrs"][half + 1:], case)
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(factor=1.5), "'factor' is 1.5 (must be a number in (0, 1))"),
+    (dict(_last_lr=[0.1]), "'_last_lr' is [0.1] (must be a list of 2 finite numbers"),
+    (dict(best=float("nan")), "'best' is nan"),
+    (dict(mode="up"), "'mode' is 'up'"),
+    (dict(num_bad_epochs=-1), "'num_bad_epochs' is -1 (must be an integer >= 0)"),
+    (dict(_window=[1.0] * 6), "'_window' holds 6 values, more than its window_size 5"),
+    (dict(patiance=3), "unknown keys ['patiance']"),
+    ("drop best", "missing ['best']"),
+])
+def test_greedy_refuses_a_bad_state_dict_and_changes_nothing(change, message):
+    case = next(c for c in METRIC if c["name"] == "greedy" and c["kwargs"].get("smooth"))
+    opt = optimizer()
+    sched = get_scheduler("greedy", opt, scheduler_specific_kwargs=dict(case["kwargs"]))
+    for m in case["metrics"][:30]:
+        sched.step(m)
+    saved = sched.state_dict()
+    bad = {k: v for k, v in saved.items() if k != "best"} if change == "drop best" else {**saved, **change}
+    fresh_opt = optimizer()
+    fresh = get_scheduler("greedy", fresh_opt, scheduler_specific_kwargs=dict(case["kwargs"]))
+    before, lrs_before = copy.deepcopy(fresh.state_dict()), lrs(fresh_opt)
+    with pytest.raises(ValueError, match="Invalid state_dict for GreedyLR") as err:
+        fresh.load_state_dict(bad)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert fresh.state_dict() == before and lrs(fresh_opt) == lrs_before
+    fresh.load_state_dict(saved)  # and the good one still loads
+    assert fresh.state_dict() == saved and lrs(fresh_opt) == lrs(opt)
+
+
 @pytest.mark.parametrize("case", TIMM, ids=[f"{c['class']}-{c['kwargs']}-{c['lr_scale']}" for c in TIMM])
 def test_timm_keywords_give_timms_curve(case):
     opt = optimizer(case["lr_scale"])
