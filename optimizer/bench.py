@@ -25,6 +25,11 @@ an embedding table of which a step touches 1 % of the rows (a different random s
 step, one entry per lookup and some rows twice, as ``nn.Embedding(sparse=True)`` gives),
 our SparseAdamW against dense fused ``torch.optim.AdamW`` (fed the same gradient made
 dense) and ``torch.optim.SparseAdam``, as ratios to both in one run (:func:`run_sparse`).
+
+Muon (Note [the Muon rows]): where a list has hidden matrices, our Muon (Muon for them, AdamW
+for the rest, one optimizer) is timed against what a script writes today, ``torch.optim.Muon``
+on the same matrices plus torch's fused AdamW on the rest, with the Newton-Schulz iteration of
+each timed alone and set against a matrix product's throughput measured in the same run.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import AdamW, Lion, SparseAdamW
+from . import AdamW, Lion, Muon, SparseAdamW
+from . import muon as _muon
+from .factory import OPTIMIZERS, muon_labels
 
 
 def gpt2_shapes(layers: int, dim: int, vocab: int, ctx: int = 1024) -> list[tuple[int, ...]]:
@@ -71,6 +78,14 @@ MODELS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "small-2000x256": lambda: [(256,)] * 2000,  # 0.5 M params
 }
 SUITES = {"many-small": ["small-400x64x64", "small-2000x256"]}  # --model names that run several lists
+# the matrices of a named list that are not hidden layers, by their place in a list of n tensors:
+# create_optimizer(model, "muon") gives them to AdamW (factory.muon_labels); the lists not named here
+# (small-*) have none
+NOT_HIDDEN: dict[str, Callable[[int], set[int]]] = {
+    "gpt2-30m": lambda n: {0, 1},  # token and position embeddings (the output layer is tied to the first)
+    "gpt2-124m": lambda n: {0, 1},
+    "llama-1.1b": lambda n: {0, n - 1},  # the embedding and the untied output layer
+}
 # sparse workloads (run_sparse): --model name -> (rows, row width, fraction of the rows a step touches)
 SPARSE_MODELS: dict[str, tuple[int, int, float]] = {
     "embedding-256k-sparse": (262_144, 1024, 0.01),  # 268 M fp32 parameters, 2,621 rows a step
@@ -95,6 +110,26 @@ def _median_ms(fn: Callable[[], Any], device: torch.device, reps: int = 10) -> f
     return statistics.median(times)
 
 
+MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}  # the side of matmul_throughput's matrices, by device type
+
+
+def matmul_throughput(dtype: torch.dtype, device: torch.device) -> float:
+    """GFLOP/s of one square product ``a @ b`` in ``dtype`` (2 n^3 flops): the roofline of the
+    Newton-Schulz iteration, whose products are of the same kind. n is large enough for the
+    machine's matrix units to run near their best (:data:`MATMUL_SIZE`)."""
+    n = MATMUL_SIZE.get(device.type, 8192)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return 2 * n**3 / _median_ms(lambda: a @ b, device) / 1e6
+
+
+def ns_flops(shape: tuple[int, ...], steps: int = 5) -> int:
+    """Flops of the Newton-Schulz iteration on one matrix of ``shape`` (rows x cols), counting its
+    products only: with m <= n its sides (the iteration transposes a tall matrix), each step computes
+    A = X X^T (2 m^2 n), B = b A + c A^2 (2 m^3) and X' = a X + B X (2 m^2 n)."""
+    m, n = sorted(shape)
+    return steps * (4 * m * m * n + 2 * m**3)
+
+
 def bandwidth(n: int, device: torch.device) -> dict[str, float]:
     """GB/s (bytes read + written) of a copy into other memory and of an in-place ``a += b``
     (a step updates its buffers in place, so on a CPU the latter is its roofline)."""
@@ -112,10 +147,115 @@ class Row(NamedTuple):
     """One implementation to time."""
 
     name: str
-    algorithm: str  # "adamw" or "lion"
+    algorithm: str  # "adamw", "lion" or "muon"
     make: Callable[[list[torch.nn.Parameter]], Any]  # params -> optimizer (or a namespace with .step, .optimizer)
     param_dtype: torch.dtype | None = None  # its own parameters' dtype; None: the run's --dtype
     peer: str | None = None  # another library's: skipped (and listed) where it cannot run
+    # Muon rows: params -> (a call running this row's Newton-Schulz on the matrices' gradients, its dtype)
+    newton_schulz: Callable[[list[torch.nn.Parameter]], tuple[Callable[[], Any], torch.dtype]] | None = None
+
+
+# Note [the Muon rows]
+# ~~~~~~~~~~~~~~~~~~~~
+# Both sides get the same split of the list (``muon_mask``): the hidden matrices to Muon, the other
+# tensors to AdamW, in a decay group (embeddings, output layer) and a no-decay one (1-D), as
+# create_optimizer(model, "muon") splits a model; a list without hidden matrices has no Muon rows.
+# Ours is one optimizer (optimizer.Muon with use_muon groups), theirs torch.optim.Muon on the
+# matrices plus torch.optim.AdamW(fused=True) on the rest (:class:`_TorchMuonPair`), both at the
+# registry's settings for "muon" (the hyper-parameters do not change the work). The iteration is
+# also timed alone, on the matrices' gradients, as each row runs it (ours batched by shape, torch's
+# one matrix at a time): its flops (:func:`ns_flops`) per second, against a product measured in the
+# same run and dtype (:func:`matmul_throughput`), say how far it is from the machine's roofline.
+
+
+def _split(ps: list[torch.nn.Parameter], mask: list[bool]) -> tuple[list[Any], list[Any], list[Any]]:
+    """(the hidden matrices, AdamW's tensors with weight decay, those without: fewer than 2 dimensions)."""
+    return ([p for p, m in zip(ps, mask) if m], [p for p, m in zip(ps, mask) if not m and p.dim() >= 2],
+            [p for p, m in zip(ps, mask) if not m and p.dim() < 2])
+
+
+def _adamw_groups(decay: list[Any], no_decay: list[Any], **adamw: Any) -> list[dict[str, Any]]:
+    return ([{"params": decay, **adamw}] if decay else []) + (
+        [{"params": no_decay, **adamw, "weight_decay": 0.0}] if no_decay else [])
+
+
+def ours_muon(ps: list[torch.nn.Parameter], mask: list[bool], **kwargs: Any) -> Muon:
+    """Our Muon on a list split by ``mask`` (Note [the Muon rows]), at the registry's settings."""
+    spec = OPTIMIZERS["muon"]
+    mats, decay, no_decay = _split(ps, mask)
+    groups = [{"params": mats}, *_adamw_groups(decay, no_decay, use_muon=False)]
+    return Muon(groups, lr=spec.lr, weight_decay=spec.weight_decay, **{**spec.options, **kwargs})
+
+
+class _TorchMuonPair:
+    """torch.optim.Muon on the hidden matrices and torch's fused AdamW on the rest, stepped one after
+    the other: what a script writes with torch alone (Note [the Muon rows])."""
+
+    def __init__(self, ps: list[torch.nn.Parameter], mask: list[bool]) -> None:
+        spec = OPTIMIZERS["muon"]
+        mats, decay, no_decay = _split(ps, mask)
+        self.optimizers: list[torch.optim.Optimizer] = [
+            torch.optim.Muon(mats, lr=spec.lr, weight_decay=spec.weight_decay)]
+        groups = _adamw_groups(decay, no_decay, weight_decay=spec.weight_decay)
+        if groups:
+            self.optimizers.append(torch.optim.AdamW(groups, lr=spec.options["adamw_lr"], betas=(0.9, 0.95),
+                                                     fused=True))
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    @property
+    def state(self) -> dict[Any, dict[str, Any]]:  # (what state_bytes reads)
+        return {p: s for opt in self.optimizers for p, s in opt.state.items()}
+
+
+def _ours_newton_schulz(ps: list[torch.nn.Parameter], mask: list[bool],
+                        batched: bool = True) -> tuple[Callable[[], Any], torch.dtype]:
+    """Our iteration on the matrices' gradients: batched by shape (the default backend's), or one
+    matrix at a time (the reference's)."""
+    grads = [p.grad for p in _split(ps, mask)[0]]
+    dtype = _muon.ns_dtype_of(None, grads[0])
+    args = (_muon.NS_COEFFICIENTS, 5, 1e-7, dtype)
+    if not batched:
+        return (lambda: [_muon._newton_schulz(g, *args) for g in grads]), dtype
+    by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for g in grads:
+        by_shape.setdefault(tuple(g.shape), []).append(g)
+    stacks = [torch.stack(gs) for gs in by_shape.values()]
+    return (lambda: [_muon._batched_newton_schulz(s, *args) for s in stacks]), dtype
+
+
+def _torch_newton_schulz(ps: list[torch.nn.Parameter], mask: list[bool]) -> tuple[Callable[[], Any], torch.dtype]:
+    """torch.optim.Muon's iteration (always in bf16), one matrix at a time, as its step runs it."""
+    from torch.optim._muon import _zeropower_via_newtonschulz as zeropower
+
+    grads = [p.grad for p in _split(ps, mask)[0]]
+    return (lambda: [zeropower(g, _muon.NS_COEFFICIENTS, 5, 1e-7) for g in grads]), torch.bfloat16
+
+
+def muon_rows(device: torch.device, state_dtype: torch.dtype | None, mask: list[bool],
+              skipped: dict[str, str]) -> list[Row]:
+    """Our Muon (default, 8-bit, and on the CPU the reference) and torch.optim.Muon + fused AdamW on
+    the list split by ``mask``; none for a list without hidden matrices (Note [the Muon rows])."""
+    if not any(mask):
+        return []
+    kw = {} if state_dtype is None else {"state_dtype": state_dtype}
+    rows = []
+    if hasattr(torch.optim, "Muon"):
+        rows.append(Row("torch Muon + AdamW fused", "muon", lambda ps: _TorchMuonPair(ps, mask),
+                        newton_schulz=lambda ps: _torch_newton_schulz(ps, mask)))
+    else:
+        skipped["torch Muon + AdamW fused"] = f"torch.optim.Muon needs torch >= 2.9 (this is {torch.__version__})"
+    rows += [
+        Row("ours Muon default", "muon", lambda ps: ours_muon(ps, mask, **kw),
+            newton_schulz=lambda ps: _ours_newton_schulz(ps, mask)),
+        Row("ours Muon 8-bit", "muon", lambda ps: ours_muon(ps, mask, state_dtype=torch.uint8)),
+    ]
+    if device.type == "cpu":
+        rows.append(Row("ours Muon reference", "muon", lambda ps: ours_muon(ps, mask, foreach=False, fused=False, **kw),
+                        newton_schulz=lambda ps: _ours_newton_schulz(ps, mask, batched=False)))
+    return rows
 
 
 def _compiled(make: Callable[[list[torch.nn.Parameter]], Any]) -> Callable[[list[torch.nn.Parameter]], Any]:
@@ -151,10 +291,11 @@ def _peer_class(module: str, path: str) -> Any:
 
 
 def candidates(device: torch.device, state_dtype: torch.dtype | None, compile: bool = False,
-               skipped: dict[str, str] | None = None) -> list[Row]:
+               skipped: dict[str, str] | None = None, muon_mask: list[bool] | None = None) -> list[Row]:
     """Every implementation worth timing here. ``state_dtype`` is passed to ours (not to the
     8-bit rows). With ``compile``, also each of ours and torch's AdamW with
-    ``torch.compile(opt.step)``. Peers that cannot be imported go into ``skipped`` with why."""
+    ``torch.compile(opt.step)``. ``muon_mask`` (which tensors are hidden matrices) adds the Muon
+    rows (:func:`muon_rows`). Peers that cannot be imported go into ``skipped`` with why."""
     skipped = {} if skipped is None else skipped
     kw = {} if state_dtype is None else {"state_dtype": state_dtype}
     u8, bf16 = torch.uint8, torch.bfloat16
@@ -183,6 +324,7 @@ def candidates(device: torch.device, state_dtype: torch.dtype | None, compile: b
         Row("ours AdamW bf16 params SR", "adamw", lambda ps: AdamW(ps, lr=1e-3, stochastic_rounding=True, **kw), bf16),
         Row("ours Lion bf16 params SR", "lion", lambda ps: Lion(ps, lr=1e-4, stochastic_rounding=True, **kw), bf16),
     ]
+    rows += muon_rows(device, state_dtype, muon_mask or [], skipped)
     try:
         import lion_pytorch
 
@@ -242,8 +384,19 @@ def state_bytes(opt: Any) -> tuple[int, int]:
 
 def model_shapes(model: str) -> list[tuple[int, ...]]:
     """A named list, or ``module:function`` returning an nn.Module (or a list of shapes)."""
+    return model_split(model)[0]
+
+
+def model_split(model: str) -> tuple[list[tuple[int, ...]], list[bool]]:
+    """:func:`model_shapes`, and which of them are hidden matrices, which Muon updates (Note [the
+    Muon rows]): a named list's 2-D tensors but those of :data:`NOT_HIDDEN`; an nn.Module's
+    2-D tensors that :func:`~optimizer.factory.muon_labels` gives Muon (a conv kernel goes to
+    AdamW here: torch.optim.Muon takes 2-D tensors only, and both sides get the same split); a
+    list of shapes' 2-D ones, as create_optimizer splits a list of tensors."""
     if model in MODELS:
-        return MODELS[model]()
+        shapes = MODELS[model]()
+        not_hidden = NOT_HIDDEN.get(model, lambda n: set())(len(shapes))
+        return shapes, [len(s) == 2 and i not in not_hidden for i, s in enumerate(shapes)]
     module_name, _, attr = model.partition(":")
     try:
         built = getattr(importlib.import_module(module_name), attr)()
@@ -251,8 +404,11 @@ def model_shapes(model: str) -> list[tuple[int, ...]]:
         raise ValueError(f"Invalid --model: {model!r} is neither one of {sorted(MODELS)} nor an importable "
                          f"module:function ({err})") from None
     if isinstance(built, torch.nn.Module):
-        return [tuple(p.shape) for p in built.parameters() if p.requires_grad]
-    return [tuple(s) for s in built]
+        labels = muon_labels(built)
+        named = [(n, p) for n, p in built.named_parameters() if p.requires_grad]
+        return [tuple(p.shape) for _, p in named], [labels[n] == "muon" and p.dim() == 2 for n, p in named]
+    shapes = [tuple(s) for s in built]
+    return shapes, [len(s) == 2 for s in shapes]
 
 
 def run(model: str, device_name: str, reps: int, only: list[str] | None, json_path: str | None,
@@ -294,7 +450,7 @@ def run_one(model: str, device_name: str, reps: int, only: list[str] | None,
             dtype: str = "fp32", state_dtype: str | None = None, compile: bool = False) -> dict[str, Any]:
     """One parameter list: the table printed, the results returned."""
     device = torch.device(device_name)
-    shapes = model_shapes(model)
+    shapes, muon_mask = model_split(model)
     param_dtype = DTYPES[dtype]
     ours_state = DTYPES[state_dtype] if state_dtype else None
     n = sum(torch.Size(s).numel() for s in shapes)
@@ -305,7 +461,7 @@ def run_one(model: str, device_name: str, reps: int, only: list[str] | None,
         p.grad = (torch.randn_like(p) * 1e-3)
     skipped: dict[str, str] = {}
     chosen = lambda name: not only or any(o.lower() in name.lower() for o in only)  # noqa: E731
-    rows = [r for r in candidates(device, ours_state, compile, skipped) if chosen(r.name)]
+    rows = [r for r in candidates(device, ours_state, compile, skipped, muon_mask) if chosen(r.name)]
     skipped = {name: why for name, why in skipped.items() if chosen(name)}
     params_of = {param_dtype: params}  # the rows of other parameters (bf16 with stochastic rounding) share a copy
     for dt in {r.param_dtype for r in rows} - {None, param_dtype}:
@@ -377,24 +533,40 @@ def run_one(model: str, device_name: str, reps: int, only: list[str] | None,
     after = bandwidth(n, device)  # measured again: a machine busy at the start would inflate the fractions
     bw = {k: max(bw[k], after[k]) for k in bw}
     medians = {name: statistics.median(t) for name, t in times.items()}
+    ns = time_newton_schulz([r for r in rows if r.name in medians], params_of, param_dtype, reps, device)
+    ns_gflop = sum(ns_flops(s) for s, m in zip(shapes, muon_mask) if m) / 1e9  # of one step, every matrix
     base = {k: medians.get(f"torch AdamW {k}") for k in ("fused", "foreach")}
     base["lion-pytorch"] = medians.get("lion-pytorch triton", medians.get("lion-pytorch"))
+    base["muon"] = medians.get("torch Muon + AdamW fused")
+    algorithm = {r.name: r.algorithm for r in rows}
+    muon = any(algorithm[name] == "muon" for name in medians)
+    matmul = ns.pop("matmul", {})
     print(f"{model}: {len(shapes)} tensors, {n / 1e6:.1f} M params, {dtype} params, state {state_dtype or 'default'}, "
           f"{device}, torch {torch.__version__}; measured bandwidth: copy {bw['copy']:.1f} GB/s, in-place "
           f"{bw['inplace']:.1f} GB/s; median of {reps}{', interleaved' if interleave else ''}")
+    if muon:
+        print(f"Muon: {sum(muon_mask)} hidden matrices, Newton-Schulz {ns_gflop:.1f} GFLOP a step; measured matmul: "
+              + ", ".join(f"{_DTYPE_NAMES[dt]} {g:.0f} GFLOP/s" for dt, g in matmul.items()))
     width = max([30, *map(len, medians)])
     best = max(bw.values())  # a CPU copy also reads the destination (write-allocate): in-place is its roofline
     head = (f"{'implementation':{width}s} {'ms/step':>9s} {'B/param':>8s} {'state B/param':>13s} {'GB/s':>7s} "
             f"{'of bw':>6s} {'/torch fused':>13s} {'/torch foreach':>15s} {'/lion-pytorch':>14s}")
-    print(head + (f" {'/eager':>7s}" if compile else ""))
+    print(head + (f" {'/eager':>7s}" if compile else "")
+          + (f" {'/torch Muon':>12s} {'NS ms':>8s} {'NS GFLOP/s':>11s} {'of matmul':>10s}" if muon else ""))
     out = []
     for name, ms in medians.items():
         gbs = moved[name] * n / ms / 1e6
         ratios = [f"{ms / base[k]:.2f}x" if base[k] else "-" for k in ("fused", "foreach", "lion-pytorch")]
         eager = medians.get(name.removesuffix(" compiled")) if name.endswith(" compiled") else None
+        vs_muon = ms / base["muon"] if base["muon"] and algorithm[name] == "muon" else None
+        ns_ms, ns_dtype = ns.get(name, (None, None))
+        ns_rate = ns_gflop / ns_ms * 1e3 if ns_ms else None
+        of_matmul = ns_rate / matmul[ns_dtype] if ns_rate else None
         print(f"{name:{width}s} {ms:9.2f} {_bytes(moved[name]):>8s} {held[name]:13.2f} {gbs:7.1f} {gbs / best:6.0%} "
               f"{ratios[0]:>13s} {ratios[1]:>15s} {ratios[2]:>14s}"
-              + (f" {f'{ms / eager:.2f}x' if eager else '-':>7s}" if compile else ""))
+              + (f" {f'{ms / eager:.2f}x' if eager else '-':>7s}" if compile else "")
+              + (f" {_ratio(vs_muon):>12s} {_number(ns_ms, '.2f'):>8s} {_number(ns_rate, '.0f'):>11s} "
+                 f"{_number(of_matmul, '.0%'):>10s}" if muon else ""))
         out.append({"name": name, "ms": ms, "bytes_per_param": moved[name], "state_bytes_per_param": held[name],
                     "gb_per_s": gbs,
                     "fraction_of_bandwidth": gbs / best,
@@ -403,7 +575,9 @@ def run_one(model: str, device_name: str, reps: int, only: list[str] | None,
                     "vs_torch_fused": ms / base["fused"] if base["fused"] else None,
                     "vs_torch_foreach": ms / base["foreach"] if base["foreach"] else None,
                     "vs_lion_pytorch": ms / base["lion-pytorch"] if base["lion-pytorch"] else None,
-                    "vs_eager": ms / eager if eager else None})
+                    "vs_eager": ms / eager if eager else None,
+                    **({"vs_torch_muon": vs_muon, "ns_ms": ns_ms, "ns_dtype": _DTYPE_NAMES.get(ns_dtype),
+                        "ns_gflop_per_s": ns_rate, "fraction_of_matmul": of_matmul} if muon else {})})
     for name, why in failed.items():
         print(f"{name:{max(30, len(name))}s} {'n/a':>9s}  {why}")
     order = ["lion-pytorch", *(peer[0] for peer in PEERS_8BIT)]  # the peers' order, not the order they failed in
@@ -415,7 +589,38 @@ def run_one(model: str, device_name: str, reps: int, only: list[str] | None,
               "torch": torch.__version__, "bandwidth_gb_per_s": bw, "reps": reps, "interleaved": interleave,
               "rows": out, "unavailable": failed, "skipped": skipped,
               "versions": {r.peer: _version(r.peer) for r in rows if r.peer and r.name in medians}}
+    if muon:
+        result["muon"] = {"matrices": sum(muon_mask), "ns_gflop_per_step": ns_gflop, "ns_steps": 5,
+                          "matmul_gflop_per_s": {_DTYPE_NAMES[dt]: g for dt, g in matmul.items()},
+                          "matmul_size": MATMUL_SIZE.get(device.type, 8192)}
     return result
+
+
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def time_newton_schulz(rows: list[Row], params_of: dict[torch.dtype, list[torch.nn.Parameter]],
+                       param_dtype: torch.dtype, reps: int, device: torch.device) -> dict[Any, Any]:
+    """The median ms of each Muon row's Newton-Schulz iteration alone, and its dtype: {name: (ms,
+    dtype)}, in interleaved rounds; under "matmul", :func:`matmul_throughput` in each of those
+    dtypes, measured before and after the rounds (the better of the two, as the bandwidth)."""
+    calls = {r.name: r.newton_schulz(params_of[r.param_dtype or param_dtype]) for r in rows if r.newton_schulz}
+    if not calls:
+        return {}
+    dtypes = {dt for _, dt in calls.values()}
+    matmul = {dt: matmul_throughput(dt, device) for dt in dtypes}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for call, _ in calls.values():
+        call()  # warm-up
+    for _ in range(reps):
+        for name, (call, _) in calls.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            call()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    matmul = {dt: max(g, matmul_throughput(dt, device)) for dt, g in matmul.items()}
+    return {**{name: (statistics.median(t), calls[name][1]) for name, t in times.items()}, "matmul": matmul}
 
 
 def _version(distribution: str) -> str:
@@ -565,14 +770,25 @@ def markdown(results: list[dict[str, Any]]) -> str:
             lines += _sparse_markdown(r)
             continue
         eager = any(row.get("vs_eager") is not None for row in r["rows"])
+        muon = "muon" in r  # Note [the Muon rows]: its ratio, and the iteration's throughput
         lines += [f"`{r['model']}` ({r['tensors']} tensors, {r['params'] / 1e6:.1f} M params, {r['dtype']}):", "",
                   "| implementation | ms/step | B/param | state B/param | of bandwidth | / torch fused |"
-                  + (" / eager |" if eager else ""),
-                  "|---|---:|---:|---:|---:|---:|" + ("---:|" if eager else "")]
+                  + (" / eager |" if eager else "")
+                  + (" / torch Muon + AdamW | NS ms | NS GFLOP/s | of matmul |" if muon else ""),
+                  "|---|---:|---:|---:|---:|---:|" + ("---:|" if eager else "") + ("---:|" * 4 if muon else "")]
         lines += [f"| {row['name']} | {row['ms']:.2f} | {_bytes(row['bytes_per_param'])} | "
                   f"{_held(row.get('state_bytes_per_param'))} | {row['fraction_of_bandwidth']:.0%} "
                   f"| {_ratio(row['vs_torch_fused'])} |" + (f" {_ratio(row.get('vs_eager'))} |" if eager else "")
+                  + (f" {_ratio(row.get('vs_torch_muon'))} | {_number(row.get('ns_ms'), '.2f')} | "
+                     f"{_number(row.get('ns_gflop_per_s'), '.0f')} | {_number(row.get('fraction_of_matmul'), '.0%')} |"
+                     if muon else "")
                   for row in r["rows"]]
+        if muon:
+            m = r["muon"]
+            lines += ["", f"Newton-Schulz ({m['ns_steps']} steps) on the {m['matrices']} hidden matrices: "
+                      f"{m['ns_gflop_per_step']:.1f} GFLOP a step. A {m['matmul_size']} x {m['matmul_size']} product "
+                      "measured in the same run: " + ", ".join(f"{dt} {g:.0f} GFLOP/s"
+                                                               for dt, g in m["matmul_gflop_per_s"].items()) + "."]
         if r.get("skipped"):
             lines += ["", "Skipped: " + "; ".join(f"{name} ({why})" for name, why in r["skipped"].items()) + "."]
         if r.get("unavailable"):
@@ -592,6 +808,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
+
+
+def _number(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def _bytes(x: float) -> str:

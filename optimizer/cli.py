@@ -41,7 +41,7 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
     from .demo.train import DEFAULTS as D
 
     p = sub.add_parser(
-        "demo", help="train a small LLaMA with AdamW and Lion, print a table, write plots",
+        "demo", help="train a small LLaMA with each optimizer, print a table, write plots",
         description="Train a small LLaMA (RMSNorm, rotary, SwiGLU) on the Python reference docs, once per "
         "optimizer under warmup + a decay schedule; print a table and write loss.png, lr.png and summary.json "
         "into --out. Settings: the defaults, then --config, then the flags; with --resume, the checkpoint's. "
@@ -52,7 +52,9 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS), metavar="NAME",
                    help=f"which to train, from {sorted(OPTIMIZERS)} (default: {' '.join(D['optimizers'])})")
     for name, spec in OPTIMIZERS.items():
-        g.add_argument(f"--{name}-lr", type=float, metavar="LR", help=f"{name} peak lr (default {spec.lr})")
+        # (an optimizer's other defaults, Muon's adamw_lr: set in a --config file's optimizer_args)
+        others = "".join(f"; {k} {v}" for k, v in spec.options.items())
+        g.add_argument(f"--{name}-lr", type=float, metavar="LR", help=f"{name} peak lr (default {spec.lr}{others})")
         g.add_argument(f"--{name}-weight-decay", type=float, metavar="WD",
                        help=f"{name} weight decay (default {spec.weight_decay})")
     g.add_argument("--clip-grad-norm", type=float, metavar="N", help=f"clip the global grad norm, 0 = off "
@@ -520,7 +522,9 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
                        "stochastic rounding too), torch.optim.AdamW and (when installed) lion-pytorch, bitsandbytes "
                        "and torchao's AdamW8bit on one parameter list, with the bytes each moves and holds per "
                        "parameter, GB/s, the fractions of the copy and in-place bandwidths measured in the same run, "
-                       "and ratios to torch's AdamW; peers that cannot run here are listed as skipped.")
+                       "and ratios to torch's AdamW; peers that cannot run here are listed as skipped. Where the "
+                       "list has hidden matrices, our Muon against torch.optim.Muon + torch's fused AdamW, with the "
+                       "Newton-Schulz iteration's GFLOP/s and its fraction of a matmul measured in the same run.")
     p.add_argument("--device", default=None, metavar="DEV", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--model", default=None, metavar="NAME",
                    help=f"parameter list: one of {sorted(MODELS)}, or many-small (both small-* lists) "

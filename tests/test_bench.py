@@ -252,3 +252,102 @@ def test_sparse_table_times_sparse_adamw_against_dense_adamw_and_sparse_adam(tmp
     )
     assert refused.returncode == 2 and "Invalid options for --model embedding-16k-sparse" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+# ----- Muon: ours against torch.optim.Muon + torch's fused AdamW (Note [the Muon rows] in bench.py) -----
+
+
+def test_newton_schulz_flops_are_what_torchs_flop_counter_counts_in_each_iteration():
+    """bench.ns_flops against torch's own flop counter run over each implementation's iteration (ours one
+    matrix at a time and batched, torch.optim.Muon's), for a tall, a wide and a square matrix; and the
+    total of gpt2-30m's 24 hidden matrices (the issue measured "about 225 GFLOP")."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from optimizer import bench, muon
+
+    args = (muon.NS_COEFFICIENTS, 5, 1e-7)
+    iterations = {
+        "ours": lambda g: muon._newton_schulz(g, *args, torch.float32),
+        "ours batched": lambda g: muon._batched_newton_schulz(g[None].repeat(3, 1, 1), *args, torch.float32),
+        "torch": lambda g: torch.optim._muon._zeropower_via_newtonschulz(g, *args),
+    }
+    for shape in [(80, 48), (48, 80), (64, 64)]:
+        for name, iteration in iterations.items():
+            with FlopCounterMode(display=False) as counter:
+                iteration(torch.randn(shape))
+            matrices = 3 if name == "ours batched" else 1
+            assert counter.get_total_flops() == matrices * bench.ns_flops(shape), (name, shape)
+    shapes, mask = bench.model_split("gpt2-30m")
+    assert 220e9 < sum(bench.ns_flops(s) for s, m in zip(shapes, mask) if m) < 230e9
+
+
+def test_muon_split_gives_muon_the_hidden_matrices_as_create_optimizer_does():
+    import torch
+
+    from optimizer import bench
+    from optimizer.demo.llama import Llama
+    from optimizer.factory import create_optimizer
+
+    shapes, mask = bench.model_split("gpt2-30m")
+    assert sum(mask) == 24 and mask[:2] == [False, False]  # the token and position embeddings go to AdamW
+    assert {shapes[i] for i, m in enumerate(mask) if m} == {(1536, 512), (512, 512), (2048, 512), (512, 2048)}
+    shapes, mask = bench.model_split("llama-1.1b")
+    assert sum(mask) == 22 * 7 and not mask[0] and not mask[-1]  # the embedding and the output layer: AdamW
+    assert all(bench.model_split("small-400x64x64")[1]) and not any(bench.model_split("small-2000x256")[1])
+    # a model's own parameters: the tensors create_optimizer(model, "muon") puts in Muon's groups
+    shapes, mask = bench.model_split("optimizer.demo.llama:Llama")
+    torch.manual_seed(0)
+    opt = create_optimizer(Llama(), "muon")
+    muon = [tuple(p.shape) for g in opt.param_groups if g["use_muon"] for p in g["params"]]
+    assert sorted(s for s, m in zip(shapes, mask) if m) == sorted(muon) and len(muon) > 0
+    assert len(shapes) == sum(len(g["params"]) for g in opt.param_groups)
+
+
+def test_muon_rows_time_ours_against_torch_muon_with_the_iterations_throughput(tmp_path):
+    """The Muon rows: ours (default, 8-bit) and torch.optim.Muon + fused AdamW on the same split, each
+    with its ratio to the torch pair; the iteration timed alone (ours, torch's), its GFLOP/s from the
+    flops of the model's matrices, and its fraction of the matmul throughput measured in the run."""
+    import json
+
+    from optimizer import bench
+
+    out = tmp_path / "muon.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "optimizer", "bench", "--device", "cpu", "--model", "optimizer.demo.llama:Llama",
+         "--reps", "1", "--only", "torch Muon", "ours Muon default", "ours Muon 8-bit", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "NS GFLOP/s" in done.stdout and "/torch Muon" in done.stdout and "measured matmul: " in done.stdout
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["torch Muon + AdamW fused", "ours Muon default", "ours Muon 8-bit"]
+    theirs = rows["torch Muon + AdamW fused"]
+    shapes, mask = bench.model_split("optimizer.demo.llama:Llama")
+    flops = sum(bench.ns_flops(s) for s, m in zip(shapes, mask) if m)
+    assert result["muon"]["matrices"] == sum(mask) and result["muon"]["ns_gflop_per_step"] == flops / 1e9
+    matmul = result["muon"]["matmul_gflop_per_s"]
+    for name, row in rows.items():
+        assert abs(row["vs_torch_muon"] * theirs["ms"] - row["ms"]) < 1e-9, name
+        if name == "ours Muon 8-bit":  # the same iteration as the default's: not timed twice
+            assert row["ns_ms"] is None and row["ns_gflop_per_s"] is None
+            continue
+        assert row["ns_dtype"] in matmul and row["ns_ms"] > 0, name
+        assert abs(row["ns_gflop_per_s"] - flops / 1e9 / row["ns_ms"] * 1e3) < 1e-6, name
+        assert abs(row["fraction_of_matmul"] - row["ns_gflop_per_s"] / matmul[row["ns_dtype"]]) < 1e-12, name
+    assert theirs["ns_dtype"] == "bf16"  # torch.optim.Muon's iteration always runs in bf16
+    # the same split on both sides: the same state (a momentum per matrix, AdamW's moments for the rest)
+    assert abs(rows["ours Muon default"]["state_bytes_per_param"] - theirs["state_bytes_per_param"]) < 1e-3
+    table = bench.markdown(bench.load_results(str(out)))
+    assert "| / torch Muon + AdamW | NS ms | NS GFLOP/s | of matmul |" in table
+    assert f"Newton-Schulz (5 steps) on the {sum(mask)} hidden matrices: " in table
+    assert table.splitlines()[-1].startswith("Measured ")  # the footer stays last (the headline reads it)
+
+
+def test_a_list_without_hidden_matrices_has_no_muon_rows(capsys):
+    from optimizer import bench
+
+    result = bench.run_one("small-2000x256", "cpu", 1, ["Muon"])
+    assert result["rows"] == [] and "muon" not in result
+    assert "NS GFLOP/s" not in capsys.readouterr().out
