@@ -221,11 +221,37 @@ def route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any], 
                 name not in backends.rounding or not params[i].is_contiguous()
             )
 
-        moved += [i for i in routes[name] if elsewhere(i)]
+        now = [i for i in routes[name] if elsewhere(i)]
+        _warn_slow_rounding(name, backends, [params[i] for i in now])
+        moved += now
         routes[name] = [i for i in routes[name] if not elsewhere(i)]
     if moved:
         routes["reference"] = sorted(routes.get("reference", []) + moved)
     return {name: idx for name, idx in routes.items() if idx}
+
+
+_warned_slow_rounding = False
+
+
+def _warn_slow_rounding(backend: str, backends: Backends, moved: list[Tensor]) -> None:
+    """One warning per process when stochastically rounded parameters off the CPU leave their
+    backend for the reference: it reads each tensor's step count on the host, one device sync per
+    tensor, a slowdown a user could not otherwise see (on the CPU it costs no sync)."""
+    global _warned_slow_rounding
+    off_cpu = [p for p in moved if p.device.type != "cpu"]
+    if _warned_slow_rounding or not off_cpu:
+        return
+    _warned_slow_rounding = True
+    p = off_cpu[0]
+    if backend in backends.rounding:
+        why = (f"it is not contiguous (shape {tuple(p.shape)}, strides {p.stride()}), and the {backend} kernels' "
+               "random bits follow memory order; .contiguous() parameters avoid it")
+    else:
+        why = f"the {backend} backend does not round stochastically; the default backend (fused) does"
+    warnings.warn(f"optimizer: {len(off_cpu)} {p.dtype} parameter(s) with stochastic rounding on {p.device} run "
+                  f"the reference, a tensor at a time (AdamW's reads each step count on the host: a device sync "
+                  f"per tensor): {why}. This warning is shown once.",
+                  RuntimeWarning, stacklevel=6)
 
 
 

@@ -19,6 +19,7 @@ import collections
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -539,3 +540,43 @@ def test_complex_parameters_take_complex_moments_only():
     bad["state"][0]["exp_avg"] = bad["state"][0]["exp_avg"].real.contiguous()
     with pytest.raises(ValueError, match=r"state\['exp_avg'\] .*torch.float32 values for a torch.complex64 parameter"):
         ours.load_state_dict(bad)
+
+
+# ----- issue 27, item 13: a slow path taken for stochastic rounding is said once -----
+
+
+@pytest.mark.parametrize("backend, contiguous, reason", [
+    ("triton", False, "not contiguous (shape (6, 4), strides (1, 6))"),
+    ("foreach", True, "the foreach backend does not round stochastically"),
+])
+def test_rounded_parameters_sent_to_the_reference_off_the_cpu_are_warned_about_once(backend, contiguous, reason,
+                                                                                    monkeypatch):
+    """A bf16 parameter off the CPU with stochastic rounding that its backend cannot round (a
+    non-contiguous one for the fused kernels, any for foreach) runs the reference, whose AdamW
+    reads each step count on the host: one warning per process says so, naming the tensor."""
+    monkeypatch.setattr(_dispatch, "_warned_slow_rounding", False)
+    monkeypatch.setattr(_dispatch, "_route", lambda *a, **k: {backend: [0, 1]})
+    first = torch.empty(4, 6, dtype=torch.bfloat16, device="meta")
+    params = [first.t() if not contiguous else first.reshape(6, 4), torch.empty(8, device="meta")]
+    lists = [params, [torch.empty_like(p) for p in params],
+             *[[torch.empty_like(p, dtype=torch.float32) for p in params] for _ in range(2)],
+             [torch.zeros((), device="meta") for _ in params]]
+    hyper = {"rounding_seeds": [1, 2]}
+    with pytest.warns(RuntimeWarning, match="stochastic rounding on meta run the reference") as record:
+        routes = _dispatch.route(AdamW.backends, lists, hyper, foreach=None, fused=None)
+    assert routes == {backend: [1], "reference": [0]}  # the float32 tensor stays where it was
+    assert len(record) == 1 and reason in str(record[0].message) and "shown once" in str(record[0].message)
+    with warnings.catch_warnings(action="error", category=RuntimeWarning):
+        assert _dispatch.route(AdamW.backends, lists, hyper, foreach=None, fused=None) == routes
+
+
+def test_rounded_cpu_parameters_sent_to_the_reference_are_not_warned_about(monkeypatch):
+    """On the CPU the reference costs no device sync: nothing to say."""
+    monkeypatch.setattr(_dispatch, "_warned_slow_rounding", False)
+    model = tiny_model().to(torch.bfloat16)
+    opt = AdamW(model.parameters(), lr=1e-3, stochastic_rounding=True, foreach=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with warnings.catch_warnings(action="error", category=RuntimeWarning):
+        opt.step()
+
