@@ -170,6 +170,9 @@ def muon_labels(model: torch.nn.Module) -> dict[str, str]:
 
     * ``"muon"``: the weight of every ``nn.Linear`` but the output layer;
     * ``"muon_conv"``: the kernel of every ``nn.Conv1d/2d/3d``, one matrix ``out x in * k``;
+    * ``"muon_qkv"``: the ``in_proj_weight`` of every ``nn.MultiheadAttention`` (three matrices,
+      query, key and value, stacked along its rows: each orthogonalised on its own); its
+      ``out_proj`` is a Linear, so ``"muon"``;
     * ``"adamw"``: everything else: embeddings, the output layer, norms, biases, every tensor of
       fewer than 2 dimensions, and parameters of other modules (whose layout this rule cannot
       know: a custom stack of experts is a caller's ``"muon"``).
@@ -190,8 +193,10 @@ def muon_labels(model: torch.nn.Module) -> dict[str, str]:
             outputs = [last]
     muon = {id(m.weight) for m in linears if m not in outputs}
     conv = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))}
-    return {name: "muon" if id(p) in muon else "muon_conv" if id(p) in conv else "adamw"
-            for name, p in model.named_parameters() if p.requires_grad}
+    qkv = {id(m.in_proj_weight) for m in model.modules()
+           if isinstance(m, torch.nn.MultiheadAttention) and m.in_proj_weight is not None}
+    return {name: "muon" if id(p) in muon else "muon_conv" if id(p) in conv else "muon_qkv" if id(p) in qkv
+            else "adamw" for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _muon_groups(model_or_params: torch.nn.Module | Iterable[Any], no_decay: tuple[str, ...], decay_embeddings: bool,
@@ -209,19 +214,31 @@ def _muon_groups(model_or_params: torch.nn.Module | Iterable[Any], no_decay: tup
         named = [(n, p) for n, p in named if p.requires_grad]
         label_of = {n: "muon" if p.dim() >= 2 else "adamw" for n, p in named}
         embeddings = set()
-    allowed = {"muon", "muon_conv", "adamw"}
+    allowed = {"muon", "muon_conv", "muon_qkv", "adamw"}
     bad = next((f"{n!r}: {label_of.get(n)!r}" for n, _ in named if label_of.get(n) not in allowed), None)
     if bad is not None:
         raise ConfigError(f"Invalid labels: {bad}; every trainable parameter needs one of {sorted(allowed)}")
     options = {"muon": {"use_muon": True}, "muon_conv": {"use_muon": True, "flatten": True},
-               "adamw": {"use_muon": False}}
+               "muon_qkv": {"use_muon": True}, "adamw": {"use_muon": False}}
+    # a fused QKV weight is split into its three blocks of rows; a model with attention of
+    # several widths gets one group per width (a group has one split)
+    for n, p in named:
+        if label_of[n] == "muon_qkv" and (p.dim() != 2 or p.shape[0] % 3):
+            raise ConfigError(f"Invalid labels: {n!r} is 'muon_qkv' but has shape {tuple(p.shape)} (three matrices "
+                              "stacked along its rows: a 2-D tensor whose rows divide by 3)")
+    widths = {p.shape[0] // 3 for n, p in named if label_of[n] == "muon_qkv"}
     groups: dict[str, dict[str, Any]] = {}
     for n, p in named:
         label = label_of[n]
         exempt = (p.dim() < 2 or any(s in n for s in no_decay)
                   or (label == "adamw" and not decay_embeddings and id(p) in embeddings))
-        key = f"{label}_no_decay" if exempt else label if label != "adamw" else "adamw_decay"
-        group = groups.setdefault(key, {"params": [], **options[label], "group": key})
+        name = label
+        extra = {}
+        if label == "muon_qkv":
+            extra = {"split": p.shape[0] // 3}
+            name = label if len(widths) == 1 else f"{label}_{p.shape[0] // 3}"
+        key = f"{name}_no_decay" if exempt else name if label != "adamw" else "adamw_decay"
+        group = groups.setdefault(key, {"params": [], **options[label], **extra, "group": key})
         if exempt:
             group["weight_decay"] = 0.0
         group["params"].append(p)
@@ -231,7 +248,8 @@ def _muon_groups(model_or_params: torch.nn.Module | Iterable[Any], no_decay: tup
     log.info("muon split: %d tensors to Muon, %d to AdamW, of which matrices (embeddings, output layer): %s",
              sum(label_of[n] != "adamw" for n, _ in named), sum(label_of[n] == "adamw" for n, _ in named),
              ", ".join(matrices) or "none")
-    order = ["muon", "muon_no_decay", "muon_conv", "muon_conv_no_decay", "adamw_decay", "adamw_no_decay"]
+    order = ["muon", "muon_no_decay", "muon_conv", "muon_conv_no_decay",
+             *(k for k in groups if k.startswith("muon_qkv")), "adamw_decay", "adamw_no_decay"]
     return [groups[k] for k in order if k in groups]
 
 

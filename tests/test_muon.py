@@ -793,3 +793,58 @@ def test_muon_trains_the_llama_faster_than_its_start():
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
     assert math.isfinite(losses[-1])
+
+
+class Attention(torch.nn.Module):
+    """Two attention blocks of different widths, as torch.nn.MultiheadAttention stores them: one
+    fused in_proj_weight [3 E, E] each (query, key, value stacked along the rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(30, 8)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.up = torch.nn.Linear(8, 12)
+        self.attn2 = torch.nn.MultiheadAttention(12, 3, batch_first=True)
+        self.head = torch.nn.Linear(12, 30)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = self.up(h)
+        return self.head(h + self.attn2(h, h, h, need_weights=False)[0])
+
+
+def test_create_optimizer_splits_multihead_attentions_fused_qkv_into_its_three_matrices():
+    torch.manual_seed(0)
+    model = Attention()
+    labels = muon_labels(model)
+    assert labels["attn.in_proj_weight"] == labels["attn2.in_proj_weight"] == "muon_qkv"
+    assert labels["attn.out_proj.weight"] == labels["up.weight"] == "muon" and labels["head.weight"] == "adamw"
+    opt = create_optimizer(model, "muon", lr=0.02, momentum=0.0)
+    groups = {g["group"]: g for g in opt.param_groups}
+    assert groups["muon_qkv_8"]["params"] == [model.attn.in_proj_weight] and groups["muon_qkv_8"]["split"] == 8
+    assert groups["muon_qkv_12"]["params"] == [model.attn2.in_proj_weight] and groups["muon_qkv_12"]["split"] == 12
+    x = torch.randint(0, 30, (4, 6))
+    torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    before = model.attn.in_proj_weight.detach().clone()
+    opt.step()
+    # each of the three 8 x 8 blocks is orthogonalised on its own: its singular values (over lr)
+    # land in the iteration's band around 1, which the 24 x 8 matrix orthogonalised whole cannot give
+    # every block (its 8 singular directions are shared by all three)
+    update = (before * (1 - 0.02 * 0.1) - model.attn.in_proj_weight.detach()) / 0.02
+    for block in update.split(8):
+        s = torch.linalg.svdvals(block)
+        assert 0.6 < s.min() and s.max() < 1.25, s
+    whole = torch.linalg.svdvals(update)
+    assert whole.max() > 1.5  # three orthogonal-ish blocks stacked: sqrt(3) in the shared directions
+    groups_again = {g["group"] for g in create_optimizer(Attention(), "muon").param_groups}
+    assert {"muon_qkv_8", "muon_qkv_12"} <= groups_again
+
+
+def test_a_muon_qkv_label_on_a_tensor_that_is_not_three_stacked_matrices_is_refused():
+    model = tiny_model()
+    with pytest.raises(ConfigError, match=r"Invalid labels: '0.weight' is 'muon_qkv' but has shape \(11, 8\)"):
+        create_optimizer(model, "muon", labels=lambda m: {n: "muon_qkv" if n == "0.weight" else "adamw"
+                                                          for n, _ in m.named_parameters()})
+    one_width = torch.nn.Sequential(torch.nn.MultiheadAttention(6, 2))  # (out_proj: the last Linear, the output)
+    assert [g["group"] for g in create_optimizer(one_width, "muon").param_groups][0] == "muon_qkv"
