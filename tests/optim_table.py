@@ -109,10 +109,18 @@ class MuonByShape(Muon):
             return isinstance(t, torch.Tensor) and t.dim() >= 2
 
         matrices, others = [p for p in params if is_matrix(p)], [p for p in params if not is_matrix(p)]
-        if not matrices or not others:
-            return super().add_param_group({**param_group, "use_muon": bool(matrices)})
-        super().add_param_group({**param_group, "params": others, "use_muon": False})
+        # the AdamW half takes the group's settings but Muon's own (momentum, ns_steps, ...), which
+        # an AdamW group refuses; lr and weight_decay are both algorithms'
+        adamw_half = {k: v for k, v in param_group.items() if k not in MUON_ONLY}
+        if not matrices:
+            return super().add_param_group({**adamw_half, "use_muon": False})
+        if not others:
+            return super().add_param_group({**param_group, "use_muon": True})
+        super().add_param_group({**adamw_half, "params": others, "use_muon": False})
         super().add_param_group({**param_group, "params": matrices, "use_muon": True})
+
+
+MUON_ONLY = ("momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn", "ns_dtype", "flatten", "split")
 
 
 def lion_near_sign_flip(state, g, *, rel, betas, maximize=False, **_):
