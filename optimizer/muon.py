@@ -44,8 +44,16 @@ Decisions, and why
   nearest, or stochastically: Note [stochastic rounding]); torch.optim.Muon keeps a bf16
   momentum for bf16 parameters. ``state_dtype=torch.uint8`` keeps the momentum in 8 bits.
 * **Complex parameters** are refused (torch.optim.Muon refuses them: the iteration is
-  written for real matrices), as are DTensors (FSDP2 shards): Newton-Schulz needs the whole
-  matrix, which this version does not gather.
+  written for real matrices).
+* **FSDP2 shards** (DTensors sharded along their first dimension on a 1-D mesh): a rank holds
+  rows of each matrix, and Newton-Schulz needs all of them. The element-wise equations run
+  on each rank's rows; each whole direction is gathered on one owner rank (round-robin, so
+  the work is shared), orthogonalised there as in one process, and each rank gets its rows
+  of O back: two collectives per group and step, and a step equal to the single process's
+  (Note [Muon under FSDP2], at the end of the float backends). The momentum stays sharded
+  like the parameter. Other layouts (tensor parallel: other placements, meshes of more than
+  one dimension) are refused: their shards cut matrices along other dimensions, or several
+  ways at once.
 * **Backends**: the batched path is the fast one (``fused=True``, ``foreach=True`` and the
   default); ``foreach=False, fused=False`` takes the reference. Both trace under
   ``torch.compile`` without a graph break.
@@ -53,6 +61,7 @@ Decisions, and why
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -72,7 +81,7 @@ from ._checks import (
     check_unit_interval,
     plain,
 )
-from ._tensors import compute_dtype, host_value, is_dtensor
+from ._tensors import compute_dtype, host_value, is_dtensor, local
 from .adamw import AdamW
 
 __all__ = ["CPU_NS_DTYPE", "Muon", "muon"]
@@ -301,10 +310,7 @@ class Muon(Optimizer):
             if p.is_complex():
                 raise ValueError(f"Invalid params: {where()} is {p.dtype}: Muon updates real matrices (as "
                                  "torch.optim.Muon); put it in an AdamW group (use_muon=False)")
-            if is_dtensor(p):
-                raise ValueError(f"Invalid params: {where()} is a DTensor (an FSDP2 or tensor-parallel shard): "
-                                 "Newton-Schulz needs the whole matrix, which this version does not gather; "
-                                 "train with DDP, or put it in an AdamW group (use_muon=False)")
+            _check_sharding(p, group["params"], where)
             _blocks(p.shape, group["flatten"], group["split"], where)
 
     def _group_index(self, group: dict[str, Any]) -> int:
@@ -387,6 +393,33 @@ def _check_split(split: Any) -> None:
                          "each matrix's rows)")
 
 
+def _check_sharding(p: Tensor, params: Sequence[Any], where: Callable[[], str]) -> None:
+    """A tensor of a Muon group is plain, or an FSDP2 shard (Note [Muon under FSDP2]) on the mesh of
+    the group's other shards: a group's matrices are orthogonalised by one exchange between its ranks."""
+    first = next((q for q in params if isinstance(q, Tensor)), p)
+    if is_dtensor(p) != is_dtensor(first):
+        kind = {True: "a DTensor", False: "a plain tensor"}
+        raise ValueError(f"Invalid params: {where()} is {kind[is_dtensor(p)]}, the first of its group "
+                         f"{kind[is_dtensor(first)]}: a Muon group holds FSDP2 shards only, or plain tensors only")
+    if not is_dtensor(p):
+        return
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = p.device_mesh, p.placements
+    if mesh.ndim != 1 or len(placements) != 1 or type(placements[0]) is not Shard or placements[0].dim != 0:
+        raise ValueError(f"Invalid params: {where()} is a DTensor placed {placements} on a {mesh.ndim}-D mesh: Muon "
+                         "gathers FSDP2 shards (Shard(0) on a 1-D mesh), not tensor-parallel ones; put it in an "
+                         "AdamW group (use_muon=False)")
+    if mesh != first.device_mesh:
+        raise ValueError(f"Invalid params: {where()} is on device mesh {mesh}, the group's first tensor on "
+                         f"{first.device_mesh}: a Muon group's shards are exchanged on one mesh")
+    rows = _shard_rows(p.shape[0], mesh.size(), mesh.get_local_rank())[1]
+    if p.to_local().shape[0] != rows:
+        raise ValueError(f"Invalid params: {where()} holds {p.to_local().shape[0]} rows on mesh rank "
+                         f"{mesh.get_local_rank()}, where FSDP2 (torch.chunk) puts {rows}: Muon gathers shards cut "
+                         "as FSDP2 cuts them")
+
+
 def _blocks(shape: Sequence[int], flatten: bool, split: int | Sequence[int] | None,
             where: Callable[[], str] = lambda: "the tensor") -> list[tuple[int, int, int, int, int]]:
     """The matrices of a tensor of ``shape``: one (row dimension, first row, rows, cols, count) per
@@ -459,7 +492,11 @@ def muon(
             raise ValueError(f"Invalid params[{i}]: {p.dtype} of shape {tuple(p.shape)} (Muon updates real "
                              "tensors of at least 2 dimensions)")
         if isinstance(p, Tensor):
-            _blocks(p.shape, flatten, split, lambda i=i, p=p: f"params[{i}] (shape {tuple(p.shape)})")
+            def where(i: int = i, p: Tensor = p) -> str:
+                return f"params[{i}] (shape {tuple(p.shape)})"
+
+            _check_sharding(p, params, where)
+            _blocks(p.shape, flatten, split, where)
     hyper = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                  ns_coefficients=tuple(ns_coefficients), ns_steps=ns_steps, eps=eps, adjust_lr_fn=adjust_lr_fn,
                  ns_dtype=ns_dtype, flatten=flatten, split=split, maximize=maximize)
@@ -489,6 +526,12 @@ def _single_tensor_muon(
     rounding_seeds: Sequence[int] | None = None,
 ) -> None:
     """The reference: one tensor at a time, one matrix at a time."""
+    if params and is_dtensor(params[0]):  # FSDP2 shards: Note [Muon under FSDP2]
+        _sharded_muon(params, grads, momentum_buffers, batched=False, lr=lr, weight_decay=weight_decay,
+                      momentum=momentum, nesterov=nesterov, ns_coefficients=ns_coefficients, ns_steps=ns_steps,
+                      eps=eps, adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, flatten=flatten, split=split,
+                      maximize=maximize, rounding_seeds=rounding_seeds)
+        return
     lr = _traced_lr(host_value(lr))  # a number (a tensor under torch.compile)
     for i, (param, grad, buf) in enumerate(zip(params, grads, momentum_buffers)):
         # element-wise math in float32 or better (Note [state precision]); .to() is a no-op where no cast is needed
@@ -570,6 +613,12 @@ def _batched_muon(
     """The same update, each element-wise equation one foreach call for the group, and the
     matrices of one shape (and device, and iteration dtype) orthogonalised together: one chain
     of ``bmm``/``baddbmm`` (:func:`_batched_newton_schulz`) per shape."""
+    if params and is_dtensor(params[0]):  # FSDP2 shards: Note [Muon under FSDP2]
+        _sharded_muon(params, grads, momentum_buffers, batched=True, lr=lr, weight_decay=weight_decay,
+                      momentum=momentum, nesterov=nesterov, ns_coefficients=ns_coefficients, ns_steps=ns_steps,
+                      eps=eps, adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, flatten=flatten, split=split,
+                      maximize=maximize, rounding_seeds=rounding_seeds)
+        return
     lr = _traced_lr(host_value(lr))  # a number (a tensor under torch.compile)
     dtypes = [compute_dtype(p.dtype, m.dtype) for p, m in zip(params, momentum_buffers)]
     ps = [p.to(d) for p, d in zip(params, dtypes)]
@@ -634,6 +683,205 @@ def _batched_newton_schulz(u: Tensor, coefficients: tuple[float, float, float], 
     return x.mT if tall else x
 
 
+# ----- FSDP2 shards ---------------------------------------------------------------------
+# Note [Muon under FSDP2]
+# ~~~~~~~~~~~~~~~~~~~~~~~
+# Under FSDP2 each parameter is a DTensor sharded along its first dimension on a 1-D mesh:
+# a rank holds rows [start, start + n) of it, as torch.chunk cuts them (``_shard_rows``: the
+# shards may be uneven, the last ones empty); its gradient and its momentum are sharded the
+# same way (8-bit codes and their scales too: a block never crosses a row). The momentum,
+# the direction u, the decay and the final step are element-wise, so each rank computes them
+# on its rows, as one process computes them. Newton-Schulz needs whole matrices:
+#   * a stack of experts (3-D, ``flatten`` off) is sharded by experts, so each rank holds
+#     whole matrices: it orthogonalises its own, and nothing crosses the network;
+#   * every other tensor (a matrix, a ``split`` fused weight, a flattened kernel) has an
+#     owner: the k-th of them in the group's order, which every rank sees alike, is owned
+#     by rank k mod world of the mesh's group (round-robin: the iterations are shared). One
+#     ``all_to_all_single`` sends each owner every rank's rows of its directions, in the
+#     widest dtype among them (exactly); the owner orthogonalises its whole directions and
+#     the stacks' local matrices, as the backend does in one process (one matrix at a time,
+#     or batched by shape), and a second ``all_to_all_single`` sends each rank its rows of
+#     O. Each element of u and of O crosses the network once.
+# So two collectives per Muon group and step (per part of a group: its 8-bit and float
+# tensors are two), none for a group of stacks only; each rank waits for the slowest owner.
+# Every rank must step the same parameters (FSDP2 gives each one a gradient on every rank).
+# The result equals the single process's bit for bit where the matrix products of one
+# matrix do not depend on the others of its batch (as on the CPU; tests/test_distributed.py).
+
+
+def _sharded_muon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    batched: bool,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    ns_coefficients: tuple[float, float, float],
+    ns_steps: int,
+    eps: float,
+    adjust_lr_fn: str | None,
+    ns_dtype: torch.dtype | None,
+    flatten: bool,
+    split: int | Sequence[int] | None,
+    maximize: bool,
+    rounding_seeds: Sequence[int] | None = None,
+) -> None:
+    """Both backends on FSDP2 shards (Note [Muon under FSDP2]): the element-wise equations of
+    :func:`_batched_muon` on this rank's rows, the matrices orthogonalised whole by
+    :func:`_gather_orthogonalise_scatter` (one at a time as the reference, or by shape with
+    ``batched``), then this rank's rows of each ``theta - lr s O``."""
+    lr = host_value(lr)
+    params_here, bufs = [local(p) for p in params], [local(m) for m in momentum_buffers]
+    dtypes = [compute_dtype(p.dtype, m.dtype) for p, m in zip(params_here, bufs)]
+    ps = [p.to(d) for p, d in zip(params_here, dtypes)]
+    ms = [m.to(d) for m, d in zip(bufs, dtypes)]
+    gs = [local(g).to(d) for g, d in zip(grads, dtypes)]
+    if maximize:
+        gs = torch._foreach_neg(gs)
+
+    torch._foreach_lerp_(ms, gs, 1 - momentum)                      # m_t = mu m + (1 - mu) g
+    us = torch._foreach_lerp(gs, ms, momentum) if nesterov else ms  # u = g + mu (m_t - g), or m_t
+    if weight_decay != 0:
+        torch._foreach_mul_(ps, _decay(lr, weight_decay, ps))       # theta <- theta (1 - lr wd)
+
+    def orthogonalise(whole: list[Tensor]) -> list[Tensor]:
+        return _orthogonalised(whole, batched=batched, coefficients=ns_coefficients, steps=ns_steps, eps=eps,
+                               ns_dtype=ns_dtype, flatten=flatten, split=split)
+
+    os = _gather_orthogonalise_scatter(params, us, [ns_dtype_of(ns_dtype, u) for u in us], flatten, orthogonalise)
+    # theta <- theta - lr s O on this rank's rows of each block (s: the block's, from its whole shape)
+    by_scale: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
+    for param, p, o in zip(params, ps, os):
+        mesh = param.device_mesh
+        first = _shard_rows(param.shape[0], mesh.size(), mesh.get_local_rank())[0]
+        for row_dim, start, rows, cols, _ in _blocks(param.shape, flatten, split):
+            here = rows                 # a stack of experts: the block of each expert this rank holds
+            if row_dim == 0:            # a block of rows: those of this rank's shard
+                lo, hi = max(start, first), min(start + rows, first + p.shape[0])
+                start, here = lo - first, hi - lo
+            if here > 0:
+                targets, updates = by_scale.setdefault(scale_of(adjust_lr_fn, rows, cols), ([], []))
+                targets.append(p.narrow(row_dim, start, here))
+                updates.append(o.narrow(row_dim, start, here))
+    for scale, (targets, updates) in by_scale.items():
+        if batched:
+            torch._foreach_add_(targets, updates, alpha=-(lr * scale))
+        else:
+            for target, update in zip(targets, updates):
+                _step(target, update, lr * scale)
+
+    for i, (param, p, buf, m) in enumerate(zip(params_here, ps, bufs, ms)):
+        if m is not buf:
+            buf.copy_(m)
+        if p is not param:  # (stochastically: the bits follow the element's index in this shard)
+            _rounding.store_param(param, p, None if rounding_seeds is None else rounding_seeds[i])
+
+
+def _shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """(first row, rows) of mesh rank ``rank``'s shard of ``rows`` rows, as FSDP2 cuts them
+    (``torch.chunk``: ceil(rows / world) each, the last shards shorter or empty)."""
+    each = -(-rows // world)
+    first = min(rows, rank * each)
+    return first, min(rows, first + each) - first
+
+
+def _orthogonalised(us: list[Tensor], *, batched: bool, coefficients: tuple[float, float, float], steps: int,
+                    eps: float, ns_dtype: torch.dtype | None, flatten: bool,
+                    split: int | Sequence[int] | None) -> list[Tensor]:
+    """O = NS(u) of each direction (whole matrices), shaped like it, in the iteration's dtype: one
+    matrix at a time (as :func:`_single_tensor_muon`), or those of one shape in one chain of
+    batched products (as :func:`_batched_muon`)."""
+    os = [torch.empty(u.shape, dtype=ns_dtype_of(ns_dtype, u), device=u.device) for u in us]
+    batches: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
+    for u, o in zip(us, os):
+        for row_dim, start, rows, cols, count in _blocks(u.shape, flatten, split):
+            source = u.narrow(row_dim, start, rows).reshape(count, rows, cols)
+            target = o.narrow(row_dim, start, rows)
+            if batched:
+                sources, targets = batches.setdefault((rows, cols, o.dtype, u.device), ([], []))
+                sources.append(source)
+                targets.append(target)
+            else:
+                for e in range(count):
+                    target.view(count, rows, cols)[e].copy_(_newton_schulz(source[e], coefficients, steps, eps,
+                                                                           o.dtype))
+    for (_, _, dtype, _), (sources, targets) in batches.items():
+        o = _batched_newton_schulz(torch.cat(sources) if len(sources) > 1 else sources[0], coefficients, steps,
+                                   eps, dtype)
+        for o_t, target in zip(o.split([s.shape[0] for s in sources]), targets):
+            target.copy_(o_t.reshape(target.shape))
+    return os
+
+
+def _gather_orthogonalise_scatter(params: list[Tensor], us: list[Tensor], o_dtypes: list[torch.dtype],
+                                  flatten: bool, orthogonalise: Callable[[list[Tensor]], list[Tensor]]
+                                  ) -> list[Tensor]:
+    """This rank's rows of ``orthogonalise`` of each whole direction (each parameter's rows of O,
+    in ``o_dtypes``), from this rank's rows ``us`` of the directions of the FSDP2 ``params``: the
+    collective part of Note [Muon under FSDP2]. Stacks of experts stay here; every other tensor
+    goes to its owner (round-robin) and back, in two ``all_to_all_single``."""
+    import torch.distributed as dist
+
+    mesh = params[0].device_mesh
+    group = mesh.get_group()
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    order = mesh.mesh.flatten().tolist()
+    shard = [order.index(dist.get_global_rank(group, r)) for r in range(world)]  # each group rank's place in the mesh
+    here = [i for i, p in enumerate(params) if p.dim() == 3 and not flatten]     # stacks: whole matrices here
+    moved = [i for i, p in enumerate(params) if not (p.dim() == 3 and not flatten)]
+    if not moved:  # stacks only: nothing to exchange
+        return orthogonalise(us)
+    owned = [moved[r::world] for r in range(world)]  # round-robin: the k-th moved tensor is rank k mod world's
+    mine = owned[me]
+
+    def size(i: int, r: int) -> int:  # elements of parameter i on group rank r
+        return _shard_rows(params[i].shape[0], world, shard[r])[1] * math.prod(params[i].shape[1:])
+
+    # 1. every rank's rows of each direction to its owner, who stacks them (in mesh order) into the whole u
+    sent = [sum(size(i, me) for i in owned[r]) for r in range(world)]
+    received = [sum(size(i, r) for i in mine) for r in range(world)]
+    wire = functools.reduce(torch.promote_types, [us[i].dtype for i in moved])  # holds each exactly
+    recv = _all_to_all([us[i] for r in range(world) for i in owned[r]], sent, received, wire, us[0].device, group)
+    pieces = [chunk.split([size(i, r) for i in mine]) for r, chunk in enumerate(recv.split(received))]
+    ranks_in_mesh_order = sorted(range(world), key=shard.__getitem__)
+    whole = [torch.cat([pieces[r][k].view(-1, *params[i].shape[1:]) for r in ranks_in_mesh_order]).to(us[i].dtype)
+             for k, i in enumerate(mine)]
+
+    # 2. orthogonalise: the whole directions this rank owns and its own experts, together (batched by shape)
+    done = orthogonalise(whole + [us[i] for i in here])
+    os: list[Tensor | None] = [None] * len(params)
+    for i, o in zip(here, done[len(mine):]):
+        os[i] = o
+
+    # 3. each rank its rows of O
+    def rows_of(o: Tensor, i: int, r: int) -> Tensor:
+        return o.narrow(0, *_shard_rows(params[i].shape[0], world, shard[r]))
+
+    wire = functools.reduce(torch.promote_types, [o_dtypes[i] for i in moved])
+    recv = _all_to_all([rows_of(o, i, r) for r in range(world) for o, i in zip(done, mine)], received, sent, wire,
+                       us[0].device, group)
+    for r, chunk in enumerate(recv.split(sent)):
+        for i, piece in zip(owned[r], chunk.split([size(i, me) for i in owned[r]])):
+            os[i] = piece.view(us[i].shape).to(o_dtypes[i])
+    return os  # type: ignore[return-value]
+
+
+def _all_to_all(chunks: list[Tensor], sent: list[int], received: list[int], dtype: torch.dtype,
+                device: torch.device, group: Any) -> Tensor:
+    """``chunks`` (flattened, in ``dtype``), ``sent[r]`` elements of them to rank r of ``group``;
+    returns what arrives, ``received[r]`` elements from rank r, in rank order."""
+    import torch.distributed as dist
+
+    send = torch.cat([c.reshape(-1).to(dtype) for c in chunks]) if chunks else torch.empty(0, dtype=dtype,
+                                                                                            device=device)
+    recv = torch.empty(sum(received), dtype=dtype, device=device)
+    dist.all_to_all_single(recv, send, received, sent, group=group)
+    return recv
+
+
 _BACKENDS = _dispatch.Backends(
     names=("params", "grads", "momentum_buffers"),
     reference=_single_tensor_muon,
@@ -646,19 +894,23 @@ Muon.backends = _BACKENDS
 # ----- 8-bit momentum (Note [8-bit states] in _8bit.py) --------------------------------------
 # The same update between a decode and an encode of the momentum: each step decodes it into
 # float32, runs the float update on it and encodes it again (rounded to nearest, as AdamW's
-# and Lion's first moments).
+# and Lion's first moments). Under FSDP2 codes and scales are sharded by rows as the parameter,
+# and a block never crosses a row: each rank decodes and encodes its own rows (``local``), and
+# the float update gets them as plain tensors next to the DTensor parameters (Note [Muon under
+# FSDP2]).
 
 
 def _decoded(momentum_buffers: list[Tensor], scales: list[Tensor], params: list[Tensor]) -> list[Tensor]:
-    return [_8bit.decode_signed(codes.view(torch.int8).reshape(_8bit.rows_cols(p.shape)), scale).reshape(p.shape)
+    return [_8bit.decode_signed(local(codes).view(torch.int8).reshape(_8bit.rows_cols(local(p).shape)),
+                                local(scale)).reshape(local(p).shape)
             for codes, scale, p in zip(momentum_buffers, scales, params)]
 
 
 def _encode(ms: list[Tensor], momentum_buffers: list[Tensor], scales: list[Tensor]) -> None:
     for m, codes, scale in zip(ms, momentum_buffers, scales):
         new_codes, new_scale = _8bit.encode_signed(m.reshape(_8bit.rows_cols(m.shape)))
-        codes.view(torch.int8).copy_(new_codes.reshape(codes.shape))
-        scale.copy_(new_scale)
+        local(codes).view(torch.int8).copy_(new_codes.reshape(m.shape))
+        local(scale).copy_(new_scale)
 
 
 def _single_tensor_muon8bit(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],

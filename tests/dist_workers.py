@@ -2,7 +2,8 @@
 loopback, CPU, float64 (so that a different order of summation in an all-reduce cannot
 flip a sign in Lion). Every check compares against a single-process run of the same
 global batch, computed in each worker; a mismatch raises, which fails the spawn. Each
-optimizer runs with its table row's ``dist_hyper``."""
+optimizer runs with its table row's ``dist_hyper``; Muon, which the table's OPTIMIZERS leaves
+out (no element-wise fused kernel), with its own model and groups (the end of this file)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.distributed as dist
 from helpers import BACKENDS as ALL_BACKENDS
 from optim_table import OPTIMIZERS
 
-from optimizer import AdamW8bit, Lion8bit
+from optimizer import AdamW8bit, Lion8bit, Muon
 
 BACKENDS = {name: kw for name, kw in ALL_BACKENDS.items() if name != "default"}
 STEPS = 4
@@ -275,3 +276,211 @@ def dcp_load(rank: int, world: int, port: int, where: str, first: int, which: st
                 model, ref, f"DCP {name} {backend}, resumed at world {world}", rtol=1e-6 if is_8bit else 1e-9
             )
     finish()
+
+
+# ----- Muon (Note [Muon under FSDP2] in optimizer/muon.py) -----------------------------------
+# Muon's matrices are orthogonalised whole: under FSDP2 each rank's rows are gathered on an
+# owner rank and sent back. Its runs use a model of every kind of Muon matrix, and (as the
+# 8-bit runs) every rank trains on the whole batch, so that the averaged gradient is exactly
+# the single process's and a sharded step can be compared bit for bit with the unsharded one.
+MUON_STEPS = 20
+MUON_HYPER = dict(lr=0.02, weight_decay=0.1)  # what every group takes (ZeRO copies these into every group)
+MUON_DCP_RUNS = [("float", torch.float64, {}),
+                 ("8bit", torch.float32, dict(state_dtype=torch.uint8, min_8bit_size=1))]
+
+
+class MuonNet(torch.nn.Module):
+    """A fused QKV weight cut by ``split`` into blocks of 7, 8 and 6 rows (each with its own lr
+    scale; the blocks cross the shard boundaries), a stack of 3 experts, a tall matrix, a Conv2d
+    kernel (4-D: one flattened matrix), a Conv1d kernel (a group with ``flatten=True``) and a
+    wide output matrix; the biases in an AdamW group. Row counts 21, 3, 11, 4, 3, 3: the shards
+    are uneven, and at 4 ranks the last shard of the stack and of three matrices is empty."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = torch.nn.Linear(6, 21)
+        self.experts = torch.nn.Parameter(torch.randn(3, 5, 21) / 5)
+        self.tall = torch.nn.Linear(5, 11)
+        self.conv2d = torch.nn.Conv2d(1, 4, 2)
+        self.conv1d = torch.nn.Conv1d(1, 3, 3)
+        self.out = torch.nn.Linear(11 + 8 + 9, 3)
+        self.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gelu = torch.nn.functional.gelu
+        h = gelu(self.qkv(x))
+        z = gelu(torch.einsum("bi,eoi->bo", h, self.experts))
+        c2 = gelu(self.conv2d(x.reshape(-1, 1, 2, 3))).flatten(1)
+        c1 = gelu(self.conv1d(z.unsqueeze(1))).flatten(1)
+        return self.out(torch.cat([gelu(self.tall(z)), c2, c1], 1))
+
+
+def muon_groups(model: torch.nn.Module, zero: bool = False) -> list[dict]:
+    """Muon's groups: the fused weight (``split``), the Conv1d kernel (``flatten``), the other
+    matrices, the biases (AdamW). For ZeRO two groups only, the fused weight and the Conv1d
+    kernel among the others (the Conv1d kernel a stack of 3 matrices of 1 x 3): our optimizers
+    refuse an empty group, and ZeRO's partition leaves a one-tensor group empty on every rank
+    but one."""
+    m = model.module if hasattr(model, "module") else model
+    others = {"params": [m.experts, m.tall.weight, m.conv2d.weight, m.out.weight], "adjust_lr_fn": "match_rms_adamw",
+              "nesterov": False}
+    biases = {"params": [m.qkv.bias, m.tall.bias, m.conv2d.bias, m.conv1d.bias, m.out.bias], "use_muon": False,
+              "lr": 3e-3, "betas": (0.9, 0.99)}
+    if zero:
+        return [{**others, "params": [m.qkv.weight, m.conv1d.weight, *others["params"]]}, biases]
+    return [{"params": [m.qkv.weight], "split": [7, 8, 6]}, {"params": [m.conv1d.weight], "flatten": True},
+            others, biases]
+
+
+def muon_shard(model: torch.nn.Module, world: int) -> torch.nn.Module:
+    """FSDP2 on the whole model: every parameter a DTensor sharded along dim 0."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+
+
+def muon_reference(data, backend: dict, dtype: torch.dtype = torch.float64, zero: bool = False, **extra):
+    """The single-process run, with the same backend."""
+    model = MuonNet(dtype)
+    opt = Muon(muon_groups(model, zero), **MUON_HYPER, **extra, **backend)
+    train(model, opt, data)
+    return model, opt
+
+
+def assert_identical(model: torch.nn.Module, opt, ref: torch.nn.Module, ref_opt, what: str) -> None:
+    """Parameters and states bit for bit; states sharded as their parameter."""
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(full(p.detach()), q.detach()), f"{what}, {name}: {(full(p.detach()) - q).abs().max()}"
+        assert sorted(opt.state[p]) == sorted(ref_opt.state[q]), f"{what}, {name}"
+        for key, value in ref_opt.state[q].items():
+            assert torch.equal(full(opt.state[p][key]), value), f"{what}, {name} state[{key!r}]"
+            if type(p).__name__ == "DTensor" and value.dim() > 0:  # sharded as the parameter
+                state = opt.state[p][key]
+                assert type(state).__name__ == "DTensor" and state.placements == p.placements, f"{what}, {key}"
+                assert state.to_local().shape[0] == p.to_local().shape[0], f"{what}, {key}"
+
+
+def assert_muon_run(model: torch.nn.Module, opt, ref: torch.nn.Module, ref_opt, backend: str, what: str) -> None:
+    """:func:`assert_identical`; with ``fused=True`` to rounding: the AdamW groups' fused kernel
+    may round a shard's elements 1 ulp apart from the whole tensor's (see assert_same_state), and
+    the gradients carry that into the matrices."""
+    if backend != "fused":
+        assert_identical(model, opt, ref, ref_opt, what)
+        return
+    assert_same_params(model, ref, what, rtol=1e-9 if next(ref.parameters()).dtype == torch.float64 else 1e-6)
+    assert_same_state(opt, ref_opt, model, ref, what)
+
+
+def muon_ddp(rank: int, world: int, port: int) -> None:
+    """DDP needs nothing: every rank ends with the single-process run's parameters."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    setup(rank, world, port)
+    data = batches(STEPS)
+    for backend, kw in BACKENDS.items():
+        ref, _ = muon_reference(data, kw)
+        model = DistributedDataParallel(MuonNet())
+        train(model, Muon(muon_groups(model), **MUON_HYPER, **kw), data, rank, world)
+        assert_same_params(model.module, ref, f"DDP Muon {backend} rank {rank}/{world}")
+    finish()
+
+
+def muon_fsdp2(rank: int, world: int, port: int) -> None:
+    """FSDP2: 20 steps of every backend, float momentum and 8-bit momentum, equal the single
+    process's bit for bit (every rank on the whole batch); the state is sharded as the parameter.
+    Then, each rank on its share of the batch as the other optimizers' runs, to rounding."""
+    setup(rank, world, port)
+    for dtype, extra in ((torch.float64, {}), (torch.float32, dict(state_dtype=torch.uint8, min_8bit_size=1))):
+        data = batches(MUON_STEPS, dtype=dtype)
+        for backend, kw in BACKENDS.items():
+            what = f"FSDP2 Muon {backend} {extra or dtype} rank {rank}/{world}"
+            ref, ref_opt = muon_reference(data, kw, dtype, **extra)
+            model = muon_shard(MuonNet(dtype), world)
+            opt = Muon(muon_groups(model), **MUON_HYPER, **extra, **kw)
+            train(model, opt, data)
+            assert_muon_run(model, opt, ref, ref_opt, backend, what)
+            if extra:
+                assert opt.state[model.qkv.weight]["momentum_buffer"].dtype == torch.uint8, what
+    data = batches()
+    for backend, kw in BACKENDS.items():
+        ref, _ = muon_reference(data, kw)
+        model = muon_shard(MuonNet(), world)
+        train(model, Muon(muon_groups(model), **MUON_HYPER, **kw), data, rank, world)
+        assert_same_params(model, ref, f"FSDP2 Muon {backend}, a share of the batch, rank {rank}/{world}")
+    finish()
+
+
+def muon_zero(rank: int, world: int, port: int) -> None:
+    """ZeroRedundancyOptimizer with Muon as optimizer_class, its groups (use_muon, split...)
+    carried through: the single process's parameters, and its state once consolidated."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    setup(rank, world, port)
+    data = batches(STEPS)
+    for backend, kw in BACKENDS.items():
+        what = f"ZeRO Muon {backend} rank {rank}/{world}"
+        ref, ref_opt = muon_reference(data, kw, zero=True)
+        model = DistributedDataParallel(MuonNet())
+        opt = ZeroRedundancyOptimizer(muon_groups(model, zero=True), optimizer_class=Muon, **MUON_HYPER, **kw)
+        assert [g["use_muon"] for g in opt.optim.param_groups] == [True, False], what
+        train(model, opt, data, rank, world)
+        assert_same_params(model.module, ref, what)
+        assert 0 < len(opt.optim.state) < len(list(model.parameters())), what  # each rank a part of the state
+        opt.consolidate_state_dict(to=0)
+        if rank == 0:
+            state, expected = opt.state_dict()["state"], ref_opt.state_dict()["state"]
+            assert sorted(state) == sorted(expected), what
+            for i, s in expected.items():
+                assert sorted(state[i]) == sorted(s), what
+                for key, value in s.items():
+                    torch.testing.assert_close(state[i][key], value, rtol=1e-9, atol=1e-12,
+                                               msg=lambda m, key=key: f"{what} {key}: {m}")
+    finish()
+
+
+def muon_dcp_save(rank: int, world: int, port: int, where: str, first: int) -> None:
+    """Train ``first`` steps under FSDP2 (a plain model at world 1), float and 8-bit momentum, and save with DCP."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    setup(rank, world, port)
+    for name, dtype, extra in MUON_DCP_RUNS:
+        data = batches(STEPS, dtype=dtype)[:first]
+        for backend, kw in BACKENDS.items():
+            model = muon_shard(MuonNet(dtype), world) if world > 1 else MuonNet(dtype)
+            opt = Muon(muon_groups(model), **MUON_HYPER, **extra, **kw)
+            train(model, opt, data)
+            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.save(state, checkpoint_id=os.path.join(where, f"{name}-{backend}"))
+    finish()
+
+
+def muon_dcp_load(rank: int, world: int, port: int, where: str, first: int) -> None:
+    """Load at another world size, train the remaining steps, end where one uninterrupted run
+    ends, bit for bit."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    setup(rank, world, port)
+    for name, dtype, extra in MUON_DCP_RUNS:
+        data = batches(STEPS, dtype=dtype)
+        for backend, kw in BACKENDS.items():
+            ref, ref_opt = muon_reference(data, kw, dtype, **extra)
+            model = muon_shard(MuonNet(dtype), world) if world > 1 else MuonNet(dtype)
+            opt = Muon(muon_groups(model), **MUON_HYPER, **extra, **kw)
+            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(state, checkpoint_id=os.path.join(where, f"{name}-{backend}"))
+            set_model_state_dict(model, state["model"])
+            set_optimizer_state_dict(model, opt, state["optim"])
+            train(model, opt, data[first:])
+            assert_muon_run(model, opt, ref, ref_opt, backend, f"DCP Muon {name} {backend}, resumed at world {world}")
+    finish()
+

@@ -1,6 +1,7 @@
 """Multi-process training on this machine: 2 and 4 processes, gloo over loopback, each
 spawn bounded in time. The workers (dist_workers.py) check every backend of every
-optimizer of the table against a single-process run of the same global batch."""
+optimizer of the table against a single-process run of the same global batch, and Muon
+(its own model and groups: every kind of matrix it takes) the same way."""
 
 from __future__ import annotations
 
@@ -65,6 +66,25 @@ def test_8bit_states_shard_with_fsdp2_and_zero_bit_identically(world):
 def test_dcp_checkpoint_of_8bit_states_reshards_and_training_continues_identically(tmp_path, save_world, load_world):
     spawn(dist_workers.dcp_save, save_world, str(tmp_path), 2, "8bit")
     spawn(dist_workers.dcp_load, load_world, str(tmp_path), 2, "8bit")
+
+
+def test_muon_under_ddp_equals_one_process():
+    spawn(dist_workers.muon_ddp, 2)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_muon_under_fsdp2_orthogonalises_whole_matrices_and_equals_one_process_bit_for_bit(world):
+    spawn(dist_workers.muon_fsdp2, world)
+
+
+def test_muon_as_zero_redundancy_optimizer_class_keeps_its_groups_and_equals_one_process():
+    spawn(dist_workers.muon_zero, 2)
+
+
+def test_muon_dcp_checkpoint_saved_at_2_ranks_resumes_at_1_and_4_identically(tmp_path):
+    spawn(dist_workers.muon_dcp_save, 2, str(tmp_path), 2)
+    spawn(dist_workers.muon_dcp_load, 1, str(tmp_path), 2)
+    spawn(dist_workers.muon_dcp_load, 4, str(tmp_path), 2)
 
 
 def test_workers_reference_is_deterministic():

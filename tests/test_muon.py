@@ -518,21 +518,73 @@ def test_lr_times_the_scale_must_fit_float32():
     assert torch.equal(p.detach(), torch.ones(100, 1)) and not opt.state[p]
 
 
-def test_a_dtensor_is_refused_naming_fsdp2():
+@pytest.fixture
+def one_rank():
+    """A gloo process group of one rank (this process), for DTensors on a 1-rank mesh."""
     dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not built")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not built")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", [REFERENCE, BATCHED], ids=["reference", "batched"])
+@pytest.mark.parametrize("state_dtype", [None, torch.uint8])
+def test_fsdp2_shards_on_one_rank_step_as_plain_tensors(one_rank, backend, state_dtype):
+    """The FSDP2 path (Note [Muon under FSDP2]; several ranks: tests/test_distributed.py) on a
+    mesh of one rank: the same steps as plain tensors, bit for bit, the momentum a DTensor."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match=r"parameter 0 of group 0 \(shape \(4, 4\)\) is a DTensor .*FSDP2"):
+    mesh = init_device_mesh("cpu", (1,))
+    shapes = [(9, 4), (3, 5, 4), (6, 2, 2, 2), (4, 9)]
+    plain, = make(shapes)
+    sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in plain]
+
+    def groups(ps):
+        return [{"params": ps[:1], "split": [2, 7]}, {"params": ps[1:]}]
+
+    opts = [Muon(groups(ps), lr=0.1, state_dtype=state_dtype, min_8bit_size=1, **backend) for ps in (plain, sharded)]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for p, q, g in zip(plain, sharded, grads):
+            p.grad, q.grad = g, distribute_tensor(g, mesh, [Shard(0)])
+        for opt in opts:
+            opt.step()
+    for p, q in zip(plain, sharded):
+        assert torch.equal(q.full_tensor(), p.detach())
+        for key, value in opts[0].state[p].items():
+            assert type(opts[1].state[q][key]).__name__ == "DTensor"
+            assert torch.equal(opts[1].state[q][key].full_tensor(), value), key
+
+
+def test_tensor_parallel_dtensors_and_mixed_groups_are_refused_in_one_line(one_rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    for placement in (Shard(1), Replicate()):
+        p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh, [placement]))
+        with pytest.raises(ValueError, match=r"^Invalid params: parameter 0 of group 0 \(shape \(4, 4\)\) is a "
+                           r"DTensor placed .* on a 1-D mesh: Muon gathers FSDP2 shards \(Shard\(0\) on a 1-D mesh\), "
+                           r"not tensor-parallel ones; put it in an AdamW group \(use_muon=False\)$"):
             Muon([p])
-    finally:
-        dist.destroy_process_group()
+    mesh2 = init_device_mesh("cpu", (1, 1))
+    p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh2, [Shard(0), Shard(1)]))
+    with pytest.raises(ValueError, match=r"parameter 0 of group 0 \(shape \(4, 4\)\) is a DTensor .* on a 2-D mesh"):
+        Muon([p])
+    shard = torch.nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)]))
+    with pytest.raises(ValueError, match=r"^Invalid params: parameter 1 of group 0 \(shape \(4, 4\)\) is a DTensor, "
+                       "the first of its group a plain tensor: a Muon group holds FSDP2 shards only, or plain "
+                       "tensors only$"):
+        Muon([torch.nn.Parameter(torch.ones(4, 4)), shard])
+    with pytest.raises(ValueError, match=r"^Invalid params: params\[1\] \(shape \(4, 4\)\) is a DTensor, the first"):
+        muon([torch.ones(4, 4), shard], [torch.ones(4, 4), shard], [torch.zeros(4, 4), shard], lr=0.1,
+             weight_decay=0.0, momentum=0.9)
 
 
 # ---------------------------------------------------------------------------
