@@ -226,8 +226,6 @@ class Optimizer(Algorithm, torch.optim.Optimizer):
             params = list(params)
         else:
             raise TypeError(f"Invalid params: expected Tensors in param_group['params'], got {params!r}")
-        if len(params) == 0:
-            raise ValueError(f"Invalid params: parameter group {len(self.param_groups)} has no parameters")
         tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
         seen = {id(p): f"parameter group {gi}" for gi, g in enumerate(self.param_groups) for p in g["params"]}
         for i, p in enumerate(tensors):

@@ -316,19 +316,15 @@ class MuonNet(torch.nn.Module):
         return self.out(torch.cat([gelu(self.tall(z)), c2, c1], 1))
 
 
-def muon_groups(model: torch.nn.Module, zero: bool = False) -> list[dict]:
+def muon_groups(model: torch.nn.Module) -> list[dict]:
     """Muon's groups: the fused weight (``split``), the Conv1d kernel (``flatten``), the other
-    matrices, the biases (AdamW). For ZeRO two groups only, the fused weight and the Conv1d
-    kernel among the others (the Conv1d kernel a stack of 3 matrices of 1 x 3): our optimizers
-    refuse an empty group, and ZeRO's partition leaves a one-tensor group empty on every rank
-    but one."""
+    matrices, the biases (AdamW). (Under ZeRO the one-tensor groups are empty on every rank but
+    one: empty groups are kept, as torch.optim keeps them.)"""
     m = model.module if hasattr(model, "module") else model
     others = {"params": [m.experts, m.tall.weight, m.conv2d.weight, m.out.weight], "adjust_lr_fn": "match_rms_adamw",
               "nesterov": False}
     biases = {"params": [m.qkv.bias, m.tall.bias, m.conv2d.bias, m.conv1d.bias, m.out.bias], "use_muon": False,
               "lr": 3e-3, "betas": (0.9, 0.99)}
-    if zero:
-        return [{**others, "params": [m.qkv.weight, m.conv1d.weight, *others["params"]]}, biases]
     return [{"params": [m.qkv.weight], "split": [7, 8, 6]}, {"params": [m.conv1d.weight], "flatten": True},
             others, biases]
 
@@ -341,10 +337,10 @@ def muon_shard(model: torch.nn.Module, world: int) -> torch.nn.Module:
     return fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
 
 
-def muon_reference(data, backend: dict, dtype: torch.dtype = torch.float64, zero: bool = False, **extra):
+def muon_reference(data, backend: dict, dtype: torch.dtype = torch.float64, **extra):
     """The single-process run, with the same backend."""
     model = MuonNet(dtype)
-    opt = Muon(muon_groups(model, zero), **MUON_HYPER, **extra, **backend)
+    opt = Muon(muon_groups(model), **MUON_HYPER, **extra, **backend)
     train(model, opt, data)
     return model, opt
 
@@ -422,10 +418,11 @@ def muon_zero(rank: int, world: int, port: int) -> None:
     data = batches(STEPS)
     for backend, kw in BACKENDS.items():
         what = f"ZeRO Muon {backend} rank {rank}/{world}"
-        ref, ref_opt = muon_reference(data, kw, zero=True)
+        ref, ref_opt = muon_reference(data, kw)
         model = DistributedDataParallel(MuonNet())
-        opt = ZeroRedundancyOptimizer(muon_groups(model, zero=True), optimizer_class=Muon, **MUON_HYPER, **kw)
-        assert [g["use_muon"] for g in opt.optim.param_groups] == [True, False], what
+        opt = ZeroRedundancyOptimizer(muon_groups(model), optimizer_class=Muon, **MUON_HYPER, **kw)
+        assert [g["use_muon"] for g in opt.optim.param_groups] == [True, True, True, False], what
+        assert [] in [g["params"] for g in opt.optim.param_groups], what  # a one-tensor group: empty here
         train(model, opt, data, rank, world)
         assert_same_params(model.module, ref, what)
         assert 0 < len(opt.optim.state) < len(list(model.parameters())), what  # each rank a part of the state

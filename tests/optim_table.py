@@ -10,7 +10,8 @@ a test of one algorithm alone names it in its own name.
 :data:`TABLE` is every row: the contract, numerics, compile, failure and layout tests run
 over it. :data:`OPTIMIZERS` is its rows with element-wise fused kernels (C and Triton) that
 run on FSDP2 shards: the kernel tests and the multi-process runs iterate these. Muon's
-fused path is its batched matrix products, and it refuses FSDP2 shards (its row says so).
+fused path is its batched matrix products; its multi-process runs are its own
+(dist_workers.py), since FSDP2 gathers each matrix for its iteration.
 """
 
 from __future__ import annotations

@@ -243,8 +243,21 @@ def test_bad_params_raise_clear_errors(info):
         info.cls(42)
     with pytest.raises(TypeError, match=r"single Tensor of shape \(2,\)"):
         info.cls(torch.nn.Parameter(torch.ones(2)))
-    with pytest.raises(ValueError, match="group 1 has no parameters"):
-        info.cls([{"params": [torch.nn.Parameter(torch.ones(1))]}, {"params": []}])
+
+
+def test_an_empty_group_is_kept_as_torch_optim_keeps_it(info):
+    """torch.optim accepts a group without parameters (ZeroRedundancyOptimizer gives each rank a
+    copy of every group, empty where its share of the group is): it steps and checkpoints as one."""
+    model = tiny_model()
+    opt = info.cls([{"params": list(model.parameters())}, {"params": []}])
+    opt.add_param_group({"params": [], "lr": 0.5})
+    train(model, opt, 2)
+    saved = opt.state_dict()
+    assert [g["params"] for g in saved["param_groups"][-2:]] == [[], []] and saved["param_groups"][-1]["lr"] == 0.5
+    twin = info.cls([{"params": list(tiny_model().parameters())}, {"params": []}])
+    twin.add_param_group({"params": [], "lr": 0.5})
+    twin.load_state_dict(saved)
+    assert_same_nested(twin.state_dict(), saved)
 
 
 def test_bad_hyperparameter_set_later_fails_the_step_before_any_change(info):
