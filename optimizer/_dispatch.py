@@ -306,7 +306,8 @@ def _route(backends: Backends, lists: list[list[Tensor]], hyper: dict[str, Any],
 
 def _8bit_kernel(backends: Backends, lists: list[list[Tensor]], *, strict: bool) -> str:
     """The fused kernel for 8-bit states (Note [8-bit states]): the C loop on the CPU, Triton on
-    CUDA, for contiguous tensors of one device; else the reference."""
+    CUDA, for contiguous tensors of one device; else the foreach path (AdamW's and Lion's is
+    their reference; Muon's batches its matrix products)."""
     tensors = lists[:2 + backends.n_states]
     counters = lists[2 + backends.n_states:]
     if is_dtensor(tensors[0][0]):
@@ -317,13 +318,14 @@ def _8bit_kernel(backends: Backends, lists: list[list[Tensor]], *, strict: bool)
     device = next(iter(devices))
     if device in TRITON_DEVICES:
         kernels = load_triton(strict)
-        if kernels is not None and hasattr(kernels, backends.triton) and ok and _counters_on(tensors[0], counters):
+        if (kernels is not None and backends.triton is not None and hasattr(kernels, backends.triton) and ok
+                and _counters_on(tensors[0], counters)):
             return "triton"
-    elif device == "cpu" and ok:
+    elif device == "cpu" and ok and backends.c_kernel is not None:
         fns = _fused_cpu.library(backends.c_kernel, strict=strict)
         if fns is not None:
             return "c"
-    return "reference"
+    return "foreach" if backends.foreach is not None else "reference"
 
 
 def _counters_on(params: list[Tensor], counters: list[list[Tensor]]) -> bool:

@@ -6,7 +6,8 @@ then the backends, all with one signature (Note [backends] in _dispatch.py):
 ``_single_tensor_muon`` is the reference (one matrix at a time: the direction, then
 ``_newton_schulz``, then the step), ``_batched_muon`` orthogonalises every matrix of one
 shape in a group in one chain of ``bmm``/``baddbmm``. Last, the backends for an 8-bit
-momentum (Note [8-bit states] in _8bit.py): the same update between a decode and an encode.
+momentum (Note [8-bit states] in _8bit.py): the same update between a decode and an encode,
+on the CPU with its element-wise part in a C loop (``_MOMENTUM8BIT_KERNEL``).
 Swapping backends changes speed, never results beyond rounding.
 
 Decisions, and why
@@ -70,7 +71,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _8bit, _dispatch, _rounding
+from . import _8bit, _dispatch, _fused_cpu, _rounding
 from ._base import Algorithm, Optimizer
 from ._checks import (
     check_backend,
@@ -609,10 +610,13 @@ def _batched_muon(
     split: int | Sequence[int] | None,
     maximize: bool,
     rounding_seeds: Sequence[int] | None = None,
+    directions: list[Tensor] | None = None,
 ) -> None:
     """The same update, each element-wise equation one foreach call for the group, and the
     matrices of one shape (and device, and iteration dtype) orthogonalised together: one chain
-    of ``bmm``/``baddbmm`` (:func:`_batched_newton_schulz`) per shape."""
+    of ``bmm``/``baddbmm`` (:func:`_batched_newton_schulz`) per shape. ``directions``: the
+    directions u, computed already with the momentum (the 8-bit C loop); the momentum buffers
+    are then left alone."""
     if params and is_dtensor(params[0]):  # FSDP2 shards: Note [Muon under FSDP2]
         _sharded_muon(params, grads, momentum_buffers, batched=True, lr=lr, weight_decay=weight_decay,
                       momentum=momentum, nesterov=nesterov, ns_coefficients=ns_coefficients, ns_steps=ns_steps,
@@ -620,15 +624,19 @@ def _batched_muon(
                       maximize=maximize, rounding_seeds=rounding_seeds)
         return
     lr = _traced_lr(host_value(lr))  # a number (a tensor under torch.compile)
-    dtypes = [compute_dtype(p.dtype, m.dtype) for p, m in zip(params, momentum_buffers)]
-    ps = [p.to(d) for p, d in zip(params, dtypes)]
-    ms = [m.to(d) for m, d in zip(momentum_buffers, dtypes)]
-    gs = [g.to(d) for g, d in zip(grads, dtypes)]
-    if maximize:
-        gs = torch._foreach_neg(gs)
+    if directions is None:
+        dtypes = [compute_dtype(p.dtype, m.dtype) for p, m in zip(params, momentum_buffers)]
+        ps = [p.to(d) for p, d in zip(params, dtypes)]
+        ms = [m.to(d) for m, d in zip(momentum_buffers, dtypes)]
+        gs = [g.to(d) for g, d in zip(grads, dtypes)]
+        if maximize:
+            gs = torch._foreach_neg(gs)
 
-    torch._foreach_lerp_(ms, gs, 1 - momentum)                      # m_t = mu m + (1 - mu) g
-    us = torch._foreach_lerp(gs, ms, momentum) if nesterov else ms  # u = g + mu (m_t - g), or m_t
+        torch._foreach_lerp_(ms, gs, 1 - momentum)                      # m_t = mu m + (1 - mu) g
+        us = torch._foreach_lerp(gs, ms, momentum) if nesterov else ms  # u = g + mu (m_t - g), or m_t
+    else:
+        ps = [p.to(compute_dtype(p.dtype, u.dtype)) for p, u in zip(params, directions)]
+        ms, us = momentum_buffers, directions
     if weight_decay != 0:  # (a product by 1 is exact: the reference, which multiplies, is the same)
         torch._foreach_mul_(ps, _decay(lr, weight_decay, ps))       # theta <- theta (1 - lr wd)
 
@@ -929,12 +937,47 @@ def _batched_muon8bit(params: list[Tensor], grads: list[Tensor], momentum_buffer
     _encode(ms, momentum_buffers, momentum_buffer_scales)
 
 
+# The C loop (Note [fused CPU] in _fused_cpu.py, csrc/8bit_loop.c) for the element-wise part: a
+# block of 256 values of a row at a time, the momentum decoded into m, updated, the direction
+# written in float32 where the loop writes a parameter, and m encoded again: one pass over the
+# codes instead of the decode's and the encode's many. The iteration and the step then run as
+# the batched path's. The same operations as the reference, in the same order (LERP is torch's
+# lerp); a value on a code's rounding boundary may take the neighbouring code (as Lion8bit's).
+_MOMENTUM8BIT_KERNEL = _fused_cpu.Kernel(
+    name="muon_momentum8bit",
+    states=("m",),
+    scalars=("w", "mu", "nesterov"),
+    codes=("signed",),
+    body="""
+        m = LERP(m, g, w);                      /* m_t = mu m + (1 - mu) g, with w = 1 - mu */
+        p = nesterov != 0 ? LERP(g, m, mu) : m; /* u = g + mu (m_t - g), or m_t: into the direction */
+    """,
+)
+
+
+def _fused_c_muon8bit(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+                      momentum_buffer_scales: list[Tensor], **hyper: Any) -> None:
+    """The C loop for the momentum and the direction (float32, whatever the parameter's dtype),
+    then the batched path's iteration and step; FSDP2 shards take the batched path."""
+    if is_dtensor(params[0]):
+        _batched_muon8bit(params, grads, momentum_buffers, momentum_buffer_scales, **hyper)
+        return
+    grads32 = [g.float() for g in grads]  # (the loop's direction and gradient share one dtype)
+    us = [torch.empty_like(g) for g in grads32]
+    mu = hyper["momentum"]
+    _fused_cpu.run(_MOMENTUM8BIT_KERNEL, us, grads32, [momentum_buffers, momentum_buffer_scales],
+                   [1 - mu, mu, float(hyper["nesterov"])], maximize=hyper["maximize"])
+    _batched_muon(params, grads, momentum_buffers, **hyper, directions=us)
+
+
 _BACKENDS_8BIT = _dispatch.Backends(
     names=("params", "grads", "momentum_buffers", "momentum_buffer_scales"),
     reference=_single_tensor_muon8bit,
     foreach=_batched_muon8bit,
+    c=_fused_c_muon8bit,
+    c_kernel=_MOMENTUM8BIT_KERNEL,
     n_states=2,
     eight_bit=True,
-    rounding=frozenset({"reference", "foreach"}),
+    rounding=frozenset({"reference", "foreach", "c"}),
 )
 Muon.backends_8bit = _BACKENDS_8BIT

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import unittest.mock
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from helpers import assert_same_nested, assert_unchanged, snapshot, tiny_model
 from optim_table import muon_scale, newton_schulz_formula
 from torch._dynamo.utils import counters
 
-from optimizer import AdamW, Muon, _8bit, _rounding
+from optimizer import AdamW, Muon, _8bit, _dispatch, _rounding
 from optimizer.factory import ConfigError, create_optimizer, muon_labels
 from optimizer.muon import CPU_NS_DTYPE, NS_COEFFICIENTS, _fast_bf16_matmul, muon, ns_dtype_of
 
@@ -666,6 +667,38 @@ def test_8bit_momentum_is_the_float_step_between_a_decode_and_an_encode():
         for a, b in zip((big, small), (big_b, small_b)):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)  # (bmm and mm may round otherwise)
             assert_same_nested(opt.state[a], batched.state[b])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nesterov, maximize", [(True, False), (False, True)])
+def test_8bit_momentum_c_loop_keeps_the_batched_paths_momentum_and_step(dtype, nesterov, maximize):
+    """The C loop (the default on the CPU with 8-bit momentum) decodes, updates and encodes the
+    momentum in one pass and hands the batched path the direction: the same codes and scales
+    as the batched path (a value on a rounding boundary may take the neighbouring code), the same
+    parameters; a 3-D stack and a matrix whose rows end mid-block included."""
+    shapes = [(64, 80), (64, 80), (300, 77), (3, 16, 16)]
+    ours, theirs = make(shapes, twins=2)
+    ours, theirs = [[torch.nn.Parameter(p.detach().to(dtype)) for p in ps] for ps in (ours, theirs)]
+    kw = dict(lr=0.02, state_dtype=torch.uint8, min_8bit_size=1, nesterov=nesterov, maximize=maximize,
+              ns_dtype=torch.float32)
+    fused, batched = Muon(ours, fused=True, **kw), Muon(theirs, **kw, **BATCHED)
+    routes = []
+    spy = _dispatch.route
+    gen = torch.Generator().manual_seed(5)
+    for step in range(4):
+        grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        with unittest.mock.patch.object(_dispatch, "route", lambda *a, **k: routes.append(spy(*a, **k)) or routes[-1]):
+            fused.step()
+        batched.step()
+        for p, q in zip(ours, theirs):
+            a, b = fused.state[p], batched.state[q]
+            assert (a["momentum_buffer"].view(torch.int8).int() - b["momentum_buffer"].view(torch.int8).int()
+                    ).abs().max() <= 1
+            torch.testing.assert_close(a["momentum_buffer_scale"], b["momentum_buffer_scale"], rtol=1e-6, atol=0)
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+    assert routes and all(r == {"c": [0, 1, 2, 3]} for r in routes)
 
 
 def test_8bit_momentum_checkpoints_convert_both_ways():
