@@ -1,4 +1,4 @@
-"""The command line: ``python -m optimizer demo | plot-schedule | bench | kernel-source | doctor``.
+"""The command line: ``python -m optimizer demo | sweep | plot-schedule | bench | kernel-source | doctor``.
 
 Bad flags or config values end with one line naming the key and the allowed
 values, exit code 2, and no traceback.
@@ -57,6 +57,7 @@ def _demo_parser(sub) -> argparse.ArgumentParser:
         g.add_argument(f"--{name}-lr", type=float, metavar="LR", help=f"{name} peak lr (default {spec.lr}{others})")
         g.add_argument(f"--{name}-weight-decay", type=float, metavar="WD",
                        help=f"{name} weight decay (default {spec.weight_decay})")
+    g.add_argument("--lr-from", metavar="SWEEP_JSON", help="each optimizer at its best lr in a sweep's sweep.json")
     g.add_argument("--clip-grad-norm", type=float, metavar="N", help=f"clip the global grad norm, 0 = off "
                    f"(default {D['clip_grad_norm']})")
     g.add_argument("--state-dtype", choices=["fp32", "bf16", "uint8"], metavar="T",
@@ -193,6 +194,16 @@ def _demo_plan(args: argparse.Namespace, hold: Callable[[pathlib.Path, str], Non
     opt_args = {**cfg["optimizer_args"], **from_file}
     names.update({f"optimizer_args.{n}.{k}": f"optimizer_args.{n}.{k} in {path}" for n in from_file
                   for k in from_file[n]})
+    if "lr_from" in given:  # each optimizer's best lr in a sweep; an lr given too would be ambiguous
+        from .demo.sweep import best_lrs
+
+        optimizers = given.get("optimizers", cfg["optimizers"])
+        for name, lr in best_lrs(given["lr_from"], optimizers, names["lr_from"]).items():
+            if f"{name}_lr" in given or "lr" in from_file.get(name, {}):
+                label = names.get(f"{name}_lr", f"optimizer_args.{name}.lr in {path}")
+                raise ConfigError(f"Invalid {label}: {name}'s lr comes from {names['lr_from']}; give one or the other")
+            opt_args[name] = {**opt_args.get(name, {}), "lr": lr}
+            names[f"optimizer_args.{name}.lr"] = names["lr_from"]
     for name in OPTIMIZERS:  # --adamw-lr, lion_weight_decay: ...
         for key in ("lr", "weight_decay"):
             if f"{name}_{key}" in given:
@@ -268,11 +279,12 @@ def _check_settings(cfg: dict[str, Any], names: dict[str, str], run: dict[str, A
     dummy = [torch.zeros(2, 2, requires_grad=True)]
     for name, kwargs in cfg["optimizer_args"].items():  # built on a dummy tensor: a wrong value fails here
         takes = keyword_defaults(OPTIMIZERS[name].cls)
+        numbers = _number_keywords(name)
         for key, value in kwargs.items():
             label = names.get(f"optimizer_args.{name}.{key}", f"optimizer_args.{name}.{key}")
             if key not in takes:
                 raise ConfigError(f"Invalid {label}: {name!r} takes no {key!r}; it takes {sorted(takes)}")
-            if isinstance(takes[key], (float, tuple)) and not isinstance(value, (float, int)):  # numbers, betas
+            if key in numbers and not isinstance(value, (float, int)):  # numbers, betas
                 value = (tuple(_number(v, float, label) for v in value) if isinstance(value, (list, tuple))
                          else _number(value, float, label))
             kwargs[key] = value
@@ -290,11 +302,26 @@ def _check_settings(cfg: dict[str, Any], names: dict[str, str], run: dict[str, A
                                                "min_lr_ratio": names["min_lr_ratio"]})) from None
 
 
-def _effective(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments optimizer ``name`` is built with: ``kwargs`` over the registry's lr and weight
-    decay, over the class's defaults."""
+def _number_keywords(name: str) -> set[str]:
+    """The keywords of optimizer ``name`` that take numbers (or tuples of them, betas): those whose
+    default is one, and those whose default is None but whose annotation is a number (Muon's
+    ``adamw_lr: float | None``), so that a config file's ``1e-3`` (text to YAML 1.1) is read as one."""
     spec = OPTIMIZERS[name]
-    return {**keyword_defaults(spec.cls), "lr": spec.lr, "weight_decay": spec.weight_decay, **kwargs}
+    numbers = {k for k, v in keyword_defaults(spec.cls).items() if isinstance(v, (float, tuple))}
+    numbers |= {k for k, v in spec.options.items() if isinstance(v, float)}
+    for klass in spec.cls.__mro__:
+        if "__init__" in vars(klass):
+            numbers |= {k for k, p in inspect.signature(klass.__init__).parameters.items()
+                        if str(p.annotation).startswith(("float", "tuple[float"))}
+    return numbers
+
+
+def _effective(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments optimizer ``name`` is built with: ``kwargs`` over the registry's lr, weight
+    decay and other options (Muon's ``adamw_lr``), over the class's defaults."""
+    spec = OPTIMIZERS[name]
+    return {**keyword_defaults(spec.cls), "lr": spec.lr, "weight_decay": spec.weight_decay, **spec.options,
+            **kwargs}
 
 
 def _check_resume(cfg: dict[str, Any], checkpoints: dict[str, dict[str, Any]], names: dict[str, str],
@@ -370,6 +397,128 @@ def demo(args: argparse.Namespace) -> int:
             print(run["note"])
         return train(cfg, checkpoints=run["checkpoints"], overwrite=run.get("overwrite", False),
                      stop_after=run.get("stop_after"), progress=not run.get("no_progress", False))
+
+
+# ---------------------------------------------------------------------------
+# sweep
+# ---------------------------------------------------------------------------
+
+def _sweep_parser(sub) -> argparse.ArgumentParser:
+    from .demo.sweep import DEFAULTS as D
+    from .demo.sweep import GRID
+
+    grid = ", ".join(f"{f:g}" for f in GRID)
+    p = sub.add_parser(
+        "sweep", help="held-out loss against the lr for each optimizer: a table, sweep.png, sweep.json",
+        description="Short runs of the demo's model and data at a log grid of peak lrs per optimizer (the same "
+        "seed and batches for every run); print each run's losses, each optimizer's best lr and the lrs within "
+        "2%% of it, and write sweep.json (every run) and sweep.png into --out. Ctrl-C writes the finished runs; "
+        "--resume runs the others. python -m optimizer demo --lr-from OUT/sweep.json then trains each "
+        "optimizer at its best.", argument_default=argparse.SUPPRESS)
+    p.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS), metavar="NAME",
+                   help=f"which to sweep, from {sorted(OPTIMIZERS)} (default: the demo's, {' '.join(D['optimizers'])})")
+    p.add_argument("--lrs", nargs="+", metavar="NAME=LR,LR",
+                   help=f"an optimizer's lrs, e.g. adamw=1e-3,3e-3,1e-2 (default: its registry lr times {grid}; "
+                   "muon's is its matrices', its AdamW keeps the registry's)")
+    p.add_argument("--seeds", type=int, metavar="N", help="runs per lr, seeds --seed, --seed + 1, ...: the figure "
+                   f"draws their spread (default {D['seeds']})")
+    p.add_argument("--seed", type=int, metavar="N", help=f"the first seed (default {D['seed']})")
+    p.add_argument("--steps", type=int, metavar="N", help=f"steps per run (default {D['steps']})")
+    p.add_argument("--schedule", choices=sorted(SCHEDULES), metavar="NAME", help=f"default {D['schedule']}")
+    for key in ("dim", "layers", "heads", "seq_len", "batch_size"):
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, metavar="N", help=f"default {D[key]} (the demo's)")
+    p.add_argument("--jobs", type=int, metavar="N", help="runs at a time, each a process with its share of the CPU "
+                   "threads (default: 2 where torch has 2 threads or more, else 1)")
+    p.add_argument("--out", metavar="DIR", help=f"output folder (default {D['out']})")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the sweep in --out: its settings, its "
+                       "finished runs kept; --optimizers, --lrs and --seeds may add runs")
+    again.add_argument("--overwrite", action="store_true", help="start again in --out (deletes its sweep.json, "
+                       "sweep.png)")
+    return p
+
+
+def _parse_lrs(items: list[str], optimizers: list[str]) -> dict[str, list[float]]:
+    lrs: dict[str, list[float]] = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        if name not in OPTIMIZERS:
+            raise ConfigError(f"Invalid --lrs: {item!r}; expected NAME=LR,LR,... with NAME one of {sorted(OPTIMIZERS)}")
+        if name not in optimizers:
+            raise ConfigError(f"Invalid --lrs: {name!r} is not swept; add it to --optimizers {' '.join(optimizers)}")
+        try:
+            parsed = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise ConfigError(f"Invalid --lrs: {item!r}; expected NAME=LR,LR,... with numbers") from None
+        if not all(math.isfinite(v) and v > 0 for v in parsed):
+            raise ConfigError(f"Invalid --lrs: {item!r}; each lr must be a number > 0")
+        if name in lrs:
+            raise ConfigError(f"Invalid --lrs: {name!r} given twice")
+        lrs[name] = sorted(set(parsed))
+    return lrs
+
+
+def _sweep_plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """The sweep's settings (its defaults, then with --resume sweep.json's, then the flags), the finished
+    runs to keep, and this invocation's (jobs, threads); every error names its flag."""
+    import torch
+
+    from .demo import sweep
+
+    given = dict(vars(args))
+    resume, overwrite = given.pop("resume", False), given.pop("overwrite", False)
+    jobs = given.pop("jobs", None)
+    settings = copy.deepcopy(sweep.DEFAULTS)
+    out = pathlib.Path(given.get("out", settings["out"]))
+    runs: list[dict[str, Any]] = []
+    if resume:
+        saved = sweep.read(out / "sweep.json", "--resume")
+        differ = [k for k in sweep.RUN_KEYS if k in given and given[k] != saved["config"].get(k)]
+        if differ:
+            flags = ", ".join(f"--{k.replace('_', '-')} {given[k]!r}" for k in differ)
+            has = ", ".join(f"{k} {saved['config'].get(k)!r}" for k in differ)
+            raise ConfigError(f"Invalid --resume: {flags} {'differs' if len(differ) == 1 else 'differ'} from the sweep "
+                              f"in {out / 'sweep.json'} (it has {has}); leave {'it' if len(differ) == 1 else 'them'} "
+                              "out to continue it, or start over with --overwrite")
+        settings.update({k: v for k, v in saved["config"].items() if k in settings})
+        runs = saved["runs"]
+    elif (out / "sweep.json").exists() and not overwrite:
+        raise ConfigError(f"Invalid --out: {str(out)!r} already holds a sweep (sweep.json); add --resume to continue "
+                          "it (its finished runs are kept), or --overwrite to start again")
+    lrs = given.pop("lrs", None)
+    settings.update(given)
+    settings["out"] = str(out)
+    if len(set(settings["optimizers"])) < len(settings["optimizers"]):
+        raise ConfigError(f"Invalid --optimizers: {settings['optimizers']} (each at most once)")
+    if lrs is not None:
+        settings["lrs"] = {**settings["lrs"], **_parse_lrs(lrs, settings["optimizers"])}
+    for flag, value, least in (("--seeds", settings["seeds"], 1), ("--seed", settings["seed"], 0),
+                               ("--jobs", 1 if jobs is None else jobs, 1)):
+        if value < least:
+            raise ConfigError(f"Invalid {flag}: {value} (must be >= {least})")
+    # the runs' own settings, checked as the demo checks them (its messages name the same flags)
+    cfg = sweep.run_config(settings, settings["optimizers"][0], 1.0, settings["seed"])
+    _check_settings(cfg, {k: "--" + k.replace("_", "-") for k in cfg}, {}, 1)
+    threads = torch.get_num_threads()
+    jobs = jobs if jobs is not None else (2 if threads >= 2 else 1)
+    return settings, runs, {"jobs": jobs, "threads": max(1, threads // jobs), "overwrite": overwrite}
+
+
+def sweep(args: argparse.Namespace) -> int:
+    from .demo import folder
+    from .demo import sweep as sweeps
+
+    out = pathlib.Path(getattr(args, "out", sweeps.DEFAULTS["out"]))
+    with folder.hold(out, "--out"):  # Note [one run per folder] in demo/folder.py
+        settings, runs, how = _sweep_plan(args)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as err:
+            raise ConfigError(f"the sweep needs {err.name}: pip install 'clearoptim[demo]'") from None
+        if how["overwrite"]:
+            for file in sweeps.FILES:
+                (out / file).unlink(missing_ok=True)
+        return sweeps.run(settings, runs, jobs=how["jobs"], threads=how["threads"])
 
 
 # ---------------------------------------------------------------------------
@@ -645,6 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog=PROG, description="AdamW, Lion and learning-rate schedules for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
     _demo_parser(sub)
+    _sweep_parser(sub)
     _plot_parser(sub)
     _bench_parser(sub)
     _kernel_source_parser(sub)
@@ -654,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.__dict__.pop("command")
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # under torchrun: rank 0
     try:
-        return {"demo": demo, "plot-schedule": plot_schedule, "bench": lambda a: bench(a, argv),
+        return {"demo": demo, "sweep": sweep, "plot-schedule": plot_schedule, "bench": lambda a: bench(a, argv),
                 "kernel-source": kernel_source, "doctor": doctor}[command](args)
     except ValueError as err:  # ConfigError and the library's argument checks: the user's input
         say(f"{PROG} {command}: error: {err}", file=sys.stderr)

@@ -76,6 +76,19 @@ def test_config_keys_are_the_flags_and_yaml_numbers_are_numbers(tmp_path):
                                      "lion": {"lr": 1e-4, "betas": (0.9, 0.99), "weight_decay": 2.0}}
 
 
+def test_muons_adamw_options_in_a_config_are_numbers_and_checked(tmp_path, capsys):
+    """optimizer_args.muon.adamw_lr (a None default, a float annotation): YAML's text 1e-3 is a number,
+    and a bad value is one line naming the key and the file."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer_args:\n  muon: {adamw_lr: 1e-3, adamw_weight_decay: 0}\n")
+    cfg = cli._demo_settings(argparse.Namespace(config=str(path), optimizers=["muon"]))
+    assert cfg["optimizer_args"]["muon"] == {"adamw_lr": 1e-3, "adamw_weight_decay": 0}
+    assert isinstance(cfg["optimizer_args"]["muon"]["adamw_lr"], float)
+    path.write_text("optimizer_args:\n  muon: {adamw_lr: fast}\n")
+    err = fails(capsys, "demo", "--config", str(path), "--out", str(tmp_path / "out"))
+    assert f"Invalid optimizer_args.muon.adamw_lr in {path}: 'fast' (expected a number)" in err, err
+
+
 def test_every_setting_flag_is_a_config_key_with_underscores(tmp_path):
     """A config file of each flag's key ('-' -> '_') and value gives the settings the flags give."""
     flags = {"--optimizers": ["lion"], "--adamw-lr": "0.002", "--adamw-weight-decay": "0.2", "--lion-lr": "1e-4",

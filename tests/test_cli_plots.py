@@ -61,6 +61,22 @@ def test_lr_plot_is_linear_with_warmup_and_end_marked(run):
         assert math.isclose(max(ax.get_lines()[0].get_ydata()), peak)
 
 
+def test_lr_plot_draws_muons_matrices_and_its_adamw_each_from_its_peak(run):
+    """Muon's groups step under one schedule from two peaks: one curve each, labelled with its peak,
+    the second the first scaled by the ratio of the peaks (the scheduler's multiplier is shared)."""
+    cfg, results = run
+    lrs = results["adamw"]["history"]["lr"]
+    muon = {"history": {**results["adamw"]["history"], "lr": [x * 0.02 / 3e-3 for x in lrs]},
+            "peak_lrs": {"muon": 0.02, "adamw": 3e-3}}
+    fig = train.lr_figure({**results, "muon": muon}, {**cfg, "optimizers": ["adamw", "lion", "muon"]})
+    assert len(fig.axes) == 3
+    curves = {line.get_label(): line.get_ydata() for line in fig.axes[2].get_lines()}
+    assert math.isclose(max(curves["muon: matrices (Muon) (peak 0.02)"]), 0.02)
+    scaled = curves["muon: other tensors (AdamW) (peak 0.003)"]
+    assert all(math.isclose(a, b) for a, b in zip(scaled, lrs))
+    assert "adamw (peak 0.003)" in {line.get_label() for line in fig.axes[0].get_lines()}  # one group: one curve
+
+
 def test_loss_plot_title_says_the_precision_when_it_is_not_fp32_and_fits_the_figure(run):
     def title(cfg):
         fig = train.loss_figure(results, cfg, entropy=3.1)

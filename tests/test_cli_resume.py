@@ -19,6 +19,7 @@ import torch
 from helpers import assert_same_nested
 
 from optimizer import cli
+from optimizer.demo.train import DEFAULTS
 
 TINY = ["--dim", "32", "--layers", "1", "--heads", "2", "--seq-len", "32", "--batch-size", "4", "--no-progress"]
 RUN = ["--steps", "16", "--eval-every", "4", *TINY]
@@ -245,9 +246,10 @@ def test_two_runs_into_one_out_one_trains_the_other_is_refused_up_front(tmp_path
     assert winner.poll() is None  # (all of them while it trained)
     _, err = winner.communicate(timeout=120)
     assert winner.returncode == 0, err
-    assert summary_steps(out) == {"adamw": 60, "lion": 60}
+    assert summary_steps(out) == {name: 60 for name in DEFAULTS["optimizers"]}
     assert all(torch.load(out / f"{n}.ckpt", weights_only=True)["step"] == 60 for n in ("adamw", "lion"))
-    assert sorted(p.name for p in out.iterdir()) == ["adamw.ckpt", "lion.ckpt", "loss.png", "lr.png", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*(f"{name}.ckpt" for name in DEFAULTS["optimizers"]), "loss.png", "lr.png", "summary.json"])
 
 
 def test_a_run_killed_with_sigkill_leaves_no_lock_that_blocks_the_next(tmp_path, capsys):
@@ -264,8 +266,9 @@ def test_a_run_killed_with_sigkill_leaves_no_lock_that_blocks_the_next(tmp_path,
     assert (out / ".demo.lock").exists()  # its file is left behind, its lock is not
     (out / f"adamw.ckpt.{proc.pid}.0badcafe.tmp").write_bytes(b"cut short")
     assert cli.main(["demo", "--resume", "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
-    assert summary_steps(out) == {"adamw": 60, "lion": 60}
-    assert sorted(p.name for p in out.iterdir()) == ["adamw.ckpt", "lion.ckpt", "loss.png", "lr.png", "summary.json"]
+    assert summary_steps(out) == {name: 60 for name in DEFAULTS["optimizers"]}
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*(f"{name}.ckpt" for name in DEFAULTS["optimizers"]), "loss.png", "lr.png", "summary.json"])
 
 
 def test_a_checkpoint_write_leaves_other_writers_temporary_files_alone(tmp_path):
@@ -374,3 +377,20 @@ def test_a_checkpoint_that_loads_but_does_not_fit_is_one_line_before_training(sm
     assert f"Invalid --resume: the checkpoint {path} cannot be resumed: {words}" in err, err
     assert "delete it to run lion again from step 0, or start over with --overwrite" in err
     assert files(small_run) == before and "resuming" not in captured.out
+
+
+def test_resume_compares_muons_options_by_the_values_the_run_used(tmp_path, capsys):
+    """Muon's adamw_lr is a registry option (3e-3), not a class default (None): a resume that names
+    the value the run used continues, another value is refused naming the checkpoint's value."""
+    out, config = tmp_path / "run", tmp_path / "c.yaml"
+    assert cli.main(["demo", "--steps", "8", *TINY, "--optimizers", "muon", "--stop-after", "2",
+                     "--out", str(out)]) == 0
+    config.write_text("optimizer_args:\n  muon: {adamw_lr: 1e-3}\n")
+    capsys.readouterr()
+    assert cli.main(["demo", "--resume", "--out", str(out), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"Invalid --resume: optimizer_args.muon.adamw_lr in {config} 0.001 differs from the checkpoint" in err, err
+    assert "(it has optimizer_args.muon.adamw_lr 0.003)" in err and len(err.strip().splitlines()) == 1
+    config.write_text("optimizer_args:\n  muon: {adamw_lr: 3e-3}\n")  # the value the run used
+    assert cli.main(["demo", "--resume", "--out", str(out), "--config", str(config)]) == 0
+    assert "muon: resuming at step 2 of 8" in capsys.readouterr().out

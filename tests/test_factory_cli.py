@@ -204,7 +204,7 @@ def test_bad_flags_exit_2_without_traceback():
 
 
 def test_every_subcommand_has_help():
-    for argv in ([], ["demo"], ["plot-schedule"]):
+    for argv in ([], ["demo"], ["sweep"], ["plot-schedule"]):
         done = subprocess.run([sys.executable, "-m", "optimizer", *argv, "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "usage: python -m optimizer" in done.stdout
         assert len(done.stdout.splitlines()) < 80  # about a screen (two lines of flags per optimizer)
@@ -238,7 +238,7 @@ def test_demo_short_run_writes_table_and_files(tmp_path, capsys):
     for name in ("loss.png", "lr.png"):
         assert mpimg.imread(tmp_path / name).ndim == 3
     summary = read_summary(tmp_path)
-    assert set(summary["results"]) == {"adamw", "lion"}
+    assert set(summary["results"]) == {"adamw", "lion", "muon"}  # the default run trains all three
     for name, r in summary["results"].items():
         assert len(r["history"]["loss"]) == 12 and r["held_out_loss"] < summary["unigram_entropy"] + 3
         assert [s for s, _ in r["history"]["held_out"]] == [0, 6, 12]  # from step 0

@@ -41,7 +41,7 @@ from .llama import Llama
 # and the checkpoints' and summary's "config" are these names. None: follows --steps
 # (see resolve_defaults).
 DEFAULTS: dict[str, Any] = {
-    "optimizers": ["adamw", "lion"],
+    "optimizers": ["adamw", "lion", "muon"],
     "schedule": "cosine",
     "warmup_steps": None,  # a tenth of the steps
     "min_lr_ratio": None,  # 0.1, or 0 for the schedules without a floor (constant, inverse_sqrt)
@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "out": "runs/demo",
     "optimizer_args": {},  # name -> keyword arguments (lr, weight_decay, betas, ...)
+    "lr_from": None,  # a sweep.json whose best lrs the run took (--lr-from): said beside the table
 }
 # the settings a resumed run may change: where and how it runs, not what it computes
 FREE_ON_RESUME = ("device", "distributed", "checkpoint_every", "out")
@@ -182,6 +183,7 @@ _SETTINGS: dict[str, tuple[Any, str]] = {
     "distributed": (lambda v: v in ("none", "ddp", "fsdp2"), "none, ddp or fsdp2"),
     "seed": (_is_int, "a whole number >= 0"),
     "out": (lambda v: isinstance(v, str), "text"),
+    "lr_from": (lambda v: v is None or isinstance(v, str), "a file name or null"),
     "optimizer_args": (lambda v: isinstance(v, dict) and all(isinstance(a, dict) for a in v.values()),
                        "{name: {keyword: value}}"),
 }
@@ -301,11 +303,23 @@ def _optimizer(name: str, model: torch.nn.Module, cfg: dict[str, Any], world: pa
     return opt, sched
 
 
+def diverged(losses: list[float], warmup_steps: int, window: int = 10) -> bool:
+    """Whether a run whose training losses so far are ``losses`` has diverged: its last loss is not
+    finite, or, once warmup is over (and ``window`` steps done), the mean of its last ``window``
+    losses is above its loss at the start. Averaged because one noisy step above the start is not
+    divergence; from the end of warmup because a high lr may first raise the loss and recover."""
+    if not math.isfinite(losses[-1]):
+        return True
+    return len(losses) > max(warmup_steps, window) and statistics.fmean(losses[-window:]) > losses[0]
+
+
 def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib.Path, *, ckpt: dict | None,
               stop_after: int | None, progress: bool, interrupt: Interrupt, world: parallel.World,
-              device: torch.device) -> dict[str, Any]:
+              device: torch.device, save: bool = True, stop_if_diverged: bool = False) -> dict[str, Any]:
     """One optimizer's run, from ``ckpt`` if given; returns its results, or ``{"finished": False,
-    "step": N, "interrupted": ...}`` when stopped early (``stop_after`` steps done, or a signal on any rank)."""
+    "step": N, "interrupted": ...}`` when stopped early (``stop_after`` steps done, or a signal on any rank).
+    ``save=False`` writes no checkpoint (the sweep's short runs); ``stop_if_diverged`` ends a run that
+    :func:`diverged` at that step, with the held-out loss there, as a finished run with ``"diverged": True``."""
     model = _model(cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
     model = parallel.wrap(model, world)
@@ -326,6 +340,8 @@ def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib
         hist["held_out"].append([0, evaluate(model, held_out, cfg["seq_len"], device)])
 
     def checkpoint(step: int) -> None:
+        if not save:
+            return
         model_sd, opt_sd = parallel.full_state(model, opt, world)  # every rank takes part
         if world.main:
             save_atomic({"model": model_sd, "optimizer": opt_sd, "scheduler": sched.state_dict(),
@@ -340,7 +356,7 @@ def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib
         bar = tqdm(total=cfg["steps"], initial=start, desc=f"{name:6s}", unit="step", dynamic_ncols=True)
     tokens_per_step = cfg["batch_size"] * cfg["seq_len"]
     trained_s = sum(hist["wall_s"])  # seconds in training steps so far (resumed runs count their earlier steps)
-    stopped, interrupted = None, False
+    stopped, interrupted, blew_up = None, False, False
     for step in range(start, cfg["steps"]):
         if parallel.any_rank(interrupt.signum is not None, world, device):  # every rank stops at the same step
             stopped, interrupted = step, True
@@ -366,12 +382,15 @@ def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib
         hist["wall_s"].append(time.perf_counter() - t_step)
         trained_s += hist["wall_s"][-1]
         done = step + 1
-        if done % cfg["eval_every"] == 0 or done == cfg["steps"]:
+        blew_up = stop_if_diverged and diverged(hist["loss"], cfg["warmup_steps"])
+        if done % cfg["eval_every"] == 0 or done == cfg["steps"] or blew_up:
             hist["held_out"].append([done, evaluate(model, held_out, cfg["seq_len"], device)])
         if bar is not None:
             rate = tokens_per_s(len(hist["wall_s"]), tokens_per_step, trained_s)  # the table's figure, so far
             bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
             bar.update(1)
+        if blew_up:
+            break
         if stop_after is not None and done - start >= stop_after and done < cfg["steps"]:
             stopped = done
             break
@@ -385,7 +404,10 @@ def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib
     state_bytes = parallel.local_bytes(opt)
     return {
         "finished": True,
+        "diverged": blew_up,
+        "steps_done": len(hist["loss"]),
         "groups": describe_groups(opt),
+        "peak_lrs": peak_lrs(opt),
         "params": n_params,
         "final_train_loss": statistics.fmean(hist["loss"][-10:]),
         "held_out_loss": hist["held_out"][-1][1],
@@ -395,6 +417,18 @@ def train_one(name: str, cfg: dict[str, Any], train_data, held_out, out: pathlib
         "state_bytes_per_param": state_bytes / parallel.local_numel(model),  # per parameter this rank holds
         "history": hist,
     }
+
+
+def peak_lrs(opt: torch.optim.Optimizer) -> dict[str, float]:
+    """The peak lr of each algorithm of ``opt``, in the order of its groups: ``{"muon": 0.02,
+    "adamw": 0.003}`` for Muon's groups (``use_muon``), one entry named after the optimizer for
+    the others. The history's lr is the first group's; the scheduler scales every group from its
+    own peak, so the others' curves are that one times the ratio of the peaks."""
+    peaks: dict[str, float] = {}
+    for g in opt.param_groups:
+        algorithm = ("muon" if g["use_muon"] else "adamw") if "use_muon" in g else type(opt).__name__.lower()
+        peaks.setdefault(algorithm, float(g.get("initial_lr", g["lr"])))
+    return peaks
 
 
 def tokens_per_s(steps: int, tokens_per_step: int, seconds: float) -> float:
@@ -420,7 +454,9 @@ def describe_run(cfg: dict[str, Any], params: int | None = None, width: int = 11
     opts = "; ".join(
         f"{n} lr {cfg['optimizer_args'].get(n, {}).get('lr', OPTIMIZERS[n].lr):g} "
         f"wd {cfg['optimizer_args'].get(n, {}).get('weight_decay', OPTIMIZERS[n].weight_decay):g}"
-        + "".join(f" {k} {v}" for k, v in cfg["optimizer_args"].get(n, {}).items() if k not in ("lr", "weight_decay"))
+        + "".join(f" {k} {v:g}" if isinstance(v, float) else f" {k} {v}"
+                  for k, v in {**OPTIMIZERS[n].options, **cfg["optimizer_args"].get(n, {})}.items()
+                  if k not in ("lr", "weight_decay"))
         for n in cfg["optimizers"])
     lines = [f"small LLaMA{size} ({cfg['dim']}x{cfg['layers']}, {cfg['heads']} heads), {cfg['steps']} steps of "
              f"{cfg['batch_size']}x{cfg['seq_len']} bytes, seed {cfg['seed']}",
@@ -452,16 +488,27 @@ def loss_figure(results: dict[str, dict[str, Any]], cfg: dict[str, Any], entropy
     return fig
 
 
+_GROUPS = {"muon": "matrices (Muon)", "adamw": "other tensors (AdamW)"}  # the lr plot's names of peak_lrs' keys
+
+
 def lr_figure(results: dict[str, dict[str, Any]], cfg: dict[str, Any]):
     """The learning rate each optimizer stepped with, one linear panel each (their peaks differ
-    ~10x), with the end of warmup and the end of the run marked."""
+    ~10x), with the end of warmup and the end of the run marked; an optimizer of several
+    algorithms (Muon's matrices and AdamW's other tensors) has a curve for each (dashed: the
+    others', scaled from the first group's by the ratio of the peaks, :func:`peak_lrs`)."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(results), 1, sharex=True, squeeze=False, figsize=(7, 1.2 + 1.8 * len(results)))
     w, n = cfg["warmup_steps"], cfg["steps"]
     for ax, (name, r), color in zip(axes[:, 0], results.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         lrs = r["history"]["lr"]
-        ax.plot(range(len(lrs)), lrs, color=color, label=f"{name} (peak {max(lrs):.3g})")
+        peaks = list(r.get("peak_lrs", {}).items())
+        first = f"{name}: {_GROUPS.get(peaks[0][0], peaks[0][0])}" if len(peaks) > 1 else name
+        ax.plot(range(len(lrs)), lrs, color=color, label=f"{first} (peak {max(lrs):.3g})")
+        for algorithm, peak in peaks[1:]:
+            scaled = [lr * peak / peaks[0][1] for lr in lrs]
+            ax.plot(range(len(lrs)), scaled, color=color, ls="--",
+                    label=f"{name}: {_GROUPS.get(algorithm, algorithm)} (peak {max(scaled):.3g})")
         ax.axvline(w, color="gray", ls=":", lw=0.8, label=f"end of warmup (step {w})")
         ax.axvline(n, color="gray", ls="--", lw=0.8, label=f"end (step {n})")
         ax.set(ylabel="learning rate", ylim=(0, None))
@@ -486,6 +533,49 @@ def plot(results: dict[str, dict[str, Any]], cfg: dict[str, Any], entropy: float
         plt.close(fig)
         files.append(out / file)
     return files
+
+
+def describe_lrs(cfg: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
+    """Where the table's peak lrs came from, in a line: the registry's defaults, the flags or config
+    file, or ``--lr-from`` (each optimizer's best in a sweep); and Muon's second lr, its AdamW's."""
+    given = [n for n in results if {"lr", "adamw_lr"} & set(cfg["optimizer_args"].get(n, {}))]
+    if cfg.get("lr_from"):
+        source = f"each optimizer's best in the lr sweep {cfg['lr_from']} (--lr-from)"
+    elif not given:
+        source = "the registry's defaults (optimizer.factory.OPTIMIZERS)"
+    elif len(given) == len(results):
+        source = "as given (flags or --config)"
+    else:
+        source = f"{', '.join(given)} as given, the others the registry's defaults"
+    others = [f"{n}'s is its matrices' (the other tensors: AdamW at {r['peak_lrs']['adamw']:g})"
+              for n, r in results.items() if len(r.get("peak_lrs", {})) > 1 and "adamw" in r["peak_lrs"]]
+    return f"peak lr: {source}" + "".join(f"; {o}" for o in others)
+
+
+def table(results: dict[str, dict[str, Any]], cfg: dict[str, Any], entropy: float,
+          world: parallel.World | None = None) -> str:
+    """The run's table as the demo prints it (``results`` as summary.json holds them), with the lines
+    that say what its columns are and where the lrs came from."""
+    world = world or parallel.World()
+    params = next(iter(results.values()))["params"]
+    lines = [f"small LLaMA, {params / 1e6:.2f} M parameters, {cfg['steps']} steps of "
+             f"{cfg['batch_size']}x{cfg['seq_len']} bytes, {cfg['schedule']} schedule, warmup {cfg['warmup_steps']}"
+             f"{describe_precision(cfg)}{parallel.describe(world)}"]
+    state = "state MiB" if world.mode == "none" else "state MiB/rank"
+    lines.append(f"{'optimizer':10s} {'peak lr':>8s} {'train loss':>10s} {'held-out':>9s} {'tokens/s':>9s} "
+                 f"{'opt step ms':>12s} {state:>10s} {'state B/param':>13s}")
+    for name, r in results.items():
+        peak = next(iter(r["peak_lrs"].values())) if r.get("peak_lrs") else max(r["history"]["lr"])
+        lines.append(f"{name:10s} {peak:8.2g} {r['final_train_loss']:10.3f} {r['held_out_loss']:9.3f} "
+                     f"{r['tokens_per_s']:9,.0f} {r['optimizer_step_ms']:12.2f} {r['state_bytes'] / 2**20:10.2f} "
+                     f"{r['state_bytes_per_param']:13.3f}")
+    lines += [describe_lrs(cfg, results),
+              f"held-out loss of a model that ignores context: {entropy:.3f}",
+              "losses in nats per byte; train loss: the mean of the last 10 steps'; held-out: on the last 10% of "
+              "the text",
+              "tokens/s: tokens trained per second of training steps, over the whole run (the progress bar's "
+              "figure); opt step ms: median time of the optimizer's step alone"]
+    return "\n".join(lines)
 
 
 def resume_hint(out: pathlib.Path, world: parallel.World) -> str:
@@ -547,20 +637,7 @@ def _run(cfg: dict[str, Any], checkpoints: dict[str, dict[str, Any]], *, overwri
     if not world.main:
         return 0
     params = next(iter(results.values()))["params"]
-    print(f"\nsmall LLaMA, {params / 1e6:.2f} M parameters, {cfg['steps']} steps of "
-          f"{cfg['batch_size']}x{cfg['seq_len']} bytes, {cfg['schedule']} schedule, warmup {cfg['warmup_steps']}"
-          f"{describe_precision(cfg)}{parallel.describe(world)}")
-    state = "state MiB" if world.mode == "none" else "state MiB/rank"
-    header = (f"{'optimizer':10s} {'train loss':>10s} {'held-out':>9s} {'tokens/s':>9s} {'opt step ms':>12s} "
-              f"{state:>10s} {'state B/param':>13s}")
-    print(header)
-    for name, r in results.items():
-        print(f"{name:10s} {r['final_train_loss']:10.3f} {r['held_out_loss']:9.3f} {r['tokens_per_s']:9,.0f} "
-              f"{r['optimizer_step_ms']:12.2f} {r['state_bytes'] / 2**20:10.2f} {r['state_bytes_per_param']:13.3f}")
-    print(f"held-out loss of a model that ignores context: {entropy:.3f}\n"
-          "losses in nats per byte; train loss: the mean of the last 10 steps'; held-out: on the last 10% of the "
-          "text\ntokens/s: tokens trained per second of training steps, over the whole run (the progress bar's "
-          "figure); opt step ms: median time of the optimizer's step alone")
+    print("\n" + table(results, cfg, entropy, world))
     files = plot(results, cfg, entropy, out, params)
     summary = {"config": cfg, "text": source, "unigram_entropy": entropy, "world_size": world.size,
                "results": {n: {k: v for k, v in r.items() if k != "finished"} for n, r in results.items()}}
