@@ -89,3 +89,26 @@ def test_measured_tables_are_their_json():
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_tables.py"), "--check"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_readme_demo_table_is_its_json(tmp_path):
+    """The README's demo table is what tools/demo_table.py writes from docs/bench/demo/runs.json (the
+    summaries of demo runs at several seeds), and a table edited by hand fails --check."""
+    import shutil
+    import subprocess
+    import sys
+
+    tool = [sys.executable, str(ROOT / "tools" / "demo_table.py")]
+    done = subprocess.run([*tool, "--check"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (ROOT / "docs" / "bench" / "demo" / "runs.json").exists()
+    (tmp_path / "docs" / "bench").mkdir(parents=True)
+    shutil.copytree(ROOT / "docs" / "bench" / "demo", tmp_path / "docs" / "bench" / "demo")
+    text = (ROOT / "README.md").read_text()
+    start = text.index("<!-- demo:table -->")
+    edited = text[:start] + text[start:].replace("| adamw |", "| adamw (edited) |", 1)
+    (tmp_path / "README.md").write_text(edited)
+    stale = subprocess.run([*tool, "--check", "--root", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert stale.returncode == 1 and "differs" in stale.stderr
+    assert subprocess.run([*tool, "--root", str(tmp_path)], capture_output=True, timeout=300).returncode == 0
+    assert (tmp_path / "README.md").read_text() == text

@@ -39,6 +39,8 @@ HEADLINE = [
     ("ours Lion 8-bit", "bitsandbytes Lion8bit", "cpu-8bit"),
     ("ours SparseAdamW default", "torch AdamW fused (dense)", "cpu-sparse"),
     ("ours SparseAdamW default", "torch SparseAdam", "cpu-sparse"),
+    ("ours Muon default", "torch Muon + AdamW fused", "cpu-muon"),
+    ("ours Muon default", "torch Muon + AdamW fused", "cpu-muon-many-small"),
 ]
 HEADLINE_NAME = "headline"
 MARKER = re.compile(r"^<!-- (/?)bench:([\w-]+) -->$", re.M)
