@@ -5,6 +5,8 @@ OptimizerInfo.name (the part of a test's name that names the optimizer) is overr
 ours do not clash with torch's "Muon"; the class names stay as they are, because test_optim.py
 switches on ``optim_cls.__name__ == "Muon"`` (2-D parameters only) and ``== "AdamW"``.
 """
+import pathlib
+import sys
 import unittest
 
 import torch
@@ -123,33 +125,10 @@ def optim_error_inputs_func_ours_muon(device, dtype):
     return error_inputs
 
 
-MUON_ONLY = ("momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn", "ns_dtype",
-             "flatten", "split")
-
-
-class MuonByShape(Muon):
-    """(a) Muon fed as tests/optim_table.py's MuonByShape feeds it: each group
-    given is split into an AdamW group (use_muon=False) of its tensors of fewer than 2
-    dimensions and a Muon group of the others, each with the group's settings."""
-
-    def add_param_group(self, param_group):
-        params = param_group.get("params")
-        if "use_muon" in param_group or not isinstance(params, (list, tuple)):
-            return super().add_param_group(param_group)
-
-        def is_matrix(p):
-            t = p[1] if isinstance(p, tuple) else p
-            return isinstance(t, torch.Tensor) and t.dim() >= 2
-
-        matrices, others = [p for p in params if is_matrix(p)], [p for p in params if not is_matrix(p)]
-        if not matrices or not others:
-            return super().add_param_group({**param_group, "use_muon": bool(matrices)})
-        # the AdamW half drops the group's Muon-only options (momentum=0.8 in a group:
-        # test_param_groups_lr), which an AdamW group refuses
-        adamw_half = {k: v for k, v in param_group.items() if k not in MUON_ONLY}
-        super().add_param_group({**adamw_half, "params": others, "use_muon": False})
-        super().add_param_group({**param_group, "params": matrices, "use_muon": True})
-
+# (a) our own generic tests' way of feeding Muon every test's parameter list: each group split into
+# an AdamW group of its tensors of fewer than 2 dimensions and a Muon group of the others
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "tests"))
+from optim_table import MuonByShape  # noqa: E402
 
 TORCH_MUON = next(o for o in optim_db if o.optim_cls is torch.optim.Muon)
 _COMPILE_SKIP = TORCH_MUON.decorators  # (CompiledOptimizerParityTests only; kept for fidelity)
