@@ -1,5 +1,5 @@
 """GPU checks of issue 27, items 11-13 (the Triton kernels' launch plans, a CPU-tensor lr, and
-gradients off a 16-byte boundary), on real hardware. Run from the repository root:
+gradients off a 16-byte boundary), and of Muon (issue 24), on real hardware. Run from the repository root:
 
     python tools/gpu_check.py            # about a minute on an H100
 
@@ -16,13 +16,14 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 
 sys.path.insert(0, os.getcwd())
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from optimizer import AdamW, AdamW8bit, Lion, Lion8bit  # noqa: E402
+from optimizer import AdamW, AdamW8bit, Lion, Lion8bit, Muon  # noqa: E402
 from optimizer import _fused_triton as FT  # noqa: E402
 
 assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -331,7 +332,11 @@ def _():
     p = torch.nn.Parameter(torch.randn(512, 256, device=DEV).to(torch.bfloat16).t())
     opt = AdamW([p], lr=1e-3, fused=True, stochastic_rounding=True)
     p.grad = torch.randn_like(p)
-    opt.step()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        opt.step()
+    told = [str(w.message) for w in said if "run the reference" in str(w.message)]
+    record("13b warned once", len(told) == 1, told[0][:90] if told else "no warning")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -343,6 +348,43 @@ def _():
         torch.cuda.set_sync_debug_mode("default")
     record("13b non-contiguous bf16 + SR", None,
            "syncs (the reference path; a warning is _dispatch.route's to give)" if synced else "no sync")
+
+
+# ----- Muon on a GPU (issue 24): the batched bf16 iteration against torch.optim.Muon ---------
+
+@guarded("Muon vs torch.optim.Muon")
+def _():
+    shapes = [(1536, 512), (1536, 512), (512, 512), (2048, 512), (512, 2048)]
+    ours = [torch.nn.Parameter(torch.randn(s, device=DEV) * 0.02) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    a, b = Muon(ours, lr=0.02), torch.optim.Muon(theirs, lr=0.02)
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, device=DEV, generator=gen)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    same = all(same_bits(p, q) for p, q in zip(ours, theirs))
+    # in units of one step's update (lr times O's RMS, about 1 / sqrt(cols) for a wide matrix)
+    worst = max(((p - q).abs().max() / (0.02 / max(p.shape) ** 0.5)).item() for p, q in zip(ours, theirs))
+    record("Muon vs torch.optim.Muon", same or worst < 0.05,
+           f"bit for bit: {same}; largest difference {worst:.3g} of one step's update")
+
+
+@guarded("Muon 8-bit momentum")
+def _():
+    p = torch.nn.Parameter(torch.randn(1024, 1024, device=DEV) * 0.02)
+    q = torch.nn.Parameter(p.detach().clone())
+    a, b = Muon([p], lr=0.02, state_dtype=torch.uint8), Muon([q], lr=0.02)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    rel = ((p - q).norm() / q.norm()).item()
+    record("Muon 8-bit momentum", a.state[p]["momentum_buffer"].dtype == torch.uint8,
+           f"runs (the batched path); parameters vs float momentum: relative difference {rel:.2e}")
 
 
 print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
