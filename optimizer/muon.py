@@ -19,7 +19,9 @@ Decisions, and why
   own backends (fused C on the CPU, Triton on CUDA) with AdamW's options, their missing
   ones taken from ``adamw_lr``, ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``.
   Each group holds its own algorithm's options only; an option of the other algorithm in a
-  group (``betas`` in a Muon group, ``momentum`` in an AdamW one) is refused, as is a tensor
+  group (``betas`` in a Muon group, ``momentum`` in an AdamW one) is refused (at the
+  optimizer's own value it is the filling of torch's base class or of ZeroRedundancyOptimizer,
+  and is dropped), as is a tensor
   of fewer than 2 dimensions in a Muon group: either is a split gone wrong, and the
   published code bases silently mis-route such tensors. ``factory.create_optimizer(model,
   "muon")`` splits a whole model (``factory.muon_labels``).
@@ -72,7 +74,7 @@ import torch
 from torch import Tensor
 
 from . import _8bit, _dispatch, _fused_cpu, _rounding
-from ._base import Algorithm, Optimizer
+from ._base import Algorithm, Optimizer, Prepared
 from ._checks import (
     check_backend,
     check_flag,
@@ -112,6 +114,19 @@ _MUON_KEYS = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "
               "ns_dtype", "flatten", "split")
 _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "correct_bias")
 _ADAMW_DEFAULTS = {"lr": "adamw_lr", "betas": "adamw_betas", "eps": "adamw_eps", "weight_decay": "adamw_weight_decay"}
+_ADAMW_ARGS = tuple(_ADAMW_DEFAULTS.values())  # the constructor's names of AdamW's defaults
+_MUON_ONLY = tuple(k for k in _MUON_KEYS if k not in _ADAMW_KEYS)  # options an AdamW group has no use for
+_MISSING = object()
+
+
+def _same_option(value: Any, default: Any) -> bool:
+    """``value`` is ``default``: the same plain value, a list for a tuple too (copies of groups may
+    turn one into the other); a tensor is never taken for a default."""
+    if isinstance(value, Tensor) or isinstance(default, Tensor) or default is _MISSING:
+        return False
+    if isinstance(value, (tuple, list)) and isinstance(default, (tuple, list)):
+        return len(value) == len(default) and all(map(_same_option, value, default))
+    return type(value) is type(default) and value == default
 
 
 class Muon(Optimizer):
@@ -239,6 +254,27 @@ class Muon(Optimizer):
         super().__init__(params, defaults)
 
     # ----- which algorithm, Note [several algorithms] ------------------------------
+
+    # torch's Optimizer base fills a group with every option it lacks, and ZeroRedundancyOptimizer
+    # fills its groups from its own keyword arguments and copies them into each rank's optimizer
+    # before every step (momentum=0.95 lands in the AdamW groups too): the other algorithm's option
+    # at this optimizer's own value is that filling, not a choice, and is dropped; another value is
+    # still refused by the group's checks
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict):
+            param_group = dict(param_group)
+            self._drop_filled_options(param_group)
+        super().add_param_group(param_group)
+
+    def _prepare(self, gi: int, group: dict[str, Any]) -> Prepared:
+        self._drop_filled_options(group)
+        return super()._prepare(gi, group)
+
+    def _drop_filled_options(self, group: dict[str, Any]) -> None:
+        foreign = _ADAMW_ARGS if group.get("use_muon", self.defaults["use_muon"]) is True else _MUON_ONLY + _ADAMW_ARGS
+        for key in [k for k in foreign if k in group and _same_option(group[k], self.defaults.get(k, _MISSING))]:
+            del group[key]
 
     def _algorithm(self, group: dict[str, Any]) -> Algorithm:
         return self if group.get("use_muon", True) else _AUX_ADAMW

@@ -420,7 +420,9 @@ def muon_zero(rank: int, world: int, port: int) -> None:
         what = f"ZeRO Muon {backend} rank {rank}/{world}"
         ref, ref_opt = muon_reference(data, kw)
         model = DistributedDataParallel(MuonNet())
-        opt = ZeroRedundancyOptimizer(muon_groups(model), optimizer_class=Muon, **MUON_HYPER, **kw)
+        # Muon's and AdamW's own options given to ZeRO, which copies them into every group
+        opt = ZeroRedundancyOptimizer(muon_groups(model), optimizer_class=Muon, **MUON_HYPER, **kw, momentum=0.95,
+                                      adamw_betas=(0.9, 0.95))
         assert [g["use_muon"] for g in opt.optim.param_groups] == [True, True, True, False], what
         assert [] in [g["params"] for g in opt.optim.param_groups], what  # a one-tensor group: empty here
         train(model, opt, data, rank, world)

@@ -340,7 +340,7 @@ BAD_GROUPS = {
                               r"Invalid option 'betas' in a group of Muon \(use_muon=True\).*set use_muon=False"),
     "momentum in an AdamW group": (lambda ps: [{"params": [ps["b"]], "use_muon": False, "momentum": 0.9}],
                                    r"Invalid option 'momentum' in a group of AdamW \(use_muon=False\)"),
-    "adamw_lr in a group": (lambda ps: [{"params": [ps["w"]], "adamw_lr": 1e-3}], r"Invalid option 'adamw_lr'"),
+    "adamw_lr in a group": (lambda ps: [{"params": [ps["w"]], "adamw_lr": 5e-3}], r"Invalid option 'adamw_lr'"),
     "use_muon not a bool": (lambda ps: [{"params": [ps["w"]], "use_muon": "yes"}], r"Invalid use_muon: 'yes'"),
     "a split that does not divide": (lambda ps: [{"params": [ps["w"]], "split": 3}],
                                      r"Invalid split: 3 does not divide the 4 rows of parameter 0 of group 0"),
@@ -933,3 +933,20 @@ def test_a_muon_qkv_label_on_a_tensor_that_is_not_three_stacked_matrices_is_refu
                                                           for n, _ in m.named_parameters()})
     one_width = torch.nn.Sequential(torch.nn.MultiheadAttention(6, 2))  # (out_proj: the last Linear, the output)
     assert [g["group"] for g in create_optimizer(one_width, "muon").param_groups][0] == "muon_qkv"
+
+
+def test_the_other_algorithms_options_at_the_optimizers_own_values_are_dropped_others_refused():
+    """torch's base class and ZeroRedundancyOptimizer fill every group with the keyword arguments they
+    were given: an AdamW group that holds Muon's momentum at the optimizer's own value (and any group
+    holding an adamw_* default) is that filling and keeps working; another value is still refused."""
+    m, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))
+    opt = Muon([{"params": [m], "adamw_lr": 3e-3}, {"params": [b], "use_muon": False, "momentum": 0.9, "ns_steps": 5}],
+               momentum=0.9, adamw_lr=3e-3)
+    assert "momentum" not in opt.param_groups[1] and "ns_steps" not in opt.param_groups[1]
+    assert "adamw_lr" not in opt.param_groups[0] and opt.param_groups[1]["lr"] == 3e-3
+    with pytest.raises(ValueError, match=r"Invalid option 'momentum' in a group of AdamW"):
+        Muon([{"params": [m]}, {"params": [b], "use_muon": False, "momentum": 0.8}], momentum=0.9)
+    with pytest.raises(ValueError, match=r"Invalid option 'adamw_lr' in a group of Muon"):
+        Muon([{"params": [m], "adamw_lr": 1e-2}], adamw_lr=3e-3)
+    with pytest.raises(ValueError, match=r"Invalid option 'momentum' in a group of AdamW"):  # a tensor: never a default
+        Muon([{"params": [m]}, {"params": [b], "use_muon": False, "momentum": torch.tensor(0.95)}])
