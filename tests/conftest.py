@@ -3,6 +3,7 @@ import os
 import shutil
 import tempfile
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -64,6 +65,21 @@ def _interpreter_with_a_true_fma():
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_with_a_true_fma()
+
+
+@pytest.fixture
+def triton_on_this_device():
+    """For one test, lets the dispatcher send this machine's tensors to the Triton kernels: CUDA
+    tensors on a GPU, CPU tensors (through Triton's interpreter) without one. The Triton test
+    modules take it for every test (``pytestmark``)."""
+    from optimizer import _dispatch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    added = device not in _dispatch.TRITON_DEVICES
+    _dispatch.TRITON_DEVICES.add(device)
+    yield
+    if added:
+        _dispatch.TRITON_DEVICES.discard(device)
 
 # 25 examples a property by default; CI replays the same examples every run (a red CI then
 # means a change broke something); HYPOTHESIS_PROFILE=thorough explores many more.

@@ -4,7 +4,7 @@ kernels] in _fused_triton.py) and the stochastic rounding of bf16/fp16 parameter
 four kernels (Note [stochastic rounding]).
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (conftest sets
-TRITON_INTERPRET=1; the fixture below sends CPU parameters to them, as in
+TRITON_INTERPRET=1; the fixture triton_on_this_device sends CPU parameters to them, as in
 test_fused_triton.py); on a GPU the same tests run on CUDA tensors, and the tests marked
 ``gpu`` compare with torch's reference on CUDA.
 
@@ -27,7 +27,7 @@ triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 
-from optimizer import AdamW, AdamW8bit, Lion, Lion8bit, _8bit, _dispatch, _rounding  # noqa: E402
+from optimizer import AdamW, AdamW8bit, Lion, Lion8bit, _8bit, _rounding  # noqa: E402
 from optimizer import _fused_triton as FT  # noqa: E402
 from optimizer.adamw import _single_tensor_adamw8bit  # noqa: E402
 from optimizer.lion import _single_tensor_lion8bit  # noqa: E402
@@ -42,13 +42,7 @@ KERNELS = {"adamw": "adamw8bit", "lion": "lion8bit"}
 CLASSES = {"adamw": AdamW8bit, "lion": Lion8bit}
 
 
-@pytest.fixture(autouse=True)
-def triton_on_this_device():
-    added = DEVICE not in _dispatch.TRITON_DEVICES
-    _dispatch.TRITON_DEVICES.add(DEVICE)
-    yield
-    if added:
-        _dispatch.TRITON_DEVICES.discard(DEVICE)
+pytestmark = pytest.mark.usefixtures("triton_on_this_device")  # (conftest.py)
 
 
 @pytest.fixture

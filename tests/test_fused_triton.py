@@ -1,7 +1,7 @@
 """The fused GPU kernels (Note [fused GPU]) against the reference at every step.
 
 Without a GPU they run in Triton's interpreter on CPU tensors (conftest sets
-TRITON_INTERPRET=1 and the fixture below sends CPU parameters to them); on a GPU
+TRITON_INTERPRET=1 and the fixture triton_on_this_device sends CPU parameters to them); on a GPU
 the same tests run on CUDA tensors."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from optim_table import OPTIMIZERS, ids
 
 triton = pytest.importorskip("triton")
 
-from optimizer import _dispatch  # noqa: E402
 from optimizer import _fused_triton as FT  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -23,13 +22,7 @@ PAIRS = [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
          (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)]
 
 
-@pytest.fixture(autouse=True)
-def triton_on_this_device():
-    added = DEVICE not in _dispatch.TRITON_DEVICES
-    _dispatch.TRITON_DEVICES.add(DEVICE)
-    yield
-    if added:
-        _dispatch.TRITON_DEVICES.discard(DEVICE)
+pytestmark = pytest.mark.usefixtures("triton_on_this_device")  # (conftest.py)
 
 
 def make(shapes, dtype, seed):

@@ -3,7 +3,7 @@ launch takes (Note [fused GPU]) and the vector accesses of tensors off a 16-byte
 [alignment]).
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (conftest sets
-TRITON_INTERPRET=1; the fixture below sends CPU parameters to them, as in test_fused_triton.py)."""
+TRITON_INTERPRET=1; the fixture triton_on_this_device sends CPU parameters to them, as in test_fused_triton.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from optim_table import OPTIMIZERS
 
 triton = pytest.importorskip("triton")
 
-from optimizer import AdamW, AdamW8bit, Lion8bit, _dispatch  # noqa: E402
+from optimizer import AdamW, AdamW8bit, Lion8bit  # noqa: E402
 from optimizer import _fused_triton as FT  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,13 +24,7 @@ EIGHT_BIT = [AdamW8bit, Lion8bit]
 ALL = [info.cls for info in OPTIMIZERS] + EIGHT_BIT
 
 
-@pytest.fixture(autouse=True)
-def triton_on_this_device():
-    added = DEVICE not in _dispatch.TRITON_DEVICES
-    _dispatch.TRITON_DEVICES.add(DEVICE)
-    yield
-    if added:
-        _dispatch.TRITON_DEVICES.discard(DEVICE)
+pytestmark = pytest.mark.usefixtures("triton_on_this_device")  # (conftest.py)
 
 
 @pytest.fixture
