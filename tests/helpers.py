@@ -1,12 +1,14 @@
 """What several test modules share (test modules import from here and from optim_table.py,
 never from each other): the backend settings, a tiny model, a training loop, random
-hyper-parameters and gradients, and snapshots of an optimizer for the promise that a step
-that raises changes nothing."""
+hyper-parameters and gradients, snapshots of an optimizer for the promise that a step
+that raises changes nothing, and the check that a command-line error is one line, exit 2."""
 
 from __future__ import annotations
 
 import torch
 from optim_table import hyper
+
+from optimizer import cli
 
 # the backends a test can ask for, by the keyword arguments that choose them
 BACKENDS = {"reference": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True),
@@ -135,3 +137,12 @@ def assert_same_nested(a, b, path="state_dict"):
             assert_same_nested(x, y, f"{path}[{i}]")
     else:
         assert _same(a, b), (path, a, b)
+
+
+def fails(capsys, *argv: str) -> str:
+    """Run the CLI, expect exit 2 and exactly one line on stderr; return it."""
+    assert cli.main(list(argv)) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and captured.out == "", captured
+    return lines[0]

@@ -10,19 +10,11 @@ import subprocess
 import sys
 
 import pytest
+from helpers import fails
 
 from optimizer import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def fails(capsys, *argv: str) -> str:
-    """Run the CLI, expect exit 2 and exactly one line on stderr; return it."""
-    assert cli.main(list(argv)) == 2
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and captured.out == "", captured
-    return lines[0]
 
 
 @pytest.mark.parametrize(("argv", "words"), [

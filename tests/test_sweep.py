@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from helpers import fails
 
 from optimizer import cli
 from optimizer.demo import sweep, train
@@ -132,14 +133,6 @@ def test_demo_lr_from_trains_each_at_its_swept_best_and_says_so(swept, tmp_path,
         assert math.isclose(max(summary["results"][name]["history"]["lr"]), lr)
     assert f"peak lr: each optimizer's best in the lr sweep {out / 'sweep.json'} (--lr-from)" in printed
     assert summary["config"]["lr_from"] == str(out / "sweep.json")
-
-
-def fails(capsys, *argv: str) -> str:
-    assert cli.main(list(argv)) == 2
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and captured.out == "", captured
-    return lines[0]
 
 
 @pytest.mark.parametrize(("argv", "words"), [
