@@ -50,6 +50,7 @@ import torch
 from . import AdamW, Lion, Muon, SparseAdamW
 from . import muon as _muon
 from .factory import OPTIMIZERS, muon_labels
+from .muon import ns_flops
 
 
 def gpt2_shapes(layers: int, dim: int, vocab: int, ctx: int = 1024) -> list[tuple[int, ...]]:
@@ -120,14 +121,6 @@ def matmul_throughput(dtype: torch.dtype, device: torch.device) -> float:
     n = MATMUL_SIZE.get(device.type, 8192)
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     return 2 * n**3 / _median_ms(lambda: a @ b, device) / 1e6
-
-
-def ns_flops(shape: tuple[int, ...], steps: int = 5) -> int:
-    """Flops of the Newton-Schulz iteration on one matrix of ``shape`` (rows x cols), counting its
-    products only: with m <= n its sides (the iteration transposes a tall matrix), each step computes
-    A = X X^T (2 m^2 n), B = b A + c A^2 (2 m^3) and X' = a X + B X (2 m^2 n)."""
-    m, n = sorted(shape)
-    return steps * (4 * m * m * n + 2 * m**3)
 
 
 def bandwidth(n: int, device: torch.device) -> dict[str, float]:

@@ -50,8 +50,8 @@ Decisions, and why
   written for real matrices).
 * **FSDP2 shards** (DTensors sharded along their first dimension on a 1-D mesh): a rank holds
   rows of each matrix, and Newton-Schulz needs all of them. The element-wise equations run
-  on each rank's rows; each whole direction is gathered on one owner rank (round-robin, so
-  the work is shared), orthogonalised there as in one process, and each rank gets its rows
+  on each rank's rows; each whole direction is gathered on one owner rank (owners chosen so
+  the ranks share the iterations' flops), orthogonalised there as in one process, and each rank gets its rows
   of O back: two collectives per group and step, and a step equal to the single process's
   (Note [Muon under FSDP2], at the end of the float backends). The momentum stays sharded
   like the parameter. Other layouts (tensor parallel: other placements, meshes of more than
@@ -480,6 +480,14 @@ def _blocks(shape: Sequence[int], flatten: bool, split: int | Sequence[int] | No
     return [(row_dim, start, rows, cols, count) for start, rows in zip(starts, sizes)]
 
 
+def ns_flops(shape: Sequence[int], steps: int = 5) -> int:
+    """Flops of the iteration on one matrix of ``shape`` (rows x cols), counting its products only:
+    with m <= n its sides (a tall matrix is transposed), each step computes A = X X^T (2 m^2 n),
+    B = b A + c A^2 (2 m^3) and X' = a X + B X (2 m^2 n)."""
+    m, n = sorted(shape)
+    return steps * (4 * m * m * n + 2 * m**3)
+
+
 def scale_of(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
     """The factor of the lr for a matrix of ``rows x cols`` (as torch.optim.Muon's ``_adjust_lr``)."""
     if rows == 0 or cols == 0:  # an empty matrix: nothing to scale
@@ -739,8 +747,9 @@ def _batched_newton_schulz(u: Tensor, coefficients: tuple[float, float, float], 
 #   * a stack of experts (3-D, ``flatten`` off) is sharded by experts, so each rank holds
 #     whole matrices: it orthogonalises its own, and nothing crosses the network;
 #   * every other tensor (a matrix, a ``split`` fused weight, a flattened kernel) has an
-#     owner: the k-th of them in the group's order, which every rank sees alike, is owned
-#     by rank k mod world of the mesh's group (round-robin: the iterations are shared). One
+#     owner, a rank of the mesh's group chosen from the shapes, which every rank sees alike,
+#     so the ranks share the iterations' flops (``_owners``: largest first, each to the
+#     least loaded rank). One
 #     ``all_to_all_single`` sends each owner every rank's rows of its directions, in the
 #     widest dtype among them (exactly); the owner orthogonalises its whole directions and
 #     the stacks' local matrices, as the backend does in one process (one matrix at a time,
@@ -795,7 +804,8 @@ def _sharded_muon(
         return _orthogonalised(whole, batched=batched, coefficients=ns_coefficients, steps=ns_steps, eps=eps,
                                ns_dtype=ns_dtype, flatten=flatten, split=split)
 
-    os = _gather_orthogonalise_scatter(params, us, [ns_dtype_of(ns_dtype, u) for u in us], flatten, orthogonalise)
+    os = _gather_orthogonalise_scatter(params, us, [ns_dtype_of(ns_dtype, u) for u in us], flatten, split,
+                                       orthogonalise)
     # theta <- theta - lr s O on this rank's rows of each block (s: the block's, from its whole shape)
     by_scale: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
     for param, p, o in zip(params, ps, os):
@@ -861,12 +871,12 @@ def _orthogonalised(us: list[Tensor], *, batched: bool, coefficients: tuple[floa
 
 
 def _gather_orthogonalise_scatter(params: list[Tensor], us: list[Tensor], o_dtypes: list[torch.dtype],
-                                  flatten: bool, orthogonalise: Callable[[list[Tensor]], list[Tensor]]
-                                  ) -> list[Tensor]:
+                                  flatten: bool, split: int | Sequence[int] | None,
+                                  orthogonalise: Callable[[list[Tensor]], list[Tensor]]) -> list[Tensor]:
     """This rank's rows of ``orthogonalise`` of each whole direction (each parameter's rows of O,
     in ``o_dtypes``), from this rank's rows ``us`` of the directions of the FSDP2 ``params``: the
     collective part of Note [Muon under FSDP2]. Stacks of experts stay here; every other tensor
-    goes to its owner (round-robin) and back, in two ``all_to_all_single``."""
+    goes to its owner (:func:`_owners`: the work shared by flops) and back, in two ``all_to_all_single``."""
     import torch.distributed as dist
 
     mesh = params[0].device_mesh
@@ -878,7 +888,9 @@ def _gather_orthogonalise_scatter(params: list[Tensor], us: list[Tensor], o_dtyp
     moved = [i for i, p in enumerate(params) if not (p.dim() == 3 and not flatten)]
     if not moved:  # stacks only: nothing to exchange
         return orthogonalise(us)
-    owned = [moved[r::world] for r in range(world)]  # round-robin: the k-th moved tensor is rank k mod world's
+    work = [sum(count * ns_flops((rows, cols)) for _, _, rows, cols, count in _blocks(params[i].shape, flatten, split))
+            for i in moved]
+    owned = [[moved[k] for k in ks] for ks in _owners(work, world)]
     mine = owned[me]
 
     def size(i: int, r: int) -> int:  # elements of parameter i on group rank r
@@ -911,6 +923,19 @@ def _gather_orthogonalise_scatter(params: list[Tensor], us: list[Tensor], o_dtyp
         for i, piece in zip(owned[r], chunk.split([size(i, me) for i in owned[r]])):
             os[i] = piece.view(us[i].shape).to(o_dtypes[i])
     return os  # type: ignore[return-value]
+
+
+def _owners(work: Sequence[int], world: int) -> list[list[int]]:
+    """Which rank orthogonalises which tensor, from each tensor's ``work`` (its iteration's flops):
+    the largest first, each to the rank with the least work so far (the lowest such rank on a tie),
+    so the ranks wait for the slowest owner as little as this greedy rule allows. Every rank
+    computes the same lists from the same shapes. Returns each rank's tensor indices, ascending."""
+    load, owned = [0] * world, [[] for _ in range(world)]
+    for k in sorted(range(len(work)), key=lambda k: (-work[k], k)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        load[r] += work[k]
+        owned[r].append(k)
+    return [sorted(ks) for ks in owned]
 
 
 def _all_to_all(chunks: list[Tensor], sent: list[int], received: list[int], dtype: torch.dtype,

@@ -563,6 +563,34 @@ def test_fsdp2_shards_on_one_rank_step_as_plain_tensors(one_rank, backend, state
             assert torch.equal(opts[1].state[q][key].full_tensor(), value), key
 
 
+def test_fsdp2_owners_share_the_iterations_flops():
+    """Which rank orthogonalises which gathered matrix (Note [Muon under FSDP2]): every tensor once,
+    the same lists from the same shapes, and the busiest rank near the mean share on a real model's
+    matrices, where giving the k-th tensor to rank k mod world leaves one rank far busier."""
+    from optimizer import bench
+    from optimizer.muon import _owners, ns_flops
+
+    shapes = bench.MODELS["gpt2-30m"]()
+    not_hidden = bench.NOT_HIDDEN["gpt2-30m"](len(shapes))
+    mats = [s for i, s in enumerate(shapes) if len(s) == 2 and i not in not_hidden]
+    assert len(mats) == 24
+    work = [ns_flops(s) for s in mats]
+    for world in (1, 2, 3, 4, 8):
+        owned = _owners(work, world)
+        assert owned == _owners(list(work), world)
+        assert sorted(k for ks in owned for k in ks) == list(range(len(work)))
+        assert all(ks == sorted(ks) for ks in owned)
+        mean = sum(work) / world
+        busiest = max(sum(work[k] for k in ks) for ks in owned)
+        round_robin = max(sum(work[r::world]) for r in range(world))
+        assert busiest <= (1.1 if world == 8 else 1.03) * mean, world  # (8 ranks: 3 matrices each)
+        assert busiest <= round_robin
+        if world in (2, 4, 8):
+            assert round_robin > 1.1 * mean  # (what the greedy rule is for)
+    assert _owners([5, 5, 5], 4) == [[0], [1], [2], []]  # fewer tensors than ranks: the last ranks idle
+    assert _owners([], 2) == [[], []]
+
+
 def test_tensor_parallel_dtensors_and_mixed_groups_are_refused_in_one_line(one_rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
