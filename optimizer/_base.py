@@ -188,11 +188,12 @@ class Optimizer(Algorithm, torch.optim.Optimizer):
         self._check_defaults(defaults)  # hyper-parameters first, as torch.optim checks them
         if isinstance(params, Tensor):
             raise TypeError(
-                "Invalid params: expected an iterable of Tensors or of dicts (parameter groups), "
-                f"got a single Tensor of shape {tuple(params.shape)}; pass [tensor] or model.parameters()"
+                "Invalid params: params argument given to the optimizer should be an iterable of Tensors or "
+                f"dicts, but got a single Tensor of shape {tuple(params.shape)}; pass [tensor] or model.parameters()"
             )
         if not isinstance(params, Iterable):
-            raise TypeError(f"Invalid params: expected an iterable of Tensors or dicts, got {params!r}")
+            raise TypeError("Invalid params: params argument given to the optimizer should be an iterable of "
+                            f"Tensors or dicts, but got {params!r}")
         params = list(params)
         if len(params) == 0:
             raise ValueError("Invalid params: the parameter list is empty (did the model define any parameters?)")
@@ -230,10 +231,12 @@ class Optimizer(Algorithm, torch.optim.Optimizer):
         seen = {id(p): f"parameter group {gi}" for gi, g in enumerate(self.param_groups) for p in g["params"]}
         for i, p in enumerate(tensors):
             if isinstance(p, Tensor) and id(p) in seen:
+                where = seen[id(p)]
                 raise ValueError(
                     f"Invalid params: parameter {i} of group {len(self.param_groups)} "
-                    f"(shape {tuple(p.shape)}) already appears in {seen[id(p)]}; "
-                    "a parameter may appear once only (it would be updated twice)"
+                    f"(shape {tuple(p.shape)}) already appears in {where}; a parameter may appear once only "
+                    + ("(it would be updated twice)" if where == "the same group"
+                       else "(some parameters appear in more than one parameter group)")
                 )
             seen[id(p)] = "the same group"
         filled = {**self._group_defaults(param_group), **param_group, "params": tensors}

@@ -23,6 +23,7 @@ __all__ = [
     "check_precision",
     "check_lr",
     "check_nonnegative",
+    "check_not_set",
     "check_state_dtype",
     "check_unit_interval",
     "count_error",
@@ -31,11 +32,12 @@ __all__ = [
 ]
 
 
-def _as_float(name: str, value: Any) -> float | None:
+def _as_float(name: str, value: Any, short: str | None = None) -> float | None:
     """``value`` as a float, or None for a one-element tensor on an accelerator (reading it would sync)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"Invalid {name}: a tensor {name} must hold one value, got shape {tuple(value.shape)}")
+            raise ValueError(f"Invalid {name}: Tensor {short or name} must be 1-element, got shape "
+                             f"{tuple(value.shape)}")
         if value.device.type != "cpu":
             return None
         value = value.item()
@@ -53,7 +55,7 @@ def plain(value: Any) -> Any:
 def check_lr(lr: Any) -> None:
     if isinstance(lr, Tensor) and not (lr.is_floating_point()):
         raise ValueError(f"Invalid learning rate: a tensor lr must be floating point, got dtype {lr.dtype}")
-    value = _as_float("learning rate", lr)
+    value = _as_float("learning rate", lr, "lr")
     if value is not None and not (math.isfinite(value) and value >= 0.0):
         raise ValueError(f"Invalid learning rate: lr={value} (must be finite and >= 0)")
 
@@ -63,7 +65,7 @@ def check_nonnegative(name: str, value: Any) -> None:
         raise TypeError(f"Invalid {name}: expected a float, got a tensor ({value!r})")
     v = _as_float(name, value)
     if v is not None and not (math.isfinite(v) and v >= 0.0):
-        raise ValueError(f"Invalid {name} value: {name}={v} (must be finite and >= 0)")
+        raise ValueError(f"Invalid {name} value: {v} ({name} must be finite and >= 0)")
 
 
 def check_betas(betas: Any) -> None:
@@ -90,6 +92,14 @@ def check_flag(name: str, value: Any, allow_none: bool = False) -> None:
     if not (isinstance(value, bool) or (allow_none and value is None)):
         allowed = "True, False or None" if allow_none else "True or False"
         raise ValueError(f"Invalid {name}: {value!r} (must be {allowed})")
+
+
+def check_not_set(name: str, value: Any, why: str) -> None:
+    """An option another library's optimizer has and ours accepts at that library's default only
+    (so code spelling the default out runs unchanged); ``why`` says what to do instead."""
+    check_flag(name, value)
+    if value:
+        raise ValueError(f"Invalid {name}: True; {why}")
 
 
 def check_state_dtype(value: Any) -> None:

@@ -25,7 +25,16 @@ from torch import Tensor
 
 from . import _8bit, _dispatch, _fused_cpu, _rounding
 from ._base import Optimizer
-from ._checks import check_backend, check_betas, check_flag, check_lr, check_nonnegative, check_precision, plain
+from ._checks import (
+    check_backend,
+    check_betas,
+    check_flag,
+    check_lr,
+    check_nonnegative,
+    check_not_set,
+    check_precision,
+    plain,
+)
 from ._tensors import as_real, compute_dtype, foreach_buckets, group_by_device_and_dtype, host_value, local, step_device
 
 __all__ = ["AdamW", "adamw"]
@@ -93,6 +102,8 @@ class AdamW(Optimizer):
         seed: the seed of those random bits, default 0 (a run is reproducible).
         min_8bit_size: with ``state_dtype=torch.uint8``, tensors with fewer values
             (or fewer than 2 dimensions) keep float32 states, default 4096.
+        amsgrad, capturable, differentiable: torch.optim.AdamW's options, taken at
+            its default (False) only: code that spells them out runs unchanged.
 
     State per parameter: ``step`` (float32 scalar tensor; on the parameter's
     GPU for CUDA parameters, so that the fused kernels read it without a
@@ -123,7 +134,17 @@ class AdamW(Optimizer):
         stochastic_rounding: bool = False,
         seed: int = 0,
         min_8bit_size: int = _8bit.MIN_8BIT_SIZE,
+        amsgrad: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
+        # torch.optim.AdamW's options that this AdamW does not have: accepted at torch's default
+        # (False), so that code spelling them out runs; True is refused before anything is built
+        check_not_set("amsgrad", amsgrad, "AMSGrad is not implemented here (torch.optim.AdamW has it)")
+        check_not_set("capturable", capturable, "leave it out: the fused CUDA step (the default on a GPU) can be "
+                      "captured in a CUDA graph as it is, the other backends cannot")
+        check_not_set("differentiable", differentiable, "a step autograd can differentiate through is not "
+                      "implemented here (torch.optim.AdamW has it)")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
             maximize=maximize, foreach=foreach, fused=fused, state_dtype=state_dtype,

@@ -20,7 +20,16 @@ from torch import Tensor
 
 from . import _8bit, _dispatch, _fused_cpu, _rounding
 from ._base import Optimizer
-from ._checks import check_backend, check_betas, check_flag, check_lr, check_nonnegative, check_precision, plain
+from ._checks import (
+    check_backend,
+    check_betas,
+    check_flag,
+    check_lr,
+    check_nonnegative,
+    check_not_set,
+    check_precision,
+    plain,
+)
 from ._tensors import as_real, compute_dtype, foreach_buckets, host_value, local
 
 __all__ = ["Lion", "lion"]
@@ -74,6 +83,10 @@ class Lion(Optimizer):
         seed: the seed of those random bits, default 0.
         min_8bit_size: smaller tensors keep float32 states with
             ``state_dtype=torch.uint8`` (see AdamW), default 4096.
+        use_triton, decoupled_weight_decay: lion-pytorch's options. use_triton
+            either way (on CUDA the fused backend is Triton already);
+            decoupled_weight_decay at its default (False) only: for True pass
+            ``weight_decay / lr``, which is what it does.
 
     State per parameter: ``exp_avg`` only (in ``state_dtype``: by default float32
     for bf16/fp16 parameters, the parameter's dtype otherwise; 8-bit states add
@@ -98,7 +111,15 @@ class Lion(Optimizer):
         stochastic_rounding: bool = False,
         seed: int = 0,
         min_8bit_size: int = _8bit.MIN_8BIT_SIZE,
+        use_triton: bool = False,
+        decoupled_weight_decay: bool = False,
     ) -> None:
+        # lion-pytorch's options: use_triton is a choice of backend (ours picks Triton on CUDA by
+        # itself: ``fused``), so either value runs; decoupled_weight_decay=True divides every
+        # weight decay by the constructor's lr, which a caller does by passing it divided
+        check_flag("use_triton", use_triton)
+        check_not_set("decoupled_weight_decay", decoupled_weight_decay, "pass weight_decay / lr instead (what "
+                      "lion-pytorch's option does: theta <- theta (1 - lr_t wd / lr))")
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         fused=fused, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, seed=seed,
                         min_8bit_size=min_8bit_size)

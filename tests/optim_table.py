@@ -363,7 +363,9 @@ def hyper(config: dict[str, Any], info: OptimizerInfo) -> dict[str, Any]:
     sig = inspect.signature(info.cls.__init__)
     # how the update is run and stored, not in the formulas
     backends = ("self", "params", "foreach", "fused", "state_dtype", "stochastic_rounding", "seed", "min_8bit_size",
-                "ns_dtype")
+                "ns_dtype",
+                # other libraries' options, accepted at their default only (test_contract.py)
+                "amsgrad", "capturable", "differentiable", "use_triton", "decoupled_weight_decay")
     hp = {k: p.default for k, p in sig.parameters.items() if k not in backends}
     hp.update({k: v for k, v in config.items() if k not in backends})
     if isinstance(hp["lr"], torch.Tensor):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 
 import pytest
@@ -243,6 +244,68 @@ def test_bad_params_raise_clear_errors(info):
         info.cls(42)
     with pytest.raises(TypeError, match=r"single Tensor of shape \(2,\)"):
         info.cls(torch.nn.Parameter(torch.ones(2)))
+
+
+def test_errors_torch_optim_also_raises_carry_its_words(info):
+    """Where torch.optim refuses the same input with the same exception, our message holds its
+    words (what torch's own test_errors searches for) besides naming the argument and value."""
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(TypeError, match="params argument given to the optimizer should be an iterable of Tensors or"):
+        info.cls(p)
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        info.cls([{"params": [p]}, {"params": [p]}])
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        info.cls([p], lr=torch.tensor([1e-3, 1e-3]))
+    with pytest.raises(ValueError, match="Invalid weight_decay value: -1"):
+        info.cls([p], weight_decay=-1)
+
+
+OTHER_LIBRARIES_OPTIONS = {  # the options of the optimizer each of ours replaces that ours does not have
+    "AdamW": ("amsgrad", "capturable", "differentiable"),  # torch.optim.AdamW's
+    "Lion": ("decoupled_weight_decay",),                   # lion-pytorch's (its use_triton: a choice of backend)
+    "Muon": (),                                            # torch.optim.Muon's: none
+}
+PEER_SIGNATURES = {  # every keyword of the peer's constructor (lion-pytorch 0.2's written out: not a test dependency)
+    "AdamW": lambda: inspect.signature(torch.optim.AdamW.__init__).parameters,
+    "Lion": lambda: ("params", "lr", "betas", "weight_decay", "use_triton", "decoupled_weight_decay"),
+    "Muon": lambda: inspect.signature(torch.optim.Muon.__init__).parameters,
+}
+
+
+def test_every_keyword_of_the_optimizer_ours_replaces_is_accepted(info):
+    """Drop-in: each keyword of torch.optim.AdamW, lion-pytorch's Lion and torch.optim.Muon is one
+    of ours (an option ours lacks is in OTHER_LIBRARIES_OPTIONS: accepted at its default)."""
+    import optimizer
+
+    cls = next(c.__name__ for c in info.cls.__mro__ if c.__name__ in PEER_SIGNATURES)
+    ours = inspect.signature(getattr(optimizer, cls).__init__).parameters
+    missing = [name for name in PEER_SIGNATURES[cls]() if name != "self" and name not in ours]
+    assert not missing, missing
+
+
+def test_other_libraries_options_run_at_their_defaults_and_true_is_refused(info):
+    """Code written for torch.optim.AdamW or lion-pytorch's Lion that spells out an option we do
+    not have, at its default, runs unchanged (and steps as without it); True, which would ask for
+    what we do not do, is a one-line error naming it, before anything is built."""
+    import optimizer
+
+    cls = next(c.__name__ for c in info.cls.__mro__ if c.__name__ in OTHER_LIBRARIES_OPTIONS)
+    make = getattr(optimizer, cls)
+    for option in OTHER_LIBRARIES_OPTIONS[cls]:
+        a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+        plain, spelled = make([a], weight_decay=0.1), make([b], weight_decay=0.1, **{option: False})
+        for p, opt in ((a, plain), (b, spelled)):
+            p.grad = torch.full((3,), 0.5)
+            opt.step()
+        assert torch.equal(a, b)
+        assert option not in spelled.state_dict()["param_groups"][0]
+        with pytest.raises(ValueError, match=f"Invalid {option}: True; .+") as err:
+            make([a], **{option: True})
+        assert "\n" not in str(err.value)
+        with pytest.raises(ValueError, match=f"Invalid {option}: 'yes'"):
+            make([a], **{option: "yes"})
+    if cls == "Lion":  # lion-pytorch's choice of backend: either value runs (ours picks Triton on CUDA itself)
+        optimizer.Lion([torch.nn.Parameter(torch.ones(3))], use_triton=True)
 
 
 def test_an_empty_group_is_kept_as_torch_optim_keeps_it(info):

@@ -65,7 +65,7 @@ INJECTIONS = {
     "lr * weight_decay beyond float32": (lambda o, ps: _set(o.param_groups[-1], lr=1e37, weight_decay=100.0),
                                          ValueError, "lr * weight_decay = 1e+39", None),
     "nan weight_decay": (lambda o, ps: _set(o.param_groups[-1], weight_decay=float("nan")), ValueError,
-                         "weight_decay=nan", None),
+                         "weight_decay value: nan", None),
     "tensor weight_decay": (lambda o, ps: _set(o.param_groups[-1], weight_decay=torch.tensor(0.1)), TypeError,
                             "weight_decay", None),
     "bad flag": (lambda o, ps: _set(o.param_groups[-1], maximize="yes"), ValueError, "maximize", None),
