@@ -25,6 +25,7 @@ __all__ = [
     "check_nonnegative",
     "check_not_set",
     "check_state_dtype",
+    "check_torch_adamw_options",
     "check_unit_interval",
     "count_error",
     "lowest",
@@ -100,6 +101,16 @@ def check_not_set(name: str, value: Any, why: str) -> None:
     check_flag(name, value)
     if value:
         raise ValueError(f"Invalid {name}: True; {why}")
+
+
+def check_torch_adamw_options(amsgrad: Any, capturable: Any, differentiable: Any) -> None:
+    """torch.optim.AdamW's options that ours do not have, accepted at torch's default (False) so
+    that code spelling them out runs; True is refused before anything is built."""
+    check_not_set("amsgrad", amsgrad, "AMSGrad is not implemented here (torch.optim.AdamW has it)")
+    check_not_set("capturable", capturable, "leave it out: the fused CUDA step (the default on a GPU) can be "
+                  "captured in a CUDA graph as it is, the other backends cannot")
+    check_not_set("differentiable", differentiable, "a step autograd can differentiate through is not "
+                  "implemented here (torch.optim.AdamW has it)")
 
 
 def check_state_dtype(value: Any) -> None:

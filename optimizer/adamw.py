@@ -31,8 +31,8 @@ from ._checks import (
     check_flag,
     check_lr,
     check_nonnegative,
-    check_not_set,
     check_precision,
+    check_torch_adamw_options,
     plain,
 )
 from ._tensors import as_real, compute_dtype, foreach_buckets, group_by_device_and_dtype, host_value, local, step_device
@@ -138,13 +138,7 @@ class AdamW(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        # torch.optim.AdamW's options that this AdamW does not have: accepted at torch's default
-        # (False), so that code spelling them out runs; True is refused before anything is built
-        check_not_set("amsgrad", amsgrad, "AMSGrad is not implemented here (torch.optim.AdamW has it)")
-        check_not_set("capturable", capturable, "leave it out: the fused CUDA step (the default on a GPU) can be "
-                      "captured in a CUDA graph as it is, the other backends cannot")
-        check_not_set("differentiable", differentiable, "a step autograd can differentiate through is not "
-                      "implemented here (torch.optim.AdamW has it)")
+        check_torch_adamw_options(amsgrad, capturable, differentiable)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
             maximize=maximize, foreach=foreach, fused=fused, state_dtype=state_dtype,

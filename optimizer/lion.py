@@ -103,6 +103,8 @@ class Lion(Optimizer):
         lr: float | Tensor = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
+        use_triton: bool = False,
+        decoupled_weight_decay: bool = False,
         *,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -111,8 +113,6 @@ class Lion(Optimizer):
         stochastic_rounding: bool = False,
         seed: int = 0,
         min_8bit_size: int = _8bit.MIN_8BIT_SIZE,
-        use_triton: bool = False,
-        decoupled_weight_decay: bool = False,
     ) -> None:
         # lion-pytorch's options: use_triton is a choice of backend (ours picks Triton on CUDA by
         # itself: ``fused``), so either value runs; decoupled_weight_decay=True divides every

@@ -888,9 +888,7 @@ def _gather_orthogonalise_scatter(params: list[Tensor], us: list[Tensor], o_dtyp
     moved = [i for i, p in enumerate(params) if not (p.dim() == 3 and not flatten)]
     if not moved:  # stacks only: nothing to exchange
         return orthogonalise(us)
-    work = [sum(count * ns_flops((rows, cols)) for _, _, rows, cols, count in _blocks(params[i].shape, flatten, split))
-            for i in moved]
-    owned = [[moved[k] for k in ks] for ks in _owners(work, world)]
+    owned = [[moved[k] for k in ks] for ks in _owners([_work(params[i].shape, flatten, split) for i in moved], world)]
     mine = owned[me]
 
     def size(i: int, r: int) -> int:  # elements of parameter i on group rank r
@@ -923,6 +921,11 @@ def _gather_orthogonalise_scatter(params: list[Tensor], us: list[Tensor], o_dtyp
         for i, piece in zip(owned[r], chunk.split([size(i, me) for i in owned[r]])):
             os[i] = piece.view(us[i].shape).to(o_dtypes[i])
     return os  # type: ignore[return-value]
+
+
+def _work(shape: Sequence[int], flatten: bool, split: int | Sequence[int] | None) -> int:
+    """The iteration's flops for a tensor of ``shape``: those of each of its matrices (``_blocks``)."""
+    return sum(count * ns_flops((rows, cols)) for _, _, rows, cols, count in _blocks(shape, flatten, split))
 
 
 def _owners(work: Sequence[int], world: int) -> list[list[int]]:

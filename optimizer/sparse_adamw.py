@@ -102,7 +102,15 @@ from torch import Tensor
 
 from . import _dispatch, _fused_cpu
 from ._base import Optimizer, Part, Prepared
-from ._checks import check_backend, check_betas, check_fits, check_flag, check_lr, check_nonnegative
+from ._checks import (
+    check_backend,
+    check_betas,
+    check_fits,
+    check_flag,
+    check_lr,
+    check_nonnegative,
+    check_torch_adamw_options,
+)
 from ._tensors import Meta, compute_dtype, device_types, host_value, pick, state_dtype
 from .adamw import AdamW, bias_corrections
 
@@ -180,7 +188,11 @@ class SparseAdamW(Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        amsgrad: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
+        check_torch_adamw_options(amsgrad, capturable, differentiable)  # (AdamW's keywords: create_optimizer)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         maximize=maximize, foreach=foreach, fused=fused)
         self._may_owe = False  # some parameter has kept lazy decay bookkeeping (Note [lazy decay])

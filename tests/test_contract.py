@@ -265,22 +265,27 @@ OTHER_LIBRARIES_OPTIONS = {  # the options of the optimizer each of ours replace
     "Lion": ("decoupled_weight_decay",),                   # lion-pytorch's (its use_triton: a choice of backend)
     "Muon": (),                                            # torch.optim.Muon's: none
 }
-PEER_SIGNATURES = {  # every keyword of the peer's constructor (lion-pytorch 0.2's written out: not a test dependency)
-    "AdamW": lambda: inspect.signature(torch.optim.AdamW.__init__).parameters,
-    "Lion": lambda: ("params", "lr", "betas", "weight_decay", "use_triton", "decoupled_weight_decay"),
-    "Muon": lambda: inspect.signature(torch.optim.Muon.__init__).parameters,
+PEER_SIGNATURES = {  # the peer's constructor: (its keywords, how many of them come first in ours, in order)
+    "AdamW": (lambda: inspect.signature(torch.optim.AdamW.__init__).parameters, 6),  # 7th: torch's amsgrad,
+    # ours the course's correct_bias (the CMU minllama assignment's positional call)
+    "Lion": (lambda: ("self", "params", "lr", "betas", "weight_decay", "use_triton", "decoupled_weight_decay"), 7),
+    # (lion-pytorch 0.2's, written out: not a test dependency)
+    "Muon": (lambda: inspect.signature(torch.optim.Muon.__init__).parameters, 10),
 }
 
 
-def test_every_keyword_of_the_optimizer_ours_replaces_is_accepted(info):
+def test_every_keyword_of_the_optimizer_ours_replaces_is_accepted_in_its_place(info):
     """Drop-in: each keyword of torch.optim.AdamW, lion-pytorch's Lion and torch.optim.Muon is one
-    of ours (an option ours lacks is in OTHER_LIBRARIES_OPTIONS: accepted at its default)."""
+    of ours (an option ours lacks is in OTHER_LIBRARIES_OPTIONS: accepted at its default), and a
+    positional call written for the peer means the same with ours (but for AdamW's 6th argument)."""
     import optimizer
 
     cls = next(c.__name__ for c in info.cls.__mro__ if c.__name__ in PEER_SIGNATURES)
-    ours = inspect.signature(getattr(optimizer, cls).__init__).parameters
-    missing = [name for name in PEER_SIGNATURES[cls]() if name != "self" and name not in ours]
-    assert not missing, missing
+    ours = list(inspect.signature(getattr(optimizer, cls).__init__).parameters)
+    theirs, in_order = PEER_SIGNATURES[cls]
+    theirs = list(theirs())
+    assert [name for name in theirs if name not in ours] == []
+    assert ours[:in_order] == theirs[:in_order]
 
 
 def test_other_libraries_options_run_at_their_defaults_and_true_is_refused(info):
@@ -290,6 +295,8 @@ def test_other_libraries_options_run_at_their_defaults_and_true_is_refused(info)
     import optimizer
 
     cls = next(c.__name__ for c in info.cls.__mro__ if c.__name__ in OTHER_LIBRARIES_OPTIONS)
+    if not OTHER_LIBRARIES_OPTIONS[cls]:
+        pytest.skip(f"{cls}'s peer has no option ours lacks")
     make = getattr(optimizer, cls)
     for option in OTHER_LIBRARIES_OPTIONS[cls]:
         a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
@@ -305,7 +312,14 @@ def test_other_libraries_options_run_at_their_defaults_and_true_is_refused(info)
         with pytest.raises(ValueError, match=f"Invalid {option}: 'yes'"):
             make([a], **{option: "yes"})
     if cls == "Lion":  # lion-pytorch's choice of backend: either value runs (ours picks Triton on CUDA itself)
-        optimizer.Lion([torch.nn.Parameter(torch.ones(3))], use_triton=True)
+        optimizer.Lion([torch.nn.Parameter(torch.ones(3))], 1e-4, (0.9, 0.99), 0.0, True)
+    if cls == "AdamW":  # the same keywords reach SparseAdamW through create_optimizer (sparse embeddings)
+        from optimizer.factory import create_optimizer
+
+        model = torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 2))
+        create_optimizer(model, "adamw", amsgrad=False, capturable=False, differentiable=False)
+        with pytest.raises(ValueError, match="Invalid amsgrad: True; "):
+            optimizer.SparseAdamW(model[0].parameters(), amsgrad=True)
 
 
 def test_an_empty_group_is_kept_as_torch_optim_keeps_it(info):

@@ -568,7 +568,7 @@ def test_fsdp2_owners_share_the_iterations_flops():
     the same lists from the same shapes, and the busiest rank near the mean share on a real model's
     matrices, where giving the k-th tensor to rank k mod world leaves one rank far busier."""
     from optimizer import bench
-    from optimizer.muon import _owners, ns_flops
+    from optimizer.muon import _owners, _work, ns_flops
 
     shapes = bench.MODELS["gpt2-30m"]()
     not_hidden = bench.NOT_HIDDEN["gpt2-30m"](len(shapes))
@@ -577,7 +577,6 @@ def test_fsdp2_owners_share_the_iterations_flops():
     work = [ns_flops(s) for s in mats]
     for world in (1, 2, 3, 4, 8):
         owned = _owners(work, world)
-        assert owned == _owners(list(work), world)
         assert sorted(k for ks in owned for k in ks) == list(range(len(work)))
         assert all(ks == sorted(ks) for ks in owned)
         mean = sum(work) / world
@@ -589,6 +588,14 @@ def test_fsdp2_owners_share_the_iterations_flops():
             assert round_robin > 1.1 * mean  # (what the greedy rule is for)
     assert _owners([5, 5, 5], 4) == [[0], [1], [2], []]  # fewer tensors than ranks: the last ranks idle
     assert _owners([], 2) == [[], []]
+    assert _owners([1, 9, 4, 4], 2) == [[1], [0, 2, 3]]  # 9 first, then each to the lighter rank
+    # a tensor's work is its matrices': a split QKV weight is three, a conv kernel one flattened
+    assert _work((96, 32), False, None) == ns_flops((96, 32))
+    assert _work((96, 32), False, 32) == 3 * ns_flops((32, 32))
+    assert _work((96, 32), False, [64, 32]) == ns_flops((64, 32)) + ns_flops((32, 32))
+    assert _work((8, 4, 3, 3), False, None) == ns_flops((8, 36))
+    assert _work((5, 8, 4), False, None) == 5 * ns_flops((8, 4))  # a stack of experts
+    assert _work((5, 8, 4), True, None) == ns_flops((5, 32))
 
 
 def test_tensor_parallel_dtensors_and_mixed_groups_are_refused_in_one_line(one_rank):

@@ -1,10 +1,11 @@
 """Where the CPU time of Muon's batched Newton-Schulz goes, on the bench's gpt2-30m hidden matrices.
 
 Times, side by side in one run, each against a 2048 x 2048 product in the iteration's dtype:
-our iteration as it runs (``muon._batched_newton_schulz``), its input pass alone (stack, cast,
-normalise), the same products with preallocated buffers and in-place ``baddbmm_``, the products
-with no addends (``bmm`` only: the ceiling, not the iteration), and the iteration rewritten as
-``X <- (aI + bA + cA^2) X`` (no addend), with each result's error against a float64 iteration.
+our iteration as it runs (``muon._batched_newton_schulz``), its input pass alone (cast,
+normalise), and after that same input pass: the products with preallocated buffers and
+in-place ``baddbmm_``, the products with no addends (``bmm`` only: the ceiling, not the
+iteration), and the iteration rewritten as ``X <- (aI + bA + cA^2) X`` (no addend), with each
+result's error against a float64 iteration.
 docs/benchmarks.md ("Muon") says what the figures mean.
 
     python tools/ns_variants.py [--threads 2] [--reps 7]
@@ -96,34 +97,34 @@ def main() -> None:
             by_shape[s] = by_shape.get(s, 0) + 1
     stacks = [torch.randn(n, *s) for s, n in by_shape.items()]
     dtype = muon.ns_dtype_of(None, stacks[0])
-    inputs = [prepared(u, dtype) for u in stacks]
     gflop = sum(n * muon.ns_flops(s) for s, n in by_shape.items()) / 1e9
     side = bench.MATMUL_SIZE["cpu"]
     p, q = (torch.randn(side, side).to(dtype) for _ in range(2))
     variants = {
-        "ours (_batched_newton_schulz)": lambda u, x: muon._batched_newton_schulz(u, muon.NS_COEFFICIENTS, 5, 1e-7,
-                                                                                  dtype),
-        "input pass alone": lambda u, x: prepared(u, dtype),
-        "input pass + buffers reused": lambda u, x: buffers_reused(prepared(u, dtype)),
-        "buffers reused, baddbmm_": lambda u, x: buffers_reused(x),
-        "bmm only (ceiling, no addends)": lambda u, x: products_only(x),
-        "(aI + bA + cA^2) X": lambda u, x: polynomial_first(x),
+        "ours (_batched_newton_schulz)": lambda u: muon._batched_newton_schulz(u, muon.NS_COEFFICIENTS, 5, 1e-7,
+                                                                               dtype),
+        "its input pass alone": lambda u: prepared(u, dtype),
+        "buffers reused, baddbmm_": lambda u: buffers_reused(prepared(u, dtype)),
+        "bmm only (ceiling, no addends)": lambda u: products_only(prepared(u, dtype)),
+        "(aI + bA + cA^2) X": lambda u: polynomial_first(prepared(u, dtype)),
     }
     exact = [float64_iteration(u) for u in stacks]
-    calls = {name: (lambda run=run: [run(u, x) for u, x in zip(stacks, inputs)]) for name, run in variants.items()}
+    calls = {name: (lambda run=run: [run(u) for u in stacks]) for name, run in variants.items()}
     ms = interleaved_ms({"matmul": lambda: p @ q, **calls}, args.reps)
     peak = 2 * side**3 / ms.pop("matmul") / 1e6
     print(f"{sum(by_shape.values())} matrices, {gflop:.1f} GFLOP a step, {dtype}, {args.threads} threads; "
           f"a {side} x {side} product: {peak:.0f} GFLOP/s (medians of {args.reps}, interleaved)")
     print(f"{'variant':32s} {'ms':>8s} {'GFLOP/s':>8s} {'of matmul':>10s} {'error vs f64':>13s}")
     for name, run in variants.items():
-        error = "-"
+        error, rate, share = "-", "-", "-"
+        if "alone" not in name:  # (the input pass has no flops of its own, and no result to compare)
+            rate_ = gflop / ms[name] * 1e3
+            rate, share = f"{rate_:.0f}", f"{rate_ / peak:.0%}"
         if "alone" not in name and "ceiling" not in name:
-            outs = [run(u, x) for u, x in zip(stacks, inputs)]
+            outs = [run(u) for u in stacks]
             outs = [o.mT if o.shape != e.shape else o for o, e in zip(outs, exact)]  # (ours: tall ones back)
             error = f"{max(((o.double() - e).norm() / e.norm()).item() for o, e in zip(outs, exact)):.2e}"
-        rate = gflop / ms[name] * 1e3
-        print(f"{name:32s} {ms[name]:8.1f} {rate:8.0f} {rate / peak:10.0%} {error:>13s}")
+        print(f"{name:32s} {ms[name]:8.1f} {rate:>8s} {share:>10s} {error:>13s}")
 
 
 if __name__ == "__main__":
