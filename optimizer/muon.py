@@ -684,19 +684,9 @@ def _batched_muon(
     if weight_decay != 0:  # (a product by 1 is exact: the reference, which multiplies, is the same)
         torch._foreach_mul_(ps, _decay(lr, weight_decay, ps))       # theta <- theta (1 - lr wd)
 
-    # the matrices, by (rows, cols, iteration dtype, device): their u's, and the blocks of theta they update
-    batches: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
-    for u, p, param in zip(us, ps, params):
-        for row_dim, start, rows, cols, count in _blocks(param.shape, flatten, split):
-            key = (rows, cols, ns_dtype_of(ns_dtype, u), u.device)
-            sources, targets = batches.setdefault(key, ([], []))
-            sources.append(u.narrow(row_dim, start, rows).reshape(count, rows, cols))
-            targets.append(p.narrow(row_dim, start, rows))
-    for (rows, cols, dtype, _), (sources, targets) in batches.items():
-        o = _batched_newton_schulz(torch.cat(sources) if len(sources) > 1 else sources[0], ns_coefficients,
-                                   ns_steps, eps, dtype)
-        counts = [s.shape[0] for s in sources]
-        updates = [o_t.reshape(t.shape) for o_t, t in zip(o.split(counts), targets)]
+    # the matrices by shape (their u's, and the blocks of theta they update), each shape's in one chain
+    for (rows, cols, dtype, _), (sources, targets) in _batches(us, ps, flatten, split, ns_dtype).items():
+        updates = _orthogonalised_batch(sources, targets, ns_coefficients, ns_steps, eps, dtype)
         lr_scaled = lr * scale_of(adjust_lr_fn, rows, cols)
         if isinstance(lr_scaled, Tensor):  # (under torch.compile: no tensor alpha)
             torch._foreach_sub_(targets, torch._foreach_mul([x.to(t.dtype) for x, t in zip(updates, targets)],
@@ -717,6 +707,28 @@ def _decay(lr: float | Tensor, weight_decay: float, ps: list[Tensor]) -> float |
     if isinstance(lr, Tensor):
         return (1 - lr * weight_decay).to(ps[0].device) if ps else lr
     return 1 - lr * weight_decay
+
+
+def _batches(us: list[Tensor], targets: list[Tensor], flatten: bool, split: int | Sequence[int] | None,
+             ns_dtype: torch.dtype | None) -> dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]]:
+    """The matrices of the directions ``us`` by (rows, cols, iteration dtype, device): for each, the
+    blocks of u (count x rows x cols) and the same blocks of the tensor of ``targets`` beside it."""
+    batches: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
+    for u, target in zip(us, targets):
+        for row_dim, start, rows, cols, count in _blocks(u.shape, flatten, split):
+            key = (rows, cols, ns_dtype_of(ns_dtype, u), u.device)
+            sources, blocks = batches.setdefault(key, ([], []))
+            sources.append(u.narrow(row_dim, start, rows).reshape(count, rows, cols))
+            blocks.append(target.narrow(row_dim, start, rows))
+    return batches
+
+
+def _orthogonalised_batch(sources: list[Tensor], targets: list[Tensor], coefficients: tuple[float, float, float],
+                          steps: int, eps: float, dtype: torch.dtype) -> list[Tensor]:
+    """NS of one batch of :func:`_batches` in one chain of products: each source's O, shaped like its target."""
+    o = _batched_newton_schulz(torch.cat(sources) if len(sources) > 1 else sources[0], coefficients, steps, eps,
+                               dtype)
+    return [o_t.reshape(t.shape) for o_t, t in zip(o.split([s.shape[0] for s in sources]), targets)]
 
 
 def _batched_newton_schulz(u: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
@@ -849,24 +861,14 @@ def _orthogonalised(us: list[Tensor], *, batched: bool, coefficients: tuple[floa
     matrix at a time (as :func:`_single_tensor_muon`), or those of one shape in one chain of
     batched products (as :func:`_batched_muon`)."""
     os = [torch.empty(u.shape, dtype=ns_dtype_of(ns_dtype, u), device=u.device) for u in us]
-    batches: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
-    for u, o in zip(us, os):
-        for row_dim, start, rows, cols, count in _blocks(u.shape, flatten, split):
-            source = u.narrow(row_dim, start, rows).reshape(count, rows, cols)
-            target = o.narrow(row_dim, start, rows)
-            if batched:
-                sources, targets = batches.setdefault((rows, cols, o.dtype, u.device), ([], []))
-                sources.append(source)
-                targets.append(target)
-            else:
-                for e in range(count):
-                    target.view(count, rows, cols)[e].copy_(_newton_schulz(source[e], coefficients, steps, eps,
-                                                                           o.dtype))
-    for (_, _, dtype, _), (sources, targets) in batches.items():
-        o = _batched_newton_schulz(torch.cat(sources) if len(sources) > 1 else sources[0], coefficients, steps,
-                                   eps, dtype)
-        for o_t, target in zip(o.split([s.shape[0] for s in sources]), targets):
-            target.copy_(o_t.reshape(target.shape))
+    for (_, _, dtype, _), (sources, targets) in _batches(us, os, flatten, split, ns_dtype).items():
+        if batched:
+            for o, target in zip(_orthogonalised_batch(sources, targets, coefficients, steps, eps, dtype), targets):
+                target.copy_(o)
+        else:
+            for source, target in zip(sources, targets):
+                for e in range(source.shape[0]):
+                    target.view(source.shape)[e].copy_(_newton_schulz(source[e], coefficients, steps, eps, dtype))
     return os
 
 
